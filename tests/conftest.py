@@ -1,0 +1,23 @@
+"""Shared fixtures: one local Ray per test session, small object store."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=2, object_store_memory=400 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level="WARNING", log_to_driver=True)
+    yield ray
+    if started_here:
+        ray.shutdown()

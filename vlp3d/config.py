@@ -1,0 +1,297 @@
+"""Experiment configuration: frozen dataclasses, TOML loading, dotted CLI overrides, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and how to fix it."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field whose help text serves `config show --help` and the docs."""
+    if isinstance(default, list | dict):
+        raise TypeError("use tuples for sequence defaults so configs stay frozen")
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = _f("", "Corpus root (CT-RATE layout). Empty: the phantom corpus written by `vlp3d synth`.")
+    shards: str = _f("", "Directory of Parquet shards written by `vlp3d prepare`.")
+    shape: tuple[int, int, int] = _f((48, 48, 48), "Voxels (x, y, z) after RAS reorientation, resampling and crop/pad.")
+    spacing_mm: tuple[float, float, float] = _f((8.0, 8.0, 8.0), "Target voxel spacing in mm (x, y, z).")
+    hu_window: tuple[float, float] = _f((-1000.0, 1000.0), "HU window clipped and scaled to [0, 1].")
+    storage_dtype: Literal["float16", "uint8"] = _f("float16", "Dtype of the stored volume tensor in the shards.")
+    report_sections: tuple[str, ...] = _f(
+        ("Impressions_EN",),
+        "Report columns joined into the report text. With a frozen text encoder, impressions (which state "
+        "what is present) align far better than findings (which list every absent finding as a negated "
+        "sentence); with a trainable one, METHODS.md's findings + impression is the usual choice.",
+    )
+    max_tokens: int = _f(256, "Token ids kept per report (padded/truncated).")
+    text_embeddings: bool = _f(True, "Store frozen text-encoder report embeddings in the shards (fast training).")
+    train_split: str = _f("train", "Split used for pretraining.")
+    eval_split: str = _f("valid", "Held-out split used for evaluation.")
+    materialize: Literal["auto", "always", "never"] = _f("auto", "Hold the training shards in Ray's object store ('auto': when they fit in a quarter of it).")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_encoder: str = _f("resnet3d", "Registered image encoder (`vlp3d models` lists them).")
+    size: Literal["tiny", "small", "base", "large"] = _f("tiny", "Size preset of the image encoder.")
+    text_encoder: str = _f("minilm", "'minilm' (offline package) or a Hugging Face model path or hub name.")
+    embed_dim: int = _f(384, "Dimension of the shared embedding space ('locked'/'residual' text heads: the text encoder's width).")
+    text_head: Literal["locked", "residual", "linear"] = _f(
+        "locked",
+        "Text side of the shared space: 'locked' = frozen report embedding as is (LiT-style; zero-shot "
+        "prompts keep the text encoder's geometry), 'residual' = x + Wx with W zero-initialised, "
+        "'linear' = a learned projection to embed_dim.",
+    )
+    freeze_text: bool = _f(True, "Keep the text encoder frozen (only its projection head trains).")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: Literal["clip"] = _f("clip", "Pretraining objective.")
+    temperature: float = _f(0.07, "Initial softmax temperature tau of the InfoNCE logits.")
+    learnable_temperature: bool = _f(True, "Learn log(1/tau), clamped at 100.")
+    gather_with_grad: bool = _f(True, "All-gather embeddings with gradients so negatives are the global batch.")
+    local_loss: bool = _f(False, "Compute only the local rows (B x G) of the global logits.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    global_batch: int = _f(32, "Batch size summed over all workers.")
+    max_steps: int = _f(600, "Optimizer steps to train for.")
+    lr: float = _f(2e-3, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(1e-4, "AdamW weight decay.")
+    warmup_steps: int = _f(20, "Linear warm-up steps before cosine decay.")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Autocast precision (bf16/fp16 on GPU).")
+    seed: int = _f(0, "Seed for model init, data order and augmentation.")
+    log_every: int = _f(10, "Report metrics every N steps.")
+    checkpoint_every: int = _f(100, "Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = _f(2, "Checkpoints kept on storage.")
+    max_failures: int = _f(2, "Worker-group restarts tolerated; training resumes from the last checkpoint.")
+    augment: bool = _f(True, "Random intensity jitter and small shifts on training volumes.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = _f(32, "Volumes per forward pass during evaluation.")
+    bootstrap: int = _f(200, "Bootstrap resamples for 95% confidence intervals (0 disables).")
+    labels: tuple[str, ...] = _f((), "Labels to evaluate; empty: every label with both classes in the split.")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    num_samples: int = _f(1, "Trials per point of the search space.")
+    metric: str = _f("val/macro_auroc", "Metric the sweep optimises.")
+    mode: Literal["max", "min"] = _f("max", "Optimisation direction of `metric`.")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    workdir: str = _f("vlp3d-runs/default", "Folder for the local MLflow store, Ray results and checkpoints.")
+    tracking_uri: str = _f("", "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db.")
+    experiment: str = _f("", "MLflow experiment; empty: the config name.")
+    registered_model: str = _f("", "Registered model name; empty: vlp3d-<objective>.")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: str = _f("", "Ray address; empty: $RAY_ADDRESS, else a local Ray.")
+    num_workers: int = _f(2, "Ray Train DDP workers.")
+    use_gpu: bool = _f(False, "One GPU per worker.")
+    cpus_per_worker: float = _f(0.5, "CPUs reserved per worker (leave some for Ray Data on small machines).")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = _f("demo", "Experiment name (MLflow experiment and run-name prefix).")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.type if isinstance(f.type, type) else globals()[f.type]
+    for f in dataclasses.fields(ExperimentConfig)
+    if f.name != "name"
+}
+
+
+def _hint(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    if close:
+        return f" Did you mean '{prefix}{close[0]}'?"
+    return f" Valid keys: {', '.join(prefix + v for v in sorted(valid))}."
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a field annotation; lists become tuples, ints become floats."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}.")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r}).")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if type(value) is not annotation:
+            raise ConfigError(
+                f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}."
+            )
+        return value
+    if isinstance(annotation, types.UnionType):
+        raise TypeError(f"unsupported annotation {annotation}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown key '{where}{key}'.{_hint(key, names, where)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (['train', 'lr'], 0.001). Values use TOML syntax; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.lr=1e-3).")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    top = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in top:
+            raise ConfigError(f"unknown section '{key}'.{_hint(key, top)}")
+        if key == "name":
+            kwargs["name"] = _coerce(value, str, "name")
+        else:
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' must be a table ([{key}]), got {value!r}.")
+            kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
+    return ExperimentConfig(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Defaults < TOML file < `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found (see configs/ for examples).")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from err
+        raw.setdefault("name", path.stem)
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) == 1 and keys[0] == "name":
+            raw["name"] = value
+            continue
+        if len(keys) != 2:
+            raise ConfigError(f"override '{text}': use section.key=value, e.g. train.lr=1e-3.")
+        section, key = keys
+        if section not in SECTIONS:
+            raise ConfigError(f"override '{text}': unknown section '{section}'.{_hint(section, SECTIONS)}")
+        raw.setdefault(section, {})[key] = value
+    try:
+        return from_dict(raw)
+    except ConfigError as err:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{err}") from None
+
+
+def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
+    """A copy with some keys of some sections changed, validated like an override."""
+    raw = to_dict(cfg)
+    for section, values in sections.items():
+        raw[section].update(values)
+    return from_dict(raw)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, str]:
+    """`{'train.lr': '0.002', ...}` for MLflow params."""
+    out = {}
+    for section, values in to_dict(cfg).items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                out[f"{section}.{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+        else:
+            out[section] = str(values)
+    return out
+
+
+def to_toml(cfg: ExperimentConfig) -> str:
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, list):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
+        return json.dumps(value)
+
+    raw = to_dict(cfg)
+    lines = [f"name = {fmt(raw.pop('name'))}"]
+    for section, values in raw.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{key} = {fmt(value)}" for key, value in values.items())
+    return "\n".join(lines) + "\n"
+
+
+def config_hash(obj: Any) -> str:
+    """Short stable hash of a dataclass or JSON-able value."""
+    payload = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every config key, for `--help` texts."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", repr(f.default), f.metadata.get("help", "")))
+    return rows
