@@ -1,0 +1,120 @@
+"""Corpus manifests: one row per volume with its path, report, labels, split and scaling metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlp3d.data.labels import CTRATE_LABELS
+
+_SPLIT_FILES = {
+    # split: (reports, labels, metadata) file stems as published with CT-RATE
+    "train": ("train_reports", "train_predicted_labels", "train_metadata"),
+    "valid": ("validation_reports", "valid_predicted_labels", "validation_metadata"),
+}
+
+
+class CorpusError(ValueError):
+    """The corpus is malformed; the message names the file/row and how to fix it."""
+
+
+def _patient_of(volume_name: str) -> str:
+    # CT-RATE: <split>_<patient>_<scan>_<reconstruction>.nii.gz
+    stem = volume_name.removesuffix(".nii.gz").removesuffix(".nii")
+    parts = stem.split("_")
+    return "_".join(parts[:2]) if len(parts) >= 4 else stem
+
+
+def _spacing(value) -> list[float] | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    numbers = [float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", str(value))]
+    return numbers or None
+
+
+def read_ctrate(root: str | Path) -> pd.DataFrame:
+    """Manifest of a corpus in CT-RATE layout (volumes under <split>/, CSVs in their folders)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CorpusError(f"corpus folder '{root}' does not exist (write one with `vlp3d synth --out {root}`).")
+    volumes = {p.name: p for p in root.glob("*/*/*/*.nii*")}
+    volumes.update({p.name: p for p in root.glob("*/*/*/*/*.nii*")})
+    frames = []
+    for split, (reports_stem, labels_stem, metadata_stem) in _SPLIT_FILES.items():
+        reports_path = next(iter(root.rglob(f"{reports_stem}.csv")), None)
+        if reports_path is None:
+            continue
+        reports = pd.read_csv(reports_path)
+        if "VolumeName" not in reports.columns:
+            raise CorpusError(f"{reports_path}: no 'VolumeName' column (columns: {list(reports.columns)}).")
+        table = reports.copy()
+        labels_path = next(iter(root.rglob(f"{labels_stem}.csv")), None)
+        if labels_path is not None:
+            labels = pd.read_csv(labels_path)
+            table = table.merge(labels, on="VolumeName", how="left", validate="one_to_one")
+        metadata_path = next(iter(root.rglob(f"{metadata_stem}.csv")), None)
+        if metadata_path is not None:
+            metadata = pd.read_csv(metadata_path)
+            keep = [c for c in ("VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing")
+                    if c in metadata.columns]
+            table = table.merge(metadata[keep], on="VolumeName", how="left", validate="one_to_one")
+        table["split"] = split
+        frames.append(table)
+    if not frames:
+        raise CorpusError(
+            f"{root}: no reports CSV found (expected e.g. radiology_text_reports/train_reports.csv)."
+        )
+    table = pd.concat(frames, ignore_index=True)
+    table["patient_id"] = table["VolumeName"].map(_patient_of)
+    table["image"] = [str(volumes[name]) if name in volumes else str(root / "missing" / name)
+                      for name in table["VolumeName"]]
+    table["modality"] = "ct"
+    label_names = [c for c in CTRATE_LABELS if c in table.columns]
+    table[label_names] = table[label_names].fillna(0).astype(np.int8)
+    table.attrs["label_names"] = label_names
+    check_patient_splits(table, source=str(root))
+    return table
+
+
+def check_patient_splits(table: pd.DataFrame, source: str) -> None:
+    """A patient in two splits leaks test data into training: refuse it."""
+    splits_per_patient = table.groupby("patient_id")["split"].nunique()
+    leaked = splits_per_patient[splits_per_patient > 1]
+    if len(leaked):
+        examples = ", ".join(leaked.index[:5])
+        raise CorpusError(
+            f"{source}: {len(leaked)} patient(s) appear in more than one split (e.g. {examples}); "
+            "assign each patient's scans to one split."
+        )
+
+
+def metadata_scaling(row: dict) -> tuple[float | None, float | None]:
+    slope, intercept = row.get("RescaleSlope"), row.get("RescaleIntercept")
+    def clean(v):
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+    return clean(slope), clean(intercept)
+
+
+def metadata_spacing(row: dict) -> list[float] | None:
+    xy, z = _spacing(row.get("XYSpacing")), _spacing(row.get("ZSpacing"))
+    if xy and z:
+        return [*xy[:2], z[0]]
+    return None
+
+
+def manifest_hash(table: pd.DataFrame) -> str:
+    """Hash of the manifest rows (paths, reports, labels) that prepare consumes."""
+    payload = table.drop(columns=[c for c in table.columns if c.startswith("_")]).to_json(orient="records")
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def manifest_rows(table: pd.DataFrame) -> list[dict]:
+    rows = json.loads(table.to_json(orient="records"))
+    for index, row in enumerate(rows):
+        row["row"] = index
+    return rows

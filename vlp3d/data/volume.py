@@ -1,0 +1,152 @@
+"""CT volume preprocessing: NIfTI -> Hounsfield units (exactly once) -> RAS -> spacing -> window -> shape."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
+
+# Stored CT values that contain air below this are already HU (shifted storage has min >= 0).
+ALREADY_HU_MIN = -200.0
+PLAUSIBLE_HU = (-1100.0, 4100.0)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Every parameter that changes the stored tensors; its hash names the shard folder."""
+
+    shape: tuple[int, int, int] = (48, 48, 48)
+    spacing_mm: tuple[float, float, float] = (8.0, 8.0, 8.0)
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    storage_dtype: str = "float16"
+    orientation: str = "RAS"
+    interpolation: str = "bilinear"
+    report_sections: tuple[str, ...] = ("Findings_EN", "Impressions_EN")
+    text_encoder: str = "minilm"
+    max_tokens: int = 256
+    text_embeddings: bool = True
+    version: int = 1
+    quantisation_error_hu: float = field(default=0.0)
+
+    def __post_init__(self):
+        width = self.hu_window[1] - self.hu_window[0]
+        if self.storage_dtype == "uint8":
+            error = 0.5 / 255 * width
+        elif self.storage_dtype == "float16":
+            error = 2.0**-12 * width  # half ulp of float16 just below 1.0
+        else:
+            raise ValueError(f"data.storage_dtype must be 'float16' or 'uint8', got {self.storage_dtype!r}")
+        object.__setattr__(self, "quantisation_error_hu", round(error, 3))
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class HUDecision:
+    """How stored values became HU for one volume, recorded in the shards."""
+
+    source: str  # header | metadata | already_hu | none
+    slope: float
+    intercept: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def _is_identity(slope, intercept) -> bool:
+    return slope is None or (
+        (slope == 1 or not math.isfinite(slope)) and (intercept in (0, None) or not math.isfinite(intercept))
+    )
+
+
+def to_hounsfield(raw: np.ndarray, header_scaling: tuple, metadata_scaling: tuple) -> tuple[np.ndarray, HUDecision]:
+    """Apply slope/intercept exactly once: header first, else metadata unless data are already HU."""
+    h_slope, h_inter = header_scaling
+    m_slope, m_inter = metadata_scaling
+    warnings: list[str] = []
+    if not _is_identity(h_slope, h_inter):
+        slope, inter = float(h_slope), float(h_inter or 0.0)
+        if not _is_identity(m_slope, m_inter) and (m_slope, m_inter) != (slope, inter):
+            warnings.append(
+                f"metadata slope/intercept ({m_slope}, {m_inter}) differ from header ({slope}, {inter}); used header"
+            )
+        decision = HUDecision("header", slope, inter, warnings)
+    elif not _is_identity(m_slope, m_inter):
+        raw_min = float(raw.min())
+        if raw_min < ALREADY_HU_MIN:
+            warnings.append(
+                f"metadata lists slope/intercept ({m_slope}, {m_inter}) but stored values reach {raw_min:.0f}: "
+                "already HU, not applied"
+            )
+            decision = HUDecision("already_hu", 1.0, 0.0, warnings)
+        else:
+            decision = HUDecision("metadata", float(m_slope), float(m_inter), warnings)
+    else:
+        if float(raw.min()) >= 0:
+            warnings.append("no slope/intercept anywhere and no negative values: volume may not be in HU")
+        decision = HUDecision("none", 1.0, 0.0, warnings)
+    hu = raw.astype(np.float32)
+    if decision.slope != 1.0:
+        hu *= decision.slope
+    if decision.intercept != 0.0:
+        hu += decision.intercept
+    lo, hi = float(hu.min()), float(hu.max())
+    if lo < PLAUSIBLE_HU[0] - 1000 or hi > PLAUSIBLE_HU[1] * 4:
+        decision.warnings.append(f"HU range [{lo:.0f}, {hi:.0f}] is implausible for CT")
+    return hu, decision
+
+
+def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray, HUDecision]:
+    """Read a NIfTI file; return (HU array, affine, decision). Raises ValueError on unreadable data."""
+    img = nib.load(path)
+    if len(img.shape) != 3:
+        raise ValueError(f"expected a 3D volume, got shape {img.shape}")
+    proxy = img.dataobj
+    if hasattr(proxy, "get_unscaled"):
+        # after loading, nibabel moves scl_slope/scl_inter from the header into the array proxy
+        raw, header_scaling = np.asanyarray(proxy.get_unscaled()), (float(proxy.slope), float(proxy.inter))
+    else:
+        raw, header_scaling = np.asanyarray(proxy), (None, None)
+    hu, decision = to_hounsfield(raw, header_scaling, metadata_scaling)
+    if not np.isfinite(hu).all():
+        raise ValueError("volume contains NaN or infinite values")
+    return hu, img.affine.astype(np.float64), decision
+
+
+def _pipeline(spec: PreprocessSpec) -> Compose:
+    return Compose([
+        Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacing(pixdim=spec.spacing_mm, mode=spec.interpolation),
+        ScaleIntensityRange(a_min=spec.hu_window[0], a_max=spec.hu_window[1], b_min=0.0, b_max=1.0, clip=True),
+        ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant", value=0.0),
+    ])
+
+
+def preprocess_hu(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """HU array + affine -> window-scaled [0, 1] tensor of `spec.shape` in RAS, stored dtype."""
+    volume = MetaTensor(torch.from_numpy(np.ascontiguousarray(hu))[None], affine=torch.from_numpy(affine))
+    out = _pipeline(spec)(volume)[0].as_tensor().numpy()
+    return quantise(out, spec.storage_dtype)
+
+
+def quantise(volume01: np.ndarray, storage_dtype: str) -> np.ndarray:
+    if storage_dtype == "uint8":
+        return np.round(np.clip(volume01, 0, 1) * 255).astype(np.uint8)
+    return volume01.astype(np.float16)
+
+
+def dequantise(stored: torch.Tensor) -> torch.Tensor:
+    """Stored shard tensor -> float32 in [0, 1]."""
+    if stored.dtype == torch.uint8:
+        return stored.float() / 255.0
+    return stored.float()
