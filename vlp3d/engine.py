@@ -1,0 +1,195 @@
+"""Pure torch training engine: model, objective, optimizer, schedule, one train step, AMP."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlp3d.config import ExperimentConfig
+from vlp3d.data.volume import dequantise
+from vlp3d.encoders import build_image_encoder, resolve_text_encoder
+from vlp3d.objectives.clip import ClipLoss
+
+MAX_LOGIT_SCALE = 100.0
+
+
+class ResidualLinear(nn.Module):
+    """x + Wx with W zero-initialised: starts as the frozen text space, learns a correction."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.linear(x)
+
+
+def build_text_head(kind: str, text_dim: int, embed_dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(text_dim, embed_dim)
+    if embed_dim != text_dim:
+        raise ValueError(
+            f"model.text_head = {kind!r} keeps the text encoder's space, so model.embed_dim must equal its "
+            f"width ({text_dim}), got {embed_dim}; set model.embed_dim = {text_dim} or model.text_head = \"linear\"."
+        )
+    return nn.Identity() if kind == "locked" else ResidualLinear(text_dim)
+
+
+class VisionLanguageModel(nn.Module):
+    """Image encoder + projection heads into a shared, L2-normalised embedding space.
+
+    The frozen text encoder stays outside this module (its pooled report embeddings are
+    computed at prepare time or by the caller); only `text_proj` trains on the text side.
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_dim: int, embed_dim: int = 384,
+                 temperature: float = 0.07, learnable_temperature: bool = True, text_head: str = "locked"):
+        super().__init__()
+        width = image_encoder.out_dim
+        self.image_encoder = image_encoder
+        self.image_proj = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim))
+        self.text_proj = build_text_head(text_head, text_dim, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)),
+                                        requires_grad=learnable_temperature)
+
+    def encode_image(self, volume: torch.Tensor) -> torch.Tensor:
+        pooled, _ = self.image_encoder(volume)
+        return F.normalize(self.image_proj(pooled), dim=-1)
+
+    def encode_text(self, report_embedding: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(report_embedding), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """exp(log(1/tau)) clamped at 100."""
+        return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+
+    def forward(self, volume: torch.Tensor, report_embedding: torch.Tensor):
+        return self.encode_image(volume), self.encode_text(report_embedding), self.scale()
+
+
+def text_dim_for(cfg: ExperimentConfig) -> int:
+    """Hidden size of the configured text encoder (reads its config only, no weights)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(resolve_text_encoder(cfg.model.text_encoder)).hidden_size)
+
+
+def build_model(cfg: ExperimentConfig, text_dim: int | None = None) -> VisionLanguageModel:
+    torch.manual_seed(cfg.train.seed)
+    encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.size)
+    return VisionLanguageModel(
+        encoder,
+        text_dim=text_dim or text_dim_for(cfg),
+        embed_dim=cfg.model.embed_dim,
+        temperature=cfg.objective.temperature,
+        learnable_temperature=cfg.objective.learnable_temperature,
+        text_head=cfg.model.text_head,
+    )
+
+
+class ClipObjective(nn.Module):
+    """Objective `clip`: one term, `align`, the global-batch InfoNCE between volume and report."""
+
+    def __init__(self, gather_with_grad: bool = True, local_loss: bool = False):
+        super().__init__()
+        self.loss = ClipLoss(gather_with_grad=gather_with_grad, local_loss=local_loss)
+
+    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image, text, scale = model(batch["volume"], batch["report_embedding"])
+        return {"align": self.loss(image, text, scale)}
+
+
+def build_objective(cfg: ExperimentConfig) -> tuple[nn.Module, dict[str, float]]:
+    """(objective module, weight per loss term)."""
+    if cfg.objective.name == "clip":
+        objective = ClipObjective(cfg.objective.gather_with_grad, cfg.objective.local_loss)
+        return objective, {"align": 1.0}
+    raise KeyError(f"objective.name = {cfg.objective.name!r} is not implemented")
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias") or "logit_scale" in name
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, floor: float = 0.02) -> float:
+    """LR multiplier: linear warm-up to 1, cosine decay to `floor` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ExperimentConfig):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, cfg.train.warmup_steps, cfg.train.max_steps)
+    )
+
+
+def augment(volume: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Intensity jitter and a small random translation; no flips (reports name sides)."""
+    batch = volume.shape[0]
+    scale = 1 + 0.1 * (torch.rand(batch, 1, 1, 1, 1, generator=generator) - 0.5) * 2
+    offset = 0.03 * (torch.rand(batch, 1, 1, 1, 1, generator=generator) - 0.5) * 2
+    volume = volume * scale.to(volume) + offset.to(volume)
+    shifts = torch.randint(-max_shift, max_shift + 1, (3,), generator=generator).tolist()
+    return torch.roll(volume, shifts=shifts, dims=(2, 3, 4))
+
+
+def to_model_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Shard columns -> model inputs: volume [B, 1, X, Y, Z] float32 in [0, 1]."""
+    out = {"volume": dequantise(batch["image"]).unsqueeze(1).to(device, non_blocking=True)}
+    for key in ("report_embedding", "input_ids", "attention_mask", "labels"):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
+    if "report_embedding" in out:
+        out["report_embedding"] = out["report_embedding"].float()
+    return out
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train_step(model: nn.Module, objective: nn.Module, weights: Mapping[str, float],
+               batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler,
+               precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
+               max_grad_norm: float = 1.0) -> dict[str, float]:
+    """One optimisation step; returns the total loss, each term, lr and grad norm."""
+    device_type = batch["volume"].device.type
+    with torch.autocast(device_type, dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
+                        enabled=precision in AUTOCAST_DTYPES):
+        terms = objective(model, batch)
+        loss = sum(weights[name] * value for name, value in terms.items())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} (terms: { {k: v.item() for k, v in terms.items()} })")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    metrics = {"loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+    metrics.update({f"loss/{name}": float(value.detach()) for name, value in terms.items()})
+    return metrics

@@ -1,0 +1,1 @@
+"""Pretraining objectives; each returns a dict of named, unweighted loss terms."""
