@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification, retrieval, metrics with bootstrap confidence intervals."""
