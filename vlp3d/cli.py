@@ -1,0 +1,58 @@
+"""`vlp3d <command>`: parses arguments, then calls the job of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vlp3d.config import ConfigError, to_toml
+from vlp3d.jobs import demo, evaluate, prepare, pretrain, register, synth
+from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, formatter, resolve_config
+
+JOBS = {
+    "demo": (demo, "synth -> prepare -> pretrain -> evaluate -> register, on this machine"),
+    "synth": (synth, "write a phantom corpus in CT-RATE layout"),
+    "prepare": (prepare, "preprocess a corpus into Parquet shards (Ray Data)"),
+    "pretrain": (pretrain, "pretrain on Ray Train, tracked in MLflow"),
+    "evaluate": (evaluate, "zero-shot AUROC and retrieval on held-out shards"),
+    "register": (register, "point the 'champion' alias at a better model version"),
+}
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(to_toml(resolve_config(args)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlp3d", formatter_class=formatter(),
+        description="Pretrain 3D medical vision-language models (CT + reports) on Ray, tracked in MLflow.",
+        epilog="Start with `vlp3d demo`. Each command has --help.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (job, text) in JOBS.items():
+        sub = commands.add_parser(name, help=text, formatter_class=formatter())
+        job.add_arguments(sub)
+        sub.set_defaults(run=job.run)
+    config = commands.add_parser("config", help="show the resolved config", formatter_class=formatter())
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    show = config_commands.add_parser("show", help="print the resolved config as TOML", formatter_class=formatter(),
+                                      description="Print defaults < CONFIG < overrides as TOML.",
+                                      epilog=config_keys_epilog())
+    add_config_arguments(show)
+    show.set_defaults(run=_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Entry points: `python -m vlp3d.jobs.<name> ...`; the `vlp3d` CLI calls the same functions."""

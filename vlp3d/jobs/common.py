@@ -1,0 +1,49 @@
+"""Argument helpers shared by the job entry points."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vlp3d.config import ConfigError, ExperimentConfig, describe, load_config
+
+CONFIG_HELP = "TOML experiment config (see configs/). Omit for the built-in CPU demo defaults."
+OVERRIDES_HELP = "config overrides as section.key=value (TOML values), e.g. train.max_steps=200 data.shape=[32,32,32]"
+
+
+def config_keys_epilog() -> str:
+    lines = ["config keys (section.key = default: meaning):"]
+    lines += [f"  {key} = {default}: {text}" for key, default, text in describe()]
+    return "\n".join(lines)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_required: bool = False) -> None:
+    if config_required:
+        parser.add_argument("config", help=CONFIG_HELP)
+    else:
+        parser.add_argument("config", nargs="?", default=None, help=CONFIG_HELP)
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def resolve_config(args: argparse.Namespace, extra: list[str] | None = None) -> ExperimentConfig:
+    config, overrides = args.config, list(args.overrides)
+    # `vlp3d prepare train.lr=1` : a first positional with '=' is an override, not a file
+    if config is not None and "=" in config and not os.path.exists(config):
+        overrides.insert(0, config)
+        config = None
+    return load_config(config, [*(extra or []), *overrides])
+
+
+def formatter() -> type[argparse.HelpFormatter]:
+    return argparse.RawDescriptionHelpFormatter
+
+
+def run_main(build_parser, run, argv: list[str] | None = None) -> int:
+    parser = build_parser(argparse.ArgumentParser(formatter_class=formatter()))
+    args = parser.parse_args(argv)
+    try:
+        return run(args) or 0
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

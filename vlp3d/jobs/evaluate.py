@@ -1,0 +1,69 @@
+"""Job: zero-shot classification and retrieval of a registered model on held-out shards."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from vlp3d.jobs.common import run_main
+from vlp3d.table import format_table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.description = (
+        "Evaluate a model on a held-out split: zero-shot multi-label AUROC per finding and macro (prompts "
+        "'There is a X.' / 'There is no X.'), F1, bootstrap 95%% CIs, and volume<->report Recall@1/5/10 and "
+        "MAP with the pool size. Metrics and tables are logged to the model's MLflow run."
+    )
+    parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/vlp3d-clip@champion or runs:/ID/model")
+    parser.add_argument("--shards", required=True, help="shards root written by `vlp3d prepare`")
+    parser.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
+    parser.add_argument("--workdir", default="vlp3d-runs/default", help="workdir of the local MLflow store (default: vlp3d-runs/default)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for CIs (default 200; 0 disables)")
+    parser.add_argument("--labels", nargs="*", default=(), help="labels to evaluate (default: all with both classes)")
+    parser.add_argument("--no-log", action="store_true", help="do not log to MLflow")
+    return parser
+
+
+def tracking_uri_from(args: argparse.Namespace) -> str:
+    from vlp3d.config import load_config
+    from vlp3d.platform.runtime import tracking_uri
+
+    overrides = [f"tracking.workdir={args.workdir!r}".replace("'", '"')]
+    if args.tracking_uri:
+        overrides.append(f'tracking.tracking_uri="{args.tracking_uri}"')
+    return tracking_uri(load_config(None, overrides))
+
+
+def render(report) -> str:
+    r = report.result
+    rows = [[row.label, row.auroc, f"[{row.auroc_ci_low:.3f}, {row.auroc_ci_high:.3f}]", row.f1, row.positives]
+            for row in r.per_label.itertuples()]
+    ci = ""
+    if not math.isnan(r.metrics.get("macro_auroc_ci_low", math.nan)):
+        ci = f"[{r.metrics['macro_auroc_ci_low']:.3f}, {r.metrics['macro_auroc_ci_high']:.3f}]"
+    rows.append(["macro", r.metrics["macro_auroc"], ci, r.metrics["macro_f1"], ""])
+    text = format_table(rows, ["finding", "AUROC", "95% CI", "F1", "positives"],
+                        title=f"zero-shot classification, split '{report.split}' (n={r.n})")
+    retrieval = [[row.direction, row._2, row._3, row._4, row.MAP] for row in r.retrieval.itertuples()]
+    text += "\n\n" + format_table(retrieval, ["retrieval", "R@1", "R@5", "R@10", "MAP"],
+                                  title=f"retrieval, pool size {int(r.metrics['retrieval_pool'])}")
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlp3d.platform.evaluate import evaluate
+
+    report = evaluate(args.model, args.shards, tracking_uri_from(args), split=args.split,
+                      n_boot=args.bootstrap, labels=tuple(args.labels), log=not args.no_log)
+    print(render(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""Job: preprocess a corpus into Parquet shards with Ray Data."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, resolve_config, run_main
+from vlp3d.table import format_table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.description = (
+        "Preprocess a CT-RATE-layout corpus with Ray Data: read each volume (nibabel), convert to HU once, "
+        "reorient to RAS, resample, window, crop/pad; split and tokenize the report; store frozen text "
+        "embeddings. Writes Parquet shards and _manifest.json to OUT/<preprocessing-hash>/. Unreadable "
+        "rows are recorded in the manifest and skipped."
+    )
+    parser.epilog = config_keys_epilog()
+    add_config_arguments(parser)
+    parser.add_argument("--corpus", help="corpus root (default: data.corpus)")
+    parser.add_argument("--out", help="shards root (default: data.shards)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlp3d.platform.prepare import prepare
+
+    cfg = resolve_config(args)
+    corpus = args.corpus or cfg.data.corpus
+    out = args.out or cfg.data.shards
+    if not corpus or not out:
+        raise ValueError("give --corpus and --out (or set data.corpus and data.shards in the config).")
+    result = prepare(cfg, corpus, out)
+    print(summary(result))
+    return 0
+
+
+def summary(result) -> str:
+    counts = result.manifest["counts"]
+    rows = [[split, n] for split, n in counts["by_split"].items()]
+    rows += [["failed", counts["failed"]], ["with warnings", counts["with_warnings"]]]
+    text = format_table(rows, ["rows", "count"], title=f"shards: {result.shard_dir}")
+    for failure in result.manifest["failed"][:10]:
+        text += f"\n  failed row {failure['row']} ({failure['path']}): {failure['reason']}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""Job: pretrain on Ray Train (DDP) and log the model to MLflow."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, resolve_config, run_main
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.description = (
+        "Pretrain with Ray Train: cluster.num_workers DDP workers read disjoint parts of the shards "
+        "(data.shards), train the image encoder against frozen report embeddings with a global-batch "
+        "CLIP loss, checkpoint every train.checkpoint_every steps and survive train.max_failures worker "
+        "failures. The run (params, tags, metrics) and the final model (pyfunc, registered) go to MLflow."
+    )
+    parser.epilog = config_keys_epilog()
+    add_config_arguments(parser, config_required=False)
+    parser.add_argument("--run-name", help="Ray Train / MLflow run name; re-use one to resume it from its last checkpoint")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlp3d.platform.train import pretrain
+
+    cfg = resolve_config(args)
+    result = pretrain(cfg, run_name=args.run_name)
+    print(f"run {result.run_name} (mlflow {result.run_id}) finished in {result.elapsed_s:.0f} s; "
+          f"final loss {result.metrics.get('loss', float('nan')):.3f}")
+    print(f"checkpoint: {result.checkpoint_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""`vlp3d evaluate`: load a registered model, embed a held-out split of the shards, log metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlp3d.data.shards import read_manifest, resolve_shard_dir
+from vlp3d.evaluation.zeroshot import EvaluationResult, evaluate_embeddings
+from vlp3d.platform import tracking
+from vlp3d.platform.runtime import init_ray
+
+EVAL_COLUMNS = ["image", "report_embedding", "labels"]
+
+
+@dataclass
+class EvaluateReport:
+    result: EvaluationResult
+    run_id: str | None
+    split: str
+    shard_dir: Path
+
+
+def read_split(shard_dir: Path, split: str, batch_size: int = 64):
+    """Yield numpy batches of one split's evaluation columns via Ray Data."""
+    import ray
+    from ray.data.expressions import col
+
+    ds = ray.data.read_parquet(str(shard_dir), columns=EVAL_COLUMNS + ["split"])
+    ds = ds.filter(expr=col("split") == split)
+    yield from ds.select_columns(EVAL_COLUMNS).iter_batches(batch_size=batch_size, batch_format="numpy")
+
+
+def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid", batch_size: int = 32,
+             n_boot: int = 200, labels: tuple[str, ...] = (), log: bool = True) -> EvaluateReport:
+    import mlflow
+
+    init_ray(None)
+    tracking.client(tracking_uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    embedder = model.unwrap_python_model().embedder
+    shard_dir = resolve_shard_dir(shards, embedder.spec.hash)
+    manifest = read_manifest(shard_dir)
+    images, reports, label_rows = [], [], []
+    for batch in read_split(shard_dir, split, batch_size):
+        images.append(embedder.embed_volumes(torch.from_numpy(np.array(batch["image"])), batch_size))
+        reports.append(embedder.embed_report_embeddings(batch["report_embedding"]))
+        label_rows.append(batch["labels"])
+    if not images:
+        raise ValueError(f"{shard_dir}: split '{split}' has no rows (splits: {manifest['counts']['by_split']}).")
+    result = evaluate_embeddings(
+        torch.cat(images), torch.cat(reports), np.concatenate(label_rows), list(manifest["label_names"]),
+        embedder.embed_reports, embedder.logit_scale, evaluate_labels=labels, n_boot=n_boot,
+    )
+    run_id = model.metadata.run_id
+    if log and run_id:
+        prefix = f"eval/{split}/"
+        tracking.log_evaluation(
+            run_id, tracking_uri, {prefix + k: v for k, v in result.metrics.items()},
+            {f"{split}_zero_shot": result.per_label, f"{split}_retrieval": result.retrieval},
+        )
+    return EvaluateReport(result, run_id, split, shard_dir)

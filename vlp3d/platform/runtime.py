@@ -1,0 +1,68 @@
+"""Connecting to Ray (local or cluster) and resolving the MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vlp3d.config import ExperimentConfig
+
+
+def init_ray(cfg: ExperimentConfig | None = None, quiet: bool = True) -> None:
+    """Start a local Ray, or join the cluster named by cluster.address / $RAY_ADDRESS."""
+    import ray
+
+    if quiet:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if not ray.is_initialized():
+        address = (cfg.cluster.address if cfg else "") or os.environ.get("RAY_ADDRESS", "")
+        # workers find vlp3d through the driver's environment; on a cluster it is installed
+        env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"]}} \
+            if "RAY_DATA_DISABLE_PROGRESS_BARS" in os.environ else None
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        else:
+            store_mb = int(os.environ.get("VLP3D_OBJECT_STORE_MB", "0"))
+            ray.init(
+                # the dashboard process also serves the state API that Ray Train's controller polls
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                object_store_memory=store_mb * 2**20 if store_mb else None,
+                runtime_env=env,
+                log_to_driver=True,
+                configure_logging=True,
+                logging_level="WARNING",
+            )
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    if quiet:
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+    context.enable_operator_progress_bars = not quiet
+
+
+def tracking_uri(cfg: ExperimentConfig) -> str:
+    """tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite under the workdir."""
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    workdir = Path(cfg.tracking.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def artifact_location(cfg: ExperimentConfig) -> str | None:
+    """Artifacts beside a local sqlite store (<workdir>/mlartifacts); the server decides otherwise."""
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
+def storage_path(cfg: ExperimentConfig) -> str:
+    """Ray Train storage (checkpoints, run state): <workdir>/ray_results."""
+    path = Path(cfg.tracking.workdir).resolve() / "ray_results"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)

