@@ -27,7 +27,7 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = _f("", "Corpus root (CT-RATE layout). Empty: the phantom corpus written by `vlp3d synth`.")
+    corpus: str = _f("", "Corpus root in CT-RATE layout (`vlp3d synth` writes a phantom one).")
     shards: str = _f("", "Directory of Parquet shards written by `vlp3d prepare`.")
     shape: tuple[int, int, int] = _f((48, 48, 48), "Voxels (x, y, z) after RAS reorientation, resampling and crop/pad.")
     spacing_mm: tuple[float, float, float] = _f((8.0, 8.0, 8.0), "Target voxel spacing in mm (x, y, z).")
@@ -42,6 +42,8 @@ class DataConfig:
     max_tokens: int = _f(256, "Token ids kept per report (padded/truncated).")
     text_embeddings: bool = _f(True, "Store frozen text-encoder report embeddings in the shards (fast training).")
     train_split: str = _f("train", "Split used for pretraining.")
+    fraction: float = _f(1.0, "Fraction of training patients used, stratified by label; 0.25 within 0.5 within 1.0 (nested).")
+    valid_fraction: float = _f(0.1, "Share of patients put in 'valid' when a generic manifest has no split column.")
     eval_split: str = _f("valid", "Held-out split used for evaluation.")
     materialize: Literal["auto", "always", "never"] = _f("auto", "Hold the training shards in Ray's object store ('auto': when they fit in a quarter of it).")
 

@@ -81,6 +81,82 @@ def read_ctrate(root: str | Path) -> pd.DataFrame:
     return table
 
 
+_GENERIC_KNOWN = {"image", "report", "split", "patient_id", "modality"}
+_READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True),
+            ".json": lambda p: pd.read_json(p, lines=True)}
+
+
+def read_corpus(path: str | Path, valid_fraction: float = 0.1) -> pd.DataFrame:
+    """A CT-RATE folder, or a generic manifest file (CSV, Parquet or JSONL)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_ctrate(path)
+    return read_generic_manifest(path, valid_fraction)
+
+
+def read_generic_manifest(path: str | Path, valid_fraction: float = 0.1) -> pd.DataFrame:
+    """Manifest with `image` (NIfTI path, relative to the manifest's folder or absolute) and `report`;
+    optional `split`, `patient_id`, `modality` and 0/1 label columns.
+
+    Without `split`, patients are assigned to 'valid' with probability `valid_fraction` by a hash
+    of their id (stable across runs and machines); without `patient_id`, each image is a patient.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"corpus '{path}' is neither a folder (CT-RATE layout) nor a manifest file.")
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise CorpusError(f"{path}: unsupported manifest type '{path.suffix}'; use .csv, .parquet or .jsonl.")
+    table = reader(path)
+    missing = [c for c in ("image", "report") if c not in table.columns]
+    if missing:
+        raise CorpusError(f"{path}: missing column(s) {missing}; a manifest needs 'image' and 'report' "
+                          f"(columns found: {list(table.columns)}).")
+    table["image"] = [str(p if Path(p).is_absolute() else (path.parent / p)) for p in table["image"].astype(str)]
+    table["VolumeName"] = [Path(p).name for p in table["image"]]
+    if "patient_id" not in table.columns:
+        table["patient_id"] = [Path(p).name.split(".")[0] for p in table["image"]]
+    table["patient_id"] = table["patient_id"].astype(str)
+    if "split" not in table.columns:
+        table["split"] = ["valid" if _unit_hash(p) < valid_fraction else "train" for p in table["patient_id"]]
+    if "modality" not in table.columns:
+        table["modality"] = "ct"
+    label_names = [c for c in table.columns if c not in _GENERIC_KNOWN | {"VolumeName"}
+                   and pd.api.types.is_numeric_dtype(table[c]) and set(table[c].dropna().unique()) <= {0, 1}]
+    table[label_names] = table[label_names].fillna(0).astype(np.int8)
+    table.attrs["label_names"] = label_names
+    check_patient_splits(table, source=str(path))
+    return table
+
+
+def _unit_hash(text: str, seed: int = 0) -> float:
+    """A stable pseudo-random number in [0, 1) for a string (same on every machine and run)."""
+    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def fraction_ranks(table: pd.DataFrame, label_names: list[str], seed: int = 0) -> np.ndarray:
+    """Per row, the patient's stratified quantile in (0, 1) within its split.
+
+    Keeping rows with rank < f gives nested subsets (f=0.25 within 0.5 within 1.0) that hold about
+    f of each stratum's patients; the stratum is a patient's rarest positive label (or 'none').
+    """
+    patients = table.groupby("patient_id", sort=True)
+    prevalence = table[label_names].mean() if label_names else pd.Series(dtype=float)
+    rows = []
+    for patient, group in patients:
+        positives = [n for n in label_names if group[n].max() > 0]
+        stratum = min(positives, key=lambda n: (prevalence[n], n)) if positives else "none"
+        rows.append((patient, group["split"].iloc[0], stratum, _unit_hash(patient, seed)))
+    frame = pd.DataFrame(rows, columns=["patient_id", "split", "stratum", "u"])
+    frame = frame.sort_values(["split", "stratum", "u"])
+    position = frame.groupby(["split", "stratum"]).cumcount()
+    size = frame.groupby(["split", "stratum"])["u"].transform("size")
+    frame["rank"] = (position + 0.5) / size
+    rank_of = dict(zip(frame["patient_id"], frame["rank"], strict=True))
+    return np.array([rank_of[p] for p in table["patient_id"]], dtype=np.float32)
+
+
 def check_patient_splits(table: pd.DataFrame, source: str) -> None:
     """A patient in two splits leaks test data into training: refuse it."""
     splits_per_patient = table.groupby("patient_id")["split"].nunique()

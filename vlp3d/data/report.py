@@ -17,7 +17,12 @@ _PLACEHOLDER = "\x00"
 
 
 def select_sections(row: dict, sections: tuple[str, ...]) -> str:
-    """Join the configured report columns of a row; missing or NaN sections are skipped."""
+    """Join the configured report columns of a row; missing or NaN sections are skipped.
+
+    A generic manifest has one `report` column and none of the sections: that column is used.
+    """
+    if "report" in row and not any(name in row for name in sections):
+        sections = ("report",)
     parts = []
     for name in sections:
         value = row.get(name)

@@ -69,6 +69,7 @@ def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> d
         "volume_name": str(row.get("VolumeName") or Path(path).name),
         "patient_id": str(row["patient_id"]),
         "split": str(row["split"]),
+        "fraction_rank": float(row["fraction_rank"]),
         "modality": str(row.get("modality", "ct")),
         "source_path": str(path),
         "image": volume,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
 from vlp3d.config import ConfigError, ExperimentConfig, describe, load_config
 
@@ -35,8 +36,17 @@ def resolve_config(args: argparse.Namespace, extra: list[str] | None = None) -> 
     return load_config(config, [*(extra or []), *overrides])
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps the description paragraph; keeps the epilog's key table as written."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return super()._fill_text(text, width, indent)
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent)
+
+
 def formatter() -> type[argparse.HelpFormatter]:
-    return argparse.RawDescriptionHelpFormatter
+    return _HelpFormatter
 
 
 def run_main(build_parser, run, argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 
 import vlp3d
 from vlp3d.config import ExperimentConfig
-from vlp3d.data.corpus import manifest_hash, manifest_rows, read_ctrate
+from vlp3d.data.corpus import fraction_ranks, manifest_hash, manifest_rows, read_corpus
 from vlp3d.data.shards import MANIFEST, preprocess_row, spec_from_config
 from vlp3d.data.volume import PreprocessSpec
 from vlp3d.engine import text_dim_for
@@ -50,7 +50,7 @@ def _preprocess_batch(batch: dict, spec: PreprocessSpec, label_names: list[str],
               for key, values in out.items()}
     for key in ("row",):
         result[key] = np.asarray(out[key], dtype=np.int64)
-    for key in ("hu_slope", "hu_intercept"):
+    for key in ("hu_slope", "hu_intercept", "fraction_rank"):
         result[key] = np.asarray(out[key], dtype=np.float32)
     return result
 
@@ -85,8 +85,9 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=print) -> Pre
 
     started = time.time()
     spec = spec_from_config(cfg)
-    table = read_ctrate(corpus)
+    table = read_corpus(corpus, valid_fraction=cfg.data.valid_fraction)
     label_names = list(table.attrs["label_names"])
+    table["fraction_rank"] = fraction_ranks(table, label_names)
     source_hash = manifest_hash(table)
     shard_dir = Path(out).resolve() / spec.hash
     manifest_path = shard_dir / MANIFEST

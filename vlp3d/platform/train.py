@@ -134,8 +134,10 @@ def _training_dataset(cfg: ExperimentConfig, shard_dir: Path):
     import ray
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(str(shard_dir), columns=TRAIN_COLUMNS + ["split"])
+    ds = ray.data.read_parquet(str(shard_dir), columns=TRAIN_COLUMNS + ["split", "fraction_rank"])
     ds = ds.filter(expr=col("split") == cfg.data.train_split)
+    if cfg.data.fraction < 1.0:
+        ds = ds.filter(expr=col("fraction_rank") < cfg.data.fraction)
     ds = ds.select_columns(TRAIN_COLUMNS)
     if cfg.data.materialize == "never":
         return ds
@@ -159,6 +161,8 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print)
     manifest = read_manifest(shard_dir)
     if not manifest["spec"].get("text_embeddings"):
         raise ValueError(f"{shard_dir}: shards hold no report embeddings; prepare with data.text_embeddings=true.")
+    if not 0.0 < cfg.data.fraction <= 1.0:
+        raise ValueError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}.")
     if cfg.train.global_batch % cfg.cluster.num_workers:
         raise ValueError(f"train.global_batch={cfg.train.global_batch} must be divisible by "
                          f"cluster.num_workers={cfg.cluster.num_workers}.")
