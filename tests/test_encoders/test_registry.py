@@ -1,0 +1,49 @@
+import pytest
+
+from vlp3d.encoders import IMAGE_ENCODERS, build_image_encoder
+from vlp3d.encoders.image import SIZES
+
+
+def test_all_encoders_registered():
+    assert {"resnet3d", "swin3d", "vit3d", "unimedi_vit"} <= set(IMAGE_ENCODERS)
+
+
+def test_unknown_encoder_names_config_key_and_choices():
+    with pytest.raises(KeyError, match=r"model\.image_encoder = 'nope'.*swin3d"):
+        build_image_encoder("nope", "tiny")
+
+
+@pytest.mark.parametrize("name", ["resnet3d", "swin3d", "vit3d", "unimedi_vit"])
+def test_unknown_size_names_config_key_and_presets(name):
+    with pytest.raises(KeyError, match=r"model\.size = 'huge'.*'base'.*'large'.*'small'.*'tiny'"):
+        build_image_encoder(name, "huge")
+
+
+def test_unknown_kwarg_lists_valid_ones():
+    with pytest.raises(TypeError, match=r"does not take \['depth'\].*img_size"):
+        build_image_encoder("resnet3d", "tiny", depth=3)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_ENCODERS))
+def test_every_builder_takes_img_size_and_checkpointing(name):
+    # engine can pass img_size=data.shape and gradient_checkpointing to any encoder
+    encoder = build_image_encoder(name, "tiny", img_size=(64, 64, 32), gradient_checkpointing=True)
+    assert encoder.gradient_checkpointing is True
+    assert encoder.out_dim > 0
+
+
+def test_swin_rejects_shape_not_divisible_by_32():
+    with pytest.raises(ValueError, match=r"divisible by 32.*\(48, 48, 48\)"):
+        build_image_encoder("swin3d", "tiny", img_size=(48, 48, 48))
+
+
+def test_vit3d_rejects_other_input_shape():
+    import torch
+
+    encoder = build_image_encoder("vit3d", "tiny", img_size=(32, 32, 16))
+    with pytest.raises(ValueError, match=r"img_size \(32, 32, 16\).*\(32, 32, 32\)"):
+        encoder(torch.zeros(1, 1, 32, 32, 32))
+
+
+def test_sizes_constant_matches_presets():
+    assert SIZES == ("tiny", "small", "base", "large")
