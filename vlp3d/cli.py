@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vlp3d.config import ConfigError, to_toml
-from vlp3d.jobs import demo, evaluate, prepare, pretrain, register, synth
+from vlp3d.jobs import demo, evaluate, export, models, prepare, pretrain, register, synth
 from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, formatter, resolve_config
 
 JOBS = {
@@ -16,6 +16,8 @@ JOBS = {
     "pretrain": (pretrain, "pretrain on Ray Train, tracked in MLflow"),
     "evaluate": (evaluate, "zero-shot AUROC and retrieval on held-out shards"),
     "register": (register, "point the 'champion' alias at a better model version"),
+    "models": (models, "list image encoders and presets with parameters and memory"),
+    "export": (export, "export the image encoder for MONAI SwinUNETR / UNETR"),
 }
 
 

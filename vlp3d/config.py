@@ -52,6 +52,7 @@ class DataConfig:
 class ModelConfig:
     image_encoder: str = _f("resnet3d", "Registered image encoder (`vlp3d models` lists them).")
     size: Literal["tiny", "small", "base", "large"] = _f("tiny", "Size preset of the image encoder.")
+    gradient_checkpointing: bool = _f(False, "Recompute image-encoder activations in backward (less memory, ~1.5x compute).")
     text_encoder: str = _f("minilm", "'minilm' (offline package) or a Hugging Face model path or hub name.")
     embed_dim: int = _f(384, "Dimension of the shared embedding space ('locked'/'residual' text heads: the text encoder's width).")
     text_head: Literal["locked", "residual", "linear"] = _f(

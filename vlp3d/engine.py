@@ -82,7 +82,8 @@ def text_dim_for(cfg: ExperimentConfig) -> int:
 
 def build_model(cfg: ExperimentConfig, text_dim: int | None = None) -> VisionLanguageModel:
     torch.manual_seed(cfg.train.seed)
-    encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.size)
+    encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.size, img_size=cfg.data.shape,
+                                  gradient_checkpointing=cfg.model.gradient_checkpointing)
     return VisionLanguageModel(
         encoder,
         text_dim=text_dim or text_dim_for(cfg),

@@ -77,7 +77,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
     resumed_from = step
-    model = ray.train.torch.prepare_model(model)
+    # UniMedI's 2D tokenizer gets no gradient in a 3D-only batch (and vice versa)
+    unused = cfg.model.image_encoder == "unimedi_vit"
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
     unwrapped = model.module if hasattr(model, "module") else model
     scaler = torch.amp.GradScaler() if cfg.train.precision == "fp16" else None
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + step)
