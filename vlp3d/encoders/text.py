@@ -45,6 +45,14 @@ def _load(auto_cls, name: str):
         raise OSError(f"cannot load text encoder model.text_encoder = {name!r}: {hint}") from err
 
 
+def _transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks (the longest ModuleList: BERT's encoder.layer, GPT's h, ...)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"cannot find transformer layers in {type(model).__name__}")
+    return max(lists, key=len)
+
+
 def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(token_embeddings.dtype)
     return (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -53,7 +61,9 @@ def mean_pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> t
 class TextEncoder(nn.Module):
     """A frozen (by default) transformers encoder with sentence-transformers style pooling."""
 
-    def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_tokens: int = 256, frozen: bool = True):
+    def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_tokens: int = 256, frozen: bool = True,
+                 trainable_layers: int = 0):
+        """`frozen=True, trainable_layers=k` unfreezes only the last k transformer layers."""
         super().__init__()
         from transformers import AutoModel
 
@@ -62,10 +72,17 @@ class TextEncoder(nn.Module):
         self.tokenizer = load_tokenizer(name)
         self.model = _load(AutoModel, name)
         self.out_dim = int(self.model.config.hidden_size)
-        self.frozen = frozen
+        self.frozen = frozen and trainable_layers == 0
         if frozen:
-            self.model.eval()
             self.model.requires_grad_(False)
+            if trainable_layers:
+                layers = _transformer_layers(self.model)
+                if trainable_layers > len(layers):
+                    raise ValueError(f"trainable_layers={trainable_layers} but {name!r} has {len(layers)} layers.")
+                for layer in layers[-trainable_layers:]:
+                    layer.requires_grad_(True)
+            else:
+                self.model.eval()
 
     def tokenize(self, texts: list[str], padding: str | bool = "max_length") -> dict[str, torch.Tensor]:
         return self.tokenizer(
@@ -77,6 +94,22 @@ class TextEncoder(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return tokens, F.normalize(mean_pool(tokens, attention_mask), dim=-1)
+
+    def sentence_embeddings(self, reports: list[list[str]], max_sentences: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sentence pooled embeddings [B, S, H] and a mask [B, S] (S = longest report, capped)."""
+        count = min(max_sentences, max((len(r) for r in reports), default=0) or 1)
+        flat = [s for r in reports for s in r[:count]]
+        out = torch.zeros(len(reports), count, self.out_dim)
+        mask = torch.zeros(len(reports), count, dtype=torch.bool)
+        if flat:
+            batch = self.tokenize(flat, padding=True)
+            pooled = self(batch["input_ids"], batch["attention_mask"])[1]
+            start = 0
+            for i, report in enumerate(reports):
+                n = min(count, len(report))
+                out[i, :n], mask[i, :n] = pooled[start:start + n], True
+                start += n
+        return out, mask
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from vlp3d.encoders.text import TextEncoder, embed_reports
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return TextEncoder("minilm", max_tokens=32)
+
+
+def test_default_minilm_is_offline_frozen_and_normalised(minilm):
+    tokens, pooled = minilm(**{k: v for k, v in minilm.tokenize(["There is a pleural effusion."]).items()
+                               if k in ("input_ids", "attention_mask")})
+    assert tokens.shape == (1, 32, 384) and pooled.shape == (1, 384)
+    assert torch.allclose(pooled.norm(dim=-1), torch.ones(1))
+    assert not any(p.requires_grad for p in minilm.parameters())
+
+
+def test_sentence_embeddings_and_report_embedding_agree(minilm):
+    reports = [["Cardiomegaly.", "Pleural effusion."], ["No acute abnormality."]]
+    sentences, mask = minilm.sentence_embeddings(reports)
+    assert sentences.shape == (2, 2, 384) and mask.tolist() == [[True, True], [True, False]]
+    mean = torch.nn.functional.normalize(sentences[0].mean(0), dim=-1)
+    torch.testing.assert_close(embed_reports(minilm, reports)[0], mean, rtol=1e-4, atol=1e-5)
+
+
+def test_partial_unfreezing_trains_only_the_last_layers():
+    encoder = TextEncoder("minilm", max_tokens=16, trainable_layers=1)
+    trainable = {n.split(".layer.")[1].split(".")[0] for n, p in encoder.named_parameters()
+                 if p.requires_grad and ".layer." in n}
+    assert trainable == {"5"}  # MiniLM-L6: layers 0..5
+    batch = encoder.tokenize(["Emphysema."])
+    _, pooled = encoder(batch["input_ids"], batch["attention_mask"])
+    pooled.sum().backward()
+    assert encoder.model.encoder.layer[5].output.dense.weight.grad is not None
+    assert encoder.model.encoder.layer[0].output.dense.weight.grad is None
+
+
+def test_unreachable_hub_name_says_how_to_use_a_local_path(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="local-dir DIR.*model.text_encoder"):
+        TextEncoder("no-such-org/no-such-model")
