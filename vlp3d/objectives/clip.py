@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -20,7 +22,10 @@ def gather_features(image: torch.Tensor, text: torch.Tensor, *, gather_with_grad
     if gather_with_grad:
         import torch.distributed.nn.functional as dist_fn
 
-        return torch.cat(dist_fn.all_gather(image), 0), torch.cat(dist_fn.all_gather(text), 0)
+        # deprecated in favour of a private API (_functional_collectives); still the public autograd gather
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(dist_fn.all_gather(image), 0), torch.cat(dist_fn.all_gather(text), 0)
     gathered_image = [torch.zeros_like(image) for _ in range(world_size)]
     gathered_text = [torch.zeros_like(text) for _ in range(world_size)]
     dist.all_gather(gathered_image, image)
