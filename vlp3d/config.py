@@ -40,7 +40,8 @@ class DataConfig:
         "sentence); with a trainable one, METHODS.md's findings + impression is the usual choice.",
     )
     max_tokens: int = _f(256, "Token ids kept per report (padded/truncated).")
-    text_embeddings: bool = _f(True, "Store frozen text-encoder report embeddings in the shards (fast training).")
+    text_embeddings: bool = _f(True, "Store frozen text-encoder report and sentence embeddings in the shards (fast training).")
+    max_sentences: int = _f(16, "Sentence embeddings stored per report (padded, with a mask); the report embedding uses all.")
     train_split: str = _f("train", "Split used for pretraining.")
     fraction: float = _f(1.0, "Fraction of training patients used, stratified by label; 0.25 within 0.5 within 1.0 (nested).")
     valid_fraction: float = _f(0.1, "Share of patients put in 'valid' when a generic manifest has no split column.")

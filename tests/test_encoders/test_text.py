@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vlp3d.encoders.text import TextEncoder, embed_reports
+from vlp3d.encoders.text import TextEncoder, embed_report_sentences, embed_reports
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,14 @@ def test_default_minilm_is_offline_frozen_and_normalised(minilm):
 
 
 def test_sentence_embeddings_and_report_embedding_agree(minilm):
-    reports = [["Cardiomegaly.", "Pleural effusion."], ["No acute abnormality."]]
-    sentences, mask = minilm.sentence_embeddings(reports)
+    reports = [["Cardiomegaly.", "Pleural effusion.", "Emphysema."], ["No acute abnormality."]]
+    pooled, sentences, mask = embed_report_sentences(minilm, reports, max_sentences=2)
     assert sentences.shape == (2, 2, 384) and mask.tolist() == [[True, True], [True, False]]
-    mean = torch.nn.functional.normalize(sentences[0].mean(0), dim=-1)
-    torch.testing.assert_close(embed_reports(minilm, reports)[0], mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sentences[0, 1], minilm.embed_texts(["Pleural effusion."])[0], rtol=1e-4, atol=1e-5)
+    # the report embedding uses every sentence, not only the stored ones
+    mean = torch.nn.functional.normalize(minilm.embed_texts(reports[0]).mean(0), dim=-1)
+    torch.testing.assert_close(pooled[0], mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(embed_reports(minilm, reports), pooled)
 
 
 def test_partial_unfreezing_trains_only_the_last_layers():

@@ -45,7 +45,10 @@ def test_bad_rows_recorded_and_rest_written(ray_session, broken_corpus, tmp_path
     assert "empty report" in reasons[bad["empty"]]
     assert bad["truncated"] in reasons  # gzip/EOF error text varies by library version
     assert all(f["path"].endswith(".nii.gz") and isinstance(f["row"], int) for f in manifest["failed"])
-    table = pq.read_table(result.shard_dir, columns=["volume_name", "split", "image", "spec_hash"]).to_pandas()
+    table = pq.read_table(result.shard_dir, columns=["volume_name", "split", "image", "spec_hash",
+                                                    "sentence_mask"]).to_pandas()
+    # phantom impressions: one sentence per present finding, or one "no abnormality" sentence
+    assert all(1 <= np.asarray(mask).sum() <= 6 for mask in table.sentence_mask)
     assert len(table) == 6 and not set(table.volume_name) & {f"{b}.nii.gz" for b in bad.values()}
     assert set(table.spec_hash) == {manifest["spec_hash"]} and result.shard_dir.name == manifest["spec_hash"]
     # a changed spec gets a new hash and a new folder

@@ -204,7 +204,7 @@ def write_report(case: Case, rng: np.random.Generator) -> dict[str, str]:
 
 
 def draw_case(rng: np.random.Generator, volume_name: str, patient_id: str, split: str,
-              prevalence: float, storage_mode: str | None = None) -> Case:
+              prevalence: float, storage_mode: str | None = None, full_size: bool = False) -> Case:
     case = Case(volume_name=volume_name, patient_id=patient_id, split=split)
     case.anatomy = {
         "body_rx": rng.uniform(150, 175), "body_ry": rng.uniform(105, 125),
@@ -227,8 +227,12 @@ def draw_case(rng: np.random.Generator, volume_name: str, patient_id: str, split
             detail = {}
         case.findings[name] = detail
     case.orientation = str(rng.choice(ORIENTATIONS))
-    xy = float(np.round(rng.uniform(4.5, 6.0), 3))
-    case.spacing_mm = (xy, xy, float(np.round(rng.uniform(5.0, 7.5), 3)))
+    if full_size:  # clinical chest CT: 512 x 512 in-plane, ~250 slices
+        xy = float(np.round(FOV_MM[0] / 512, 4))
+        case.spacing_mm = (xy, xy, float(rng.choice([1.25, 1.3, 1.4])))
+    else:
+        xy = float(np.round(rng.uniform(4.5, 6.0), 3))
+        case.spacing_mm = (xy, xy, float(np.round(rng.uniform(5.0, 7.5), 3)))
     case.storage = storage_mode or str(rng.choice(STORAGE_MODES))
     case.slope = 1.0 if case.storage != "header" or rng.random() < 0.5 else 0.5
     case.intercept = -1024.0
@@ -297,10 +301,12 @@ def _write_case(job) -> tuple[dict, dict, dict]:
 
 
 def synthesize(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0.2,
-               prevalence: float = 0.35, progress=None, workers: int | None = None) -> pd.DataFrame:
+               prevalence: float = 0.35, progress=None, workers: int | None = None,
+               full_size: bool = False) -> pd.DataFrame:
     """Write `n` phantom volumes in CT-RATE layout under `out`; return the case table.
 
     Same (n, seed, valid_fraction, prevalence) gives a byte-identical corpus, whatever `workers`.
+    `full_size`: 512 x 512 x ~250 voxels (0.78 mm in-plane, 1.25-1.4 mm slices) instead of ~80 x 80 x 55.
     """
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     if n < 2:
@@ -317,9 +323,10 @@ def synthesize(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0
             if len(cases) == n:
                 break
             name = f"{split}_{patient}_{scan}_1"
-            cases.append(draw_case(rng, name, f"{split}_{patient}", split, prevalence))
+            cases.append(draw_case(rng, name, f"{split}_{patient}", split, prevalence, full_size=full_size))
     if not any(c.split == "valid" for c in cases):
-        cases[-1] = draw_case(rng, f"valid_{patient + 1}_a_1", f"valid_{patient + 1}", "valid", prevalence)
+        cases[-1] = draw_case(rng, f"valid_{patient + 1}_a_1", f"valid_{patient + 1}", "valid", prevalence,
+                              full_size=full_size)
 
     jobs = [(out, case, seed, index) for index, case in enumerate(cases)]
     reports, labels, metadata = [], [], []

@@ -22,7 +22,7 @@ def spec_from_config(cfg: ExperimentConfig) -> PreprocessSpec:
     return PreprocessSpec(
         shape=d.shape, spacing_mm=d.spacing_mm, hu_window=d.hu_window, storage_dtype=d.storage_dtype,
         report_sections=d.report_sections, text_encoder=cfg.model.text_encoder,
-        max_tokens=d.max_tokens, text_embeddings=d.text_embeddings,
+        max_tokens=d.max_tokens, text_embeddings=d.text_embeddings, max_sentences=d.max_sentences,
     )
 
 

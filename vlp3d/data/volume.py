@@ -11,7 +11,14 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
+from monai.transforms import (
+    CenterSpatialCrop,
+    Compose,
+    Orientation,
+    ResizeWithPadOrCrop,
+    ScaleIntensityRange,
+    Spacing,
+)
 
 # Stored CT values that contain air below this are already HU (shifted storage has min >= 0).
 ALREADY_HU_MIN = -200.0
@@ -32,6 +39,7 @@ class PreprocessSpec:
     text_encoder: str = "minilm"
     max_tokens: int = 256
     text_embeddings: bool = True
+    max_sentences: int = 16
     version: int = 1
     quantisation_error_hu: float = field(default=0.0)
 
@@ -123,9 +131,11 @@ def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None)) -> tuple[np
     return hu, img.affine.astype(np.float64), decision
 
 
-def _pipeline(spec: PreprocessSpec) -> Compose:
+CROP_MARGIN_VOXELS = 4
+
+
+def _resample(spec: PreprocessSpec) -> Compose:
     return Compose([
-        Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacing(pixdim=spec.spacing_mm, mode=spec.interpolation),
         ScaleIntensityRange(a_min=spec.hu_window[0], a_max=spec.hu_window[1], b_min=0.0, b_max=1.0, clip=True),
         ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant", value=0.0),
@@ -133,9 +143,19 @@ def _pipeline(spec: PreprocessSpec) -> Compose:
 
 
 def preprocess_hu(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """HU array + affine -> window-scaled [0, 1] tensor of `spec.shape` in RAS, stored dtype."""
+    """HU array + affine -> window-scaled [0, 1] tensor of `spec.shape` in RAS, stored dtype.
+
+    The output is the centre `spec.shape` voxels at `spec.spacing_mm`; the input is first cropped to
+    that field of view (plus a margin) so only voxels that are kept get resampled.
+    """
     volume = MetaTensor(torch.from_numpy(np.ascontiguousarray(hu))[None], affine=torch.from_numpy(affine))
-    out = _pipeline(spec)(volume)[0].as_tensor().numpy()
+    volume = Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume)
+    spacing_in = np.sqrt((volume.affine[:3, :3].numpy() ** 2).sum(0))
+    needed = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing_mm) / spacing_in).astype(int)
+    roi = np.minimum(np.asarray(volume.shape[1:]), needed + 2 * CROP_MARGIN_VOXELS)
+    if (roi < np.asarray(volume.shape[1:])).any():
+        volume = CenterSpatialCrop(roi_size=roi.tolist())(volume)
+    out = _resample(spec)(volume)[0].as_tensor().numpy()
     return quantise(out, spec.storage_dtype)
 
 

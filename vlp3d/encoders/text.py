@@ -95,22 +95,6 @@ class TextEncoder(nn.Module):
             tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return tokens, F.normalize(mean_pool(tokens, attention_mask), dim=-1)
 
-    def sentence_embeddings(self, reports: list[list[str]], max_sentences: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sentence pooled embeddings [B, S, H] and a mask [B, S] (S = longest report, capped)."""
-        count = min(max_sentences, max((len(r) for r in reports), default=0) or 1)
-        flat = [s for r in reports for s in r[:count]]
-        out = torch.zeros(len(reports), count, self.out_dim)
-        mask = torch.zeros(len(reports), count, dtype=torch.bool)
-        if flat:
-            batch = self.tokenize(flat, padding=True)
-            pooled = self(batch["input_ids"], batch["attention_mask"])[1]
-            start = 0
-            for i, report in enumerate(reports):
-                n = min(count, len(report))
-                out[i, :n], mask[i, :n] = pooled[start:start + n], True
-                start += n
-        return out, mask
-
     @torch.no_grad()
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """Pooled embeddings [N, H] of raw texts (no padding beyond each batch's longest)."""
@@ -131,13 +115,27 @@ def report_embedding_from_sentences(sentence_embeddings: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def embed_reports(encoder: TextEncoder, reports: list[list[str]], batch_size: int = 128) -> torch.Tensor:
-    """[N, H] report embeddings from each report's sentences (one forward pass over all sentences)."""
+def embed_report_sentences(encoder: TextEncoder, reports: list[list[str]], max_sentences: int = 32,
+                           batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over every sentence -> (report embeddings [N, H] from all sentences,
+    sentence embeddings [N, S, H] of the first S <= max_sentences sentences, mask [N, S])."""
     flat = [sentence for sentences in reports for sentence in (sentences or [""])]
     sentence_emb = encoder.embed_texts(flat, batch_size=batch_size)
-    out, start = [], 0
-    for sentences in reports:
+    width = min(max_sentences, max((len(r) for r in reports), default=1) or 1)
+    padded = torch.zeros(len(reports), width, encoder.out_dim)
+    mask = torch.zeros(len(reports), width, dtype=torch.bool)
+    pooled, start = [], 0
+    for i, sentences in enumerate(reports):
         count = max(1, len(sentences))
-        out.append(report_embedding_from_sentences(sentence_emb[start:start + count]))
+        own = sentence_emb[start:start + count]
+        pooled.append(report_embedding_from_sentences(own))
+        kept = min(width, len(sentences))
+        padded[i, :kept], mask[i, :kept] = own[:kept], True
         start += count
-    return torch.stack(out) if out else torch.zeros(0, encoder.out_dim)
+    reports_emb = torch.stack(pooled) if pooled else torch.zeros(0, encoder.out_dim)
+    return reports_emb, padded, mask
+
+
+def embed_reports(encoder: TextEncoder, reports: list[list[str]], batch_size: int = 128) -> torch.Tensor:
+    """[N, H] report embeddings: the L2-normalised mean of each report's sentence embeddings."""
+    return embed_report_sentences(encoder, reports, batch_size=batch_size)[0]

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from vlp3d.config import load_config, to_toml
+from vlp3d.config import load_config, replace, to_toml
 from vlp3d.jobs.common import OVERRIDES_HELP, run_main
 from vlp3d.table import format_table
 
@@ -45,10 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(None, [
-        f'tracking.workdir="{workdir}"', f'data.corpus="{workdir / "corpus"}"',
-        f'data.shards="{workdir / "shards"}"', *args.overrides,
-    ])
+    cfg = replace(load_config(None, args.overrides), tracking={"workdir": str(workdir)},
+                  data={"corpus": str(workdir / "corpus"), "shards": str(workdir / "shards")})
     (workdir / "config.toml").write_text(to_toml(cfg))
     # pin the store for every process this demo starts (Ray workers included)
     uri = tracking_uri(cfg)

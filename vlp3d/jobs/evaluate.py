@@ -27,13 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def tracking_uri_from(args: argparse.Namespace) -> str:
-    from vlp3d.config import load_config
+    from vlp3d.config import ExperimentConfig, replace
     from vlp3d.platform.runtime import tracking_uri
 
-    overrides = [f"tracking.workdir={args.workdir!r}".replace("'", '"')]
-    if args.tracking_uri:
-        overrides.append(f'tracking.tracking_uri="{args.tracking_uri}"')
-    return tracking_uri(load_config(None, overrides))
+    cfg = replace(ExperimentConfig(), tracking={"workdir": args.workdir, "tracking_uri": args.tracking_uri or ""})
+    return tracking_uri(cfg)
 
 
 def render(report) -> str:

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--valid-fraction", type=float, default=0.2, help="fraction of patients in 'valid' (default 0.2)")
     parser.add_argument("--prevalence", type=float, default=0.35, help="probability of each finding (default 0.35)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="clinical size volumes: 512x512x~250 at 0.78 mm in-plane (default: ~80x80x55 at ~5 mm)")
     return parser
 
 
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     with tqdm(total=args.n, desc="synth", unit="vol", disable=None) as bar:
         cases = synthesize(args.out, args.n, seed=args.seed, valid_fraction=args.valid_fraction,
-                           prevalence=args.prevalence, progress=bar.update)
+                           prevalence=args.prevalence, progress=bar.update, full_size=args.full_size)
     rows = [[split, len(group), group["patient_id"].nunique(),
              *(int(group[f].sum()) for f in PHANTOM_FINDINGS)] for split, group in cases.groupby("split")]
     print(format_table(rows, ["split", "volumes", "patients", *PHANTOM_FINDINGS],

@@ -58,7 +58,7 @@ def _preprocess_batch(batch: dict, spec: PreprocessSpec, label_names: list[str],
 class ReportEncoder:
     """Ray Data actor: token ids and frozen report embeddings, model loaded once per actor."""
 
-    def __init__(self, text_encoder: str, max_tokens: int, with_embeddings: bool):
+    def __init__(self, text_encoder: str, max_tokens: int, with_embeddings: bool, max_sentences: int):
         import torch
 
         from vlp3d.encoders.text import TextEncoder
@@ -66,16 +66,24 @@ class ReportEncoder:
         torch.set_num_threads(1)
         self.encoder = TextEncoder(text_encoder, max_tokens=max_tokens)
         self.with_embeddings = with_embeddings
+        self.max_sentences = max_sentences
 
     def __call__(self, batch: dict) -> dict:
-        from vlp3d.encoders.text import embed_reports
+        from vlp3d.encoders.text import embed_report_sentences
 
         tokens = self.encoder.tokenize(list(batch["report"]))
         batch["input_ids"] = tokens["input_ids"].numpy().astype(np.int32)
         batch["attention_mask"] = tokens["attention_mask"].numpy().astype(np.int8)
         sentences = [str(s).split("\n") for s in batch["sentences"]]
         if self.with_embeddings:
-            batch["report_embedding"] = embed_reports(self.encoder, sentences).numpy().astype(np.float32)
+            reports, per_sentence, mask = embed_report_sentences(self.encoder, sentences, self.max_sentences)
+            batch["report_embedding"] = reports.numpy().astype(np.float32)
+            # fixed width so every shard row has the same tensor shape (padded, with a mask)
+            full = np.zeros((len(sentences), self.max_sentences, per_sentence.shape[-1]), dtype=np.float16)
+            full_mask = np.zeros((len(sentences), self.max_sentences), dtype=np.bool_)
+            full[:, :per_sentence.shape[1]] = per_sentence.numpy()
+            full_mask[:, :mask.shape[1]] = mask.numpy()
+            batch["sentence_embeddings"], batch["sentence_mask"] = full, full_mask
         return batch
 
 
@@ -116,7 +124,7 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=print) -> Pre
         ReportEncoder,
         batch_size=64,
         fn_constructor_kwargs={"text_encoder": cfg.model.text_encoder, "max_tokens": spec.max_tokens,
-                               "with_embeddings": spec.text_embeddings},
+                               "with_embeddings": spec.text_embeddings, "max_sentences": spec.max_sentences},
         compute=ray.data.ActorPoolStrategy(size=1),
         num_gpus=1 if use_gpu else 0,
         # fractional CPU: keeps Ray Data from fusing the volume tasks into this single actor
