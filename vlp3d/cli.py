@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from vlp3d.config import ConfigError, to_toml
+from vlp3d.config import to_toml
 from vlp3d.jobs import demo, evaluate, export, models, prepare, pretrain, register, synth
-from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, formatter, resolve_config
+from vlp3d.jobs.common import (
+    add_config_arguments,
+    config_keys_epilog,
+    formatter,
+    resolve_config,
+    run_reporting_errors,
+)
 
 JOBS = {
     "demo": (demo, "synth -> prepare -> pretrain -> evaluate -> register, on this machine"),
@@ -49,11 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(args.run, args)
 
 
 if __name__ == "__main__":

@@ -49,11 +49,15 @@ def formatter() -> type[argparse.HelpFormatter]:
     return _HelpFormatter
 
 
-def run_main(build_parser, run, argv: list[str] | None = None) -> int:
-    parser = build_parser(argparse.ArgumentParser(formatter_class=formatter()))
-    args = parser.parse_args(argv)
+def run_reporting_errors(run, args: argparse.Namespace) -> int:
+    """Run a job; bad input (config, files, corpus, unreachable model) becomes one error line and exit 2."""
     try:
         return run(args) or 0
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def run_main(build_parser, run, argv: list[str] | None = None) -> int:
+    parser = build_parser(argparse.ArgumentParser(formatter_class=formatter()))
+    return run_reporting_errors(run, parser.parse_args(argv))

@@ -77,13 +77,10 @@ def run(args: argparse.Namespace) -> int:
     timings.append(("pretrain", time.time() - t))
 
     t = _stage(4, "evaluate", f"held-out split '{cfg.data.eval_split}'")
-    from vlp3d.platform.tracking import client, registered_name
+    from vlp3d.platform.tracking import registered_name
 
-    mlflow_client = client(uri)
     name = registered_name(cfg)
-    version = max(int(v.version) for v in mlflow_client.search_model_versions(f"name='{name}'")
-                  if v.run_id == trained.run_id)
-    model_uri = f"models:/{name}/{version}"
+    model_uri = trained.model_uri
     report = evaluate(model_uri, cfg.data.shards, uri, split=cfg.data.eval_split,
                       batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels)
     print(render(report))

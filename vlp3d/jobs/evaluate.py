@@ -44,7 +44,7 @@ def render(report) -> str:
     rows.append(["macro", r.metrics["macro_auroc"], ci, r.metrics["macro_f1"], ""])
     text = format_table(rows, ["finding", "AUROC", "95% CI", "F1", "positives"],
                         title=f"zero-shot classification, split '{report.split}' (n={r.n})")
-    retrieval = [[row.direction, row._2, row._3, row._4, row.MAP] for row in r.retrieval.itertuples()]
+    retrieval = r.retrieval[["direction", "R@1", "R@5", "R@10", "MAP"]].values.tolist()
     text += "\n\n" + format_table(retrieval, ["retrieval", "R@1", "R@5", "R@10", "MAP"],
                                   title=f"retrieval, pool size {int(r.metrics['retrieval_pool'])}")
     return text

@@ -48,8 +48,7 @@ def _preprocess_batch(batch: dict, spec: PreprocessSpec, label_names: list[str],
         return {}
     result = {key: np.stack(values) if key in ("image", "labels", "spacing_mm_source") else np.array(values, dtype=object)
               for key, values in out.items()}
-    for key in ("row",):
-        result[key] = np.asarray(out[key], dtype=np.int64)
+    result["row"] = np.asarray(out["row"], dtype=np.int64)
     for key in ("hu_slope", "hu_intercept", "fraction_rank"):
         result[key] = np.asarray(out[key], dtype=np.float32)
     return result

@@ -38,6 +38,7 @@ class PretrainResult:
     run_name: str
     checkpoint_dir: Path
     shard_dir: Path
+    model_uri: str  # registered version, models:/NAME/VERSION
     metrics: dict
     elapsed_s: float
 
@@ -199,6 +200,6 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print)
         raise RuntimeError(f"training run {run_name} finished without a checkpoint (error: {result.error})")
     checkpoint_dir = Path(result.checkpoint.path)
     metrics = dict(result.metrics or {})
-    tracking.finish_training(run_id, cfg, checkpoint_dir, metrics)
-    return PretrainResult(run_id, run_name, checkpoint_dir, shard_dir, metrics, time.time() - started)
+    model_uri = tracking.finish_training(run_id, cfg, checkpoint_dir, metrics)
+    return PretrainResult(run_id, run_name, checkpoint_dir, shard_dir, model_uri, metrics, time.time() - started)
 
