@@ -35,13 +35,12 @@ def export_encoder(encoder, fmt: str) -> tuple[dict, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import mlflow
     import torch
 
-    from vlp3d.platform.tracking import client
+    from vlp3d.platform.tracking import client, load_embedder
 
     client(tracking_uri_from(args))
-    embedder = mlflow.pyfunc.load_model(args.model).unwrap_python_model().embedder
+    _, embedder = load_embedder(args.model)
     try:
         state, kwargs = export_encoder(embedder.model.image_encoder, args.format)
     except TypeError as err:

@@ -36,12 +36,9 @@ def read_split(shard_dir: Path, split: str, batch_size: int = 64):
 
 def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid", batch_size: int = 32,
              n_boot: int = 200, labels: tuple[str, ...] = (), log: bool = True) -> EvaluateReport:
-    import mlflow
-
-    init_ray(None)
     tracking.client(tracking_uri)
-    model = mlflow.pyfunc.load_model(model_uri)
-    embedder = model.unwrap_python_model().embedder
+    model, embedder = tracking.load_embedder(model_uri)  # a wrong URI fails before Ray starts
+    init_ray(None)
     shard_dir = resolve_shard_dir(shards, embedder.spec.hash)
     manifest = read_manifest(shard_dir)
     images, reports, label_rows = [], [], []

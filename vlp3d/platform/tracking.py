@@ -116,6 +116,18 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
         return out
 
 
+def load_embedder(model_uri: str):
+    """The pyfunc at `model_uri` (and its Embedder); an unknown name/alias/run is a ValueError saying where it looked."""
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(
+            f"cannot load --model {model_uri} from the MLflow store {mlflow.get_tracking_uri()}: {err.message} "
+            "(set --workdir/--tracking-uri or MLFLOW_TRACKING_URI to the store the model was registered in)"
+        ) from None
+    return model, model.unwrap_python_model().embedder
+
+
 def _signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
