@@ -38,7 +38,11 @@ def _spacing(value) -> list[float] | None:
 
 
 def read_ctrate(root: str | Path) -> pd.DataFrame:
-    """Manifest of a corpus in CT-RATE layout (volumes under <split>/, CSVs in their folders)."""
+    """Manifest of a corpus in CT-RATE layout (volumes under <split>/, CSVs in their folders).
+
+    Plus, when the root holds `radiographs.csv`, one row per 2D radiograph (`read_radiographs`,
+    modality "xray") after the CT rows.
+    """
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"corpus folder '{root}' does not exist (write one with `vlp3d synth --out {root}`).")
@@ -74,10 +78,55 @@ def read_ctrate(root: str | Path) -> pd.DataFrame:
     table["image"] = [str(volumes[name]) if name in volumes else str(root / "missing" / name)
                       for name in table["VolumeName"]]
     table["modality"] = "ct"
+    if (root / RADIOGRAPHS_CSV).is_file():
+        table = pd.concat([table, read_radiographs(root / RADIOGRAPHS_CSV, table)], ignore_index=True)
     label_names = [c for c in CTRATE_LABELS if c in table.columns]
     table[label_names] = table[label_names].fillna(0).astype(np.int8)
     table.attrs["label_names"] = label_names
     check_patient_splits(table, source=str(root))
+    return table
+
+
+RADIOGRAPHS_CSV = "radiographs.csv"
+_NOT_INHERITED = {"image", "modality", "VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"}
+
+
+def read_radiographs(path: str | Path, ct: pd.DataFrame) -> pd.DataFrame:
+    """2D radiograph rows of a CT-RATE-layout corpus, from the optional `radiographs.csv` in its root.
+
+    A generic-style manifest: `image` (PNG or DICOM file, relative to the CSV's folder or absolute),
+    optional `modality` (default "xray"), `VolumeName` (default: the file name), `patient_id`,
+    `split`, report columns (the CT-RATE sections or one `report` column) and label columns. A
+    `source_volume` column naming a CT's VolumeName fills every column the row lacks (patient,
+    split, report sections, labels) from that CT row; rows without it must give `split` and a
+    report. CT rows come first in the corpus table, so adding radiographs keeps the CT row ids.
+    """
+    path = Path(path)
+    table = pd.read_csv(path)
+    if "image" not in table.columns:
+        raise CorpusError(f"{path}: no 'image' column (columns: {list(table.columns)}).")
+    table["image"] = [str(p if Path(p).is_absolute() else (path.parent / p)) for p in table["image"].astype(str)]
+    if "VolumeName" not in table.columns:
+        table["VolumeName"] = [Path(p).name for p in table["image"]]
+    if "modality" not in table.columns:
+        table["modality"] = "xray"
+    if "source_volume" in table.columns:
+        by_name = ct.set_index("VolumeName")
+        unknown = sorted(set(table["source_volume"].dropna()) - set(by_name.index))
+        if unknown:
+            raise CorpusError(f"{path}: source_volume names no CT volume of the corpus: {unknown[:5]}.")
+        for column in ct.columns:
+            if column not in table.columns and column not in _NOT_INHERITED:
+                table[column] = table["source_volume"].map(by_name[column])
+            elif column in ("patient_id", "split"):
+                inherited = table["source_volume"].map(by_name[column])
+                table[column] = table[column].where(table[column].notna(), inherited)
+    missing = [c for c in ("split",) if c not in table.columns or table[c].isna().any()]
+    if missing:
+        raise CorpusError(f"{path}: rows without 'split' (give a split column or a source_volume column).")
+    if "patient_id" not in table.columns:
+        table["patient_id"] = [Path(p).name.split(".")[0] for p in table["image"]]
+    table["patient_id"] = table["patient_id"].astype(str)
     return table
 
 

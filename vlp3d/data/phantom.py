@@ -2,6 +2,10 @@
 
 Anatomy is defined in world millimetres (RAS+, origin at the volume centre) and sampled through
 each volume's affine, so every orientation and spacing shows the same patient.
+
+With `radiographs=True` every CT also gets a frontal (PA-like) projection radiograph, a PNG under
+`radiographs/<split>/<patient>/`, listed in `radiographs.csv` in the corpus root (see
+`vlp3d.data.corpus.read_ctrate`): same patient, split, report and labels as its CT.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from vlp3d.data.corpus import RADIOGRAPHS_CSV
 from vlp3d.data.labels import CTRATE_LABELS, PHANTOM_FINDINGS
 
 # Storage variants exercised by the corpus, each a trap real corpora set:
@@ -27,6 +32,8 @@ from vlp3d.data.labels import CTRATE_LABELS, PHANTOM_FINDINGS
 STORAGE_MODES = ("header", "metadata", "hu")
 ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "PSL")
 FOV_MM = (400.0, 400.0, 330.0)
+RADIOGRAPH_PIXEL_MM = FOV_MM[0] / 256  # 256 columns across the field of view
+RADIOGRAPH_MU_MAX = 0.75  # mean relative attenuation shown as white
 
 
 @dataclass
@@ -269,15 +276,57 @@ def nifti_gz_bytes(raw: np.ndarray, affine: np.ndarray, slope: float | None = No
     return buffer.getvalue()
 
 
+def radiograph(hu: np.ndarray, affine: np.ndarray, pixel_mm: float = RADIOGRAPH_PIXEL_MM) -> np.ndarray:
+    """Frontal (coronal, PA-like) projection of an HU volume -> float32 [rows, columns] in [0, 1].
+
+    The volume is brought to the canonical RAS frame; the value of a pixel is the mean linear
+    attenuation relative to water, max(0, (HU + 1000) / 1000), along the anterior-posterior axis,
+    divided by `RADIOGRAPH_MU_MAX`. Display convention of a chest film: rows run superior ->
+    inferior, columns from the patient's right to left (patient's right on the image's left);
+    pixels are `pixel_mm` square (the projection is resampled from the voxel spacing).
+    """
+    import torch
+
+    ornt = nib.orientations.io_orientation(affine)
+    ras = nib.orientations.apply_orientation(hu, ornt)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = zooms
+    mu = np.clip((ras.astype(np.float32) + 1000.0) / 1000.0, 0.0, None)
+    projection = mu.mean(axis=1)  # [x (left -> right), z (inferior -> superior)]
+    image = np.ascontiguousarray(projection[::-1, ::-1].T)  # [superior -> inferior, right -> left]
+    size = (max(2, int(round(image.shape[0] * spacing[2] / pixel_mm))),
+            max(2, int(round(image.shape[1] * spacing[0] / pixel_mm))))
+    resized = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=size, mode="bilinear",
+                                              align_corners=False, antialias=True)[0, 0].numpy()
+    return np.clip(resized / RADIOGRAPH_MU_MAX, 0.0, 1.0).astype(np.float32)
+
+
+def png_bytes(image01: np.ndarray, bits: int = 16) -> bytes:
+    """Grayscale PNG (8- or 16-bit) of an image in [0, 1]; same image gives the same bytes."""
+    from PIL import Image
+
+    if bits == 16:
+        pil = Image.fromarray(np.round(image01 * 65535).astype(np.uint16))
+    elif bits == 8:
+        pil = Image.fromarray(np.round(image01 * 255).astype(np.uint8), mode="L")
+    else:
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _voxel_shape(case: Case) -> tuple[int, int, int]:
     # voxel axes follow the orientation codes; FOV is defined per world axis
     world = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
     return tuple(int(round(FOV_MM[world[c]] / s)) for c, s in zip(case.orientation, case.spacing_mm, strict=True))
 
 
-def _write_case(job) -> tuple[dict, dict, dict]:
-    """Render one case, write its NIfTI file; return its reports, labels and metadata rows."""
-    out, case, seed, index = job
+def _write_case(job) -> tuple[dict, dict, dict, dict | None]:
+    """Render one case, write its NIfTI file (and radiograph); return its reports, labels, metadata
+    and radiographs.csv rows (the last None without radiographs)."""
+    out, case, seed, index, radiographs = job
     case_rng = np.random.default_rng([seed, index])
     shape = _voxel_shape(case)
     affine = axcodes_affine(case.orientation, case.spacing_mm, shape)
@@ -297,16 +346,26 @@ def _write_case(job) -> tuple[dict, dict, dict]:
         "XYSpacing": f"[{case.spacing_mm[0]}, {case.spacing_mm[1]}]", "ZSpacing": case.spacing_mm[2],
         "RescaleIntercept": case.intercept, "RescaleSlope": case.slope,
     }
-    return report, label, meta
+    xray = None
+    if radiographs:  # deterministic, draws nothing from case_rng: the CT corpus stays the same
+        bits = 8 if index % 3 == 2 else 16  # both bit depths occur
+        relative = Path("radiographs") / case.split / case.patient_id / f"{case.volume_name}_pa.png"
+        (Path(out) / relative).parent.mkdir(parents=True, exist_ok=True)
+        (Path(out) / relative).write_bytes(png_bytes(radiograph(hu, affine), bits))
+        xray = {"image": relative.as_posix(), "VolumeName": relative.name, "source_volume": name,
+                "patient_id": case.patient_id, "split": case.split, "modality": "xray", "bits": bits}
+    return report, label, meta, xray
 
 
 def synthesize(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0.2,
                prevalence: float = 0.35, progress=None, workers: int | None = None,
-               full_size: bool = False) -> pd.DataFrame:
+               full_size: bool = False, radiographs: bool = False) -> pd.DataFrame:
     """Write `n` phantom volumes in CT-RATE layout under `out`; return the case table.
 
     Same (n, seed, valid_fraction, prevalence) gives a byte-identical corpus, whatever `workers`.
     `full_size`: 512 x 512 x ~250 voxels (0.78 mm in-plane, 1.25-1.4 mm slices) instead of ~80 x 80 x 55.
+    `radiographs`: also a frontal projection PNG per CT (`radiograph`) and `radiographs.csv`; the CT
+    part of the corpus is byte-identical to the one written without them.
     """
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     if n < 2:
@@ -328,20 +387,20 @@ def synthesize(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0
         cases[-1] = draw_case(rng, f"valid_{patient + 1}_a_1", f"valid_{patient + 1}", "valid", prevalence,
                               full_size=full_size)
 
-    jobs = [(out, case, seed, index) for index, case in enumerate(cases)]
-    reports, labels, metadata = [], [], []
+    jobs = [(out, case, seed, index, radiographs) for index, case in enumerate(cases)]
+    reports, labels, metadata, xrays = [], [], [], []
     if workers > 1 and len(jobs) > 1:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             results = pool.map(_write_case, jobs, chunksize=4)
-            for report, label, meta in results:
-                reports.append(report), labels.append(label), metadata.append(meta)
+            for report, label, meta, xray in results:
+                reports.append(report), labels.append(label), metadata.append(meta), xrays.append(xray)
                 if progress is not None:
                     progress(1)
     else:
         for job in jobs:
-            report, label, meta = _write_case(job)
-            reports.append(report), labels.append(label), metadata.append(meta)
+            report, label, meta, xray = _write_case(job)
+            reports.append(report), labels.append(label), metadata.append(meta), xrays.append(xray)
             if progress is not None:
                 progress(1)
 
@@ -355,6 +414,8 @@ def synthesize(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0
             table = pd.DataFrame([r for r in rows if r["split"] == split]).drop(columns="split")
             (out / folder).mkdir(parents=True, exist_ok=True)
             table.to_csv(out / folder / filename, index=False)
+    if radiographs:
+        pd.DataFrame([x for x in xrays if x is not None]).to_csv(out / RADIOGRAPHS_CSV, index=False)
     return pd.DataFrame([
         {"VolumeName": c.volume_name, "patient_id": c.patient_id, "split": c.split,
          "orientation": c.orientation, "storage": c.storage, **{k: int(k in c.findings) for k in PHANTOM_FINDINGS}}

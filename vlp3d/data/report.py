@@ -19,9 +19,10 @@ _PLACEHOLDER = "\x00"
 def select_sections(row: dict, sections: tuple[str, ...]) -> str:
     """Join the configured report columns of a row; missing or NaN sections are skipped.
 
-    A generic manifest has one `report` column and none of the sections: that column is used.
+    A generic manifest has one `report` column and none of the sections: that column is used (also
+    when the section columns exist but are empty for this row, as in a corpus that mixes both kinds).
     """
-    if "report" in row and not any(name in row for name in sections):
+    if "report" in row and not any(_present(row.get(name)) for name in sections):
         sections = ("report",)
     parts = []
     for name in sections:
@@ -32,6 +33,10 @@ def select_sections(row: dict, sections: tuple[str, ...]) -> str:
         if text:
             parts.append(text)
     return "\n".join(parts)
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value)) and bool(str(value).strip())
 
 
 def normalise_whitespace(text: str) -> str:

@@ -1,4 +1,24 @@
-"""Shard rows and `_manifest.json`: what `prepare` writes and training/evaluation read (no Ray)."""
+"""Shard rows and `_manifest.json`: what `prepare` writes and training/evaluation read (no Ray).
+
+Layout of a shard folder (`<shards root>/<spec hash>/`):
+
+    *.parquet          CT rows (modality "ct")
+    xray/*.parquet     2D radiograph rows (modality "xray"), same columns
+    _manifest.json     counts (with `by_modality`), spec, source manifest hash, failed rows
+
+Read one modality with `shard_files(shard_dir, modality)` (never the folder: Ray's
+`read_parquet` on a folder is recursive and would mix the two). Columns of every row:
+`row, volume_name, patient_id, split, fraction_rank, modality, source_path, image, image_shape,
+labels, report, sentences, hu_source, hu_slope, hu_intercept, spacing_mm_source, warnings,
+spec_hash` (+ `input_ids, attention_mask`, and with text embeddings `report_embedding,
+sentence_embeddings, sentence_mask`).
+
+`image`: CT with `storage = "fixed"`: tensor of `spec.shape` (x, y, z in RAS); xray: tensor of
+`spec.shape_2d` (rows, columns as displayed, see `vlp3d.data.radiograph`); CT with
+`storage = "highres"`: binary, the storage dtype's little-endian bytes in C order, axes x, y, z
+(RAS), shape in `image_shape` (int32, 3 values, each >= `spec.shape`). `decode_image` turns
+either kind into an array.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +30,15 @@ import numpy as np
 
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.corpus import metadata_scaling, metadata_spacing
+from vlp3d.data.radiograph import load_radiograph, resize_2d
 from vlp3d.data.report import report_text
-from vlp3d.data.volume import PreprocessSpec, load_nifti_hu, preprocess_hu
+from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_hu, quantise
 
 MANIFEST = "_manifest.json"
 SPACING_TOLERANCE = 0.01
+MODALITIES = ("ct", "xray")
+MODALITY_DIRS = {"ct": "", "xray": "xray"}  # sub-folder of the shard folder per modality
+_MODALITY_ALIASES = {"ct": "ct", "xray": "xray", "x-ray": "xray", "cxr": "xray", "cr": "xray", "dx": "xray"}
 
 
 def spec_from_config(cfg: ExperimentConfig) -> PreprocessSpec:
@@ -23,7 +47,57 @@ def spec_from_config(cfg: ExperimentConfig) -> PreprocessSpec:
         shape=d.shape, spacing_mm=d.spacing_mm, hu_window=d.hu_window, storage_dtype=d.storage_dtype,
         report_sections=d.report_sections, text_encoder=cfg.model.text_encoder,
         max_tokens=d.max_tokens, text_embeddings=d.text_embeddings, max_sentences=d.max_sentences,
+        storage=d.storage, foreground_crop=d.foreground_crop, body_threshold_hu=d.body_threshold_hu,
+        shape_2d=d.shape_2d,
     )
+
+
+def normalise_modality(value) -> str:
+    """'CT' / 'xray' / 'X-ray' / 'CR' / 'DX' -> 'ct' or 'xray'; missing -> 'ct'. Raises on others."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+        return "ct"
+    modality = _MODALITY_ALIASES.get(str(value).strip().lower())
+    if modality is None:
+        raise ValueError(f"unknown modality {value!r}; use one of {list(MODALITIES)}")
+    return modality
+
+
+def shard_files(shard_dir: str | Path, modality: str = "ct") -> list[str]:
+    """Parquet files of one modality in a shard folder (sorted; [] if none).
+
+    "ct": the top-level `*.parquet` only; "xray": `xray/*.parquet`.
+    """
+    if modality not in MODALITY_DIRS:
+        raise ValueError(f"unknown modality {modality!r}; use one of {list(MODALITIES)}")
+    folder = Path(shard_dir) / MODALITY_DIRS[modality]
+    return [str(p) for p in sorted(folder.glob("*.parquet")) if p.is_file()]
+
+
+def decode_image(value, shape, storage_dtype: str) -> np.ndarray:
+    """A shard row's `image` -> array of the storage dtype.
+
+    Highres rows store raw bytes (little-endian, C order) and their shape in `image_shape` (any
+    sequence of ints: list, ndarray, Ray tensor element): the result is a read-only view of those
+    bytes (no copy). Fixed-shape rows already are arrays and are returned as they are (`shape`
+    may then be None); torch tensors come back as numpy views.
+    """
+    target = None if shape is None else tuple(int(v) for v in np.asarray(shape).reshape(-1))
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        if target is not None and value.ndim == 1 and value.dtype == np.uint8 and len(target) > 1:
+            return value.view(np.dtype(storage_dtype).newbyteorder("<")).reshape(target)
+        return value
+    if isinstance(value, np.ndarray):  # 0-d object array holding bytes
+        value = value.item()
+    if hasattr(value, "numpy") and not isinstance(value, bytes | bytearray | memoryview):  # torch tensor
+        return value.numpy()
+    if target is None:
+        raise ValueError("decode_image: raw image bytes need their shape (the row's image_shape)")
+    dtype = np.dtype(storage_dtype).newbyteorder("<")
+    array = np.frombuffer(value, dtype=dtype)
+    if array.size != int(np.prod(target)):
+        raise ValueError(f"image holds {array.size} values of {storage_dtype}, shape {list(target)} needs "
+                         f"{int(np.prod(target))}")
+    return array.reshape(target)
 
 
 def resolve_shard_dir(root: str | Path, spec_hash: str | None = None) -> Path:
@@ -53,33 +127,61 @@ def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> d
     text, sentences = report_text(row, spec.report_sections)
     if not sentences:
         raise ValueError(f"empty report (sections {list(spec.report_sections)} are all missing or blank)")
+    modality = normalise_modality(row.get("modality"))
+    if modality == "xray":
+        return _xray_row(row, spec, label_names, text, sentences)
     path = row["image"]
     if not Path(path).exists():
         raise FileNotFoundError(f"volume file not found: {path}")
-    hu, affine, decision = load_nifti_hu(path, metadata_scaling(row))
+    hu, affine, decision = load_volume_hu(path, metadata_scaling(row))
     warnings = list(decision.warnings)
     header_spacing = [float(v) for v in nib.affines.voxel_sizes(affine)]
     listed = metadata_spacing(row)
     if listed and not np.allclose(header_spacing, listed, rtol=SPACING_TOLERANCE):
         warnings.append(f"header spacing {np.round(header_spacing, 3).tolist()} differs from metadata {listed}; used header")
     volume = preprocess_hu(hu, affine, spec)
+    image_shape = np.asarray(volume.shape, dtype=np.int32)
+    image = encode_image(volume) if spec.storage == "highres" else volume
+    return _shard_row(row, spec, label_names, text, sentences, modality, image, image_shape,
+                      decision.source, decision.slope, decision.intercept, header_spacing, warnings)
+
+
+def encode_image(volume: np.ndarray) -> bytes:
+    """Highres storage: little-endian bytes in C order (inverse of `decode_image`)."""
+    return np.ascontiguousarray(volume, dtype=volume.dtype.newbyteorder("<")).tobytes(order="C")
+
+
+def _xray_row(row: dict, spec: PreprocessSpec, label_names: list[str], text: str, sentences: list[str]) -> dict:
+    path = row["image"]
+    image01, info = load_radiograph(path)
+    image = quantise(resize_2d(image01, spec.shape_2d), spec.storage_dtype)
+    spacing = [*info.spacing_mm, float("nan")]  # (row, column, -): same width as CT rows
+    return _shard_row(row, spec, label_names, text, sentences, "xray", image,
+                      np.asarray(image.shape, dtype=np.int32), info.source, info.slope, info.intercept,
+                      spacing, [])
+
+
+def _shard_row(row, spec, label_names, text, sentences, modality, image, image_shape, source, slope,
+               intercept, spacing, warnings) -> dict:
     labels = np.array([float(row.get(name) or 0) for name in label_names], dtype=np.float32)
+    path = row["image"]
     return {
         "row": int(row["row"]),
         "volume_name": str(row.get("VolumeName") or Path(path).name),
         "patient_id": str(row["patient_id"]),
         "split": str(row["split"]),
         "fraction_rank": float(row["fraction_rank"]),
-        "modality": str(row.get("modality", "ct")),
+        "modality": modality,
         "source_path": str(path),
-        "image": volume,
+        "image": image,
+        "image_shape": image_shape,
         "labels": labels,
         "report": text,
         "sentences": "\n".join(sentences),  # one sentence per line
-        "hu_source": decision.source,
-        "hu_slope": decision.slope,
-        "hu_intercept": decision.intercept,
-        "spacing_mm_source": np.asarray(header_spacing, dtype=np.float32),
+        "hu_source": source,
+        "hu_slope": slope,
+        "hu_intercept": intercept,
+        "spacing_mm_source": np.asarray(spacing, dtype=np.float32),
         "warnings": "; ".join(warnings),
         "spec_hash": spec.hash,
     }

@@ -1,4 +1,17 @@
-"""CT volume preprocessing: NIfTI -> Hounsfield units (exactly once) -> RAS -> spacing -> window -> shape."""
+"""CT volume preprocessing: NIfTI or DICOM -> Hounsfield units (exactly once) -> RAS -> spacing -> window -> shape.
+
+Two storage modes (`PreprocessSpec.storage`):
+
+- "fixed": RAS -> [body crop] -> crop to the target field of view -> resample -> window -> pad/crop to
+  `shape`. One tensor of `shape` per volume.
+- "highres" (T3D): RAS -> [body crop] -> resample -> window -> pad up to at least `shape` per axis.
+  The volume keeps its own size; shards store its bytes and shape (`vlp3d.data.shards.decode_image`).
+
+The body crop (`foreground_crop`) keeps the bounding box of voxels above `body_threshold_hu` plus
+`FOREGROUND_MARGIN_MM`; it is computed on the HU volume before resampling (cheaper than resampling air
+first, and equal up to the interpolation at the box's edge). Real scans: the patient table lies above
+the threshold too and stays inside the box.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +27,12 @@ from monai.data import MetaTensor
 from monai.transforms import (
     CenterSpatialCrop,
     Compose,
+    CropForeground,
     Orientation,
     ResizeWithPadOrCrop,
     ScaleIntensityRange,
     Spacing,
+    SpatialPad,
 )
 
 # Stored CT values that contain air below this are already HU (shifted storage has min >= 0).
@@ -40,6 +55,10 @@ class PreprocessSpec:
     max_tokens: int = 256
     text_embeddings: bool = True
     max_sentences: int = 16
+    storage: str = "fixed"
+    foreground_crop: bool = False
+    body_threshold_hu: float = -500.0
+    shape_2d: tuple[int, int] = (64, 64)
     version: int = 1
     quantisation_error_hu: float = field(default=0.0)
 
@@ -51,6 +70,8 @@ class PreprocessSpec:
             error = 2.0**-12 * width  # half ulp of float16 just below 1.0
         else:
             raise ValueError(f"data.storage_dtype must be 'float16' or 'uint8', got {self.storage_dtype!r}")
+        if self.storage not in ("fixed", "highres"):
+            raise ValueError(f"data.storage must be 'fixed' or 'highres', got {self.storage!r}")
         object.__setattr__(self, "quantisation_error_hu", round(error, 3))
 
     def to_dict(self) -> dict:
@@ -131,27 +152,73 @@ def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None)) -> tuple[np
     return hu, img.affine.astype(np.float64), decision
 
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def load_volume_hu(path, metadata_scaling: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray, HUDecision]:
+    """NIfTI file, DICOM series folder or DICOM file -> (HU array, RAS affine, decision).
+
+    Every format returns the same contract as `load_nifti_hu`: stored values converted to HU
+    exactly once and an affine from voxel indices to RAS+ world mm (nibabel's convention).
+    DICOM needs the optional extra `pip install "vlp3d[dicom]"`; other files go to nibabel.
+    """
+    if str(path).lower().endswith(NIFTI_SUFFIXES):
+        return load_nifti_hu(str(path), metadata_scaling)
+    from vlp3d.data.dicom import is_dicom_path, load_dicom_hu
+
+    if is_dicom_path(path):
+        return load_dicom_hu(path, metadata_scaling)
+    return load_nifti_hu(str(path), metadata_scaling)
+
+
 CROP_MARGIN_VOXELS = 4
+FOREGROUND_MARGIN_MM = 5.0
+
+
+def _window(spec: PreprocessSpec) -> ScaleIntensityRange:
+    return ScaleIntensityRange(a_min=spec.hu_window[0], a_max=spec.hu_window[1], b_min=0.0, b_max=1.0, clip=True)
 
 
 def _resample(spec: PreprocessSpec) -> Compose:
     return Compose([
         Spacing(pixdim=spec.spacing_mm, mode=spec.interpolation),
-        ScaleIntensityRange(a_min=spec.hu_window[0], a_max=spec.hu_window[1], b_min=0.0, b_max=1.0, clip=True),
+        _window(spec),
         ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant", value=0.0),
     ])
 
 
-def preprocess_hu(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """HU array + affine -> window-scaled [0, 1] tensor of `spec.shape` in RAS, stored dtype.
+def _voxel_sizes(volume: MetaTensor) -> np.ndarray:
+    return np.sqrt((volume.affine[:3, :3].numpy() ** 2).sum(0))
 
-    The output is the centre `spec.shape` voxels at `spec.spacing_mm`; the input is first cropped to
-    that field of view (plus a margin) so only voxels that are kept get resampled.
+
+def crop_to_body(volume: MetaTensor, threshold_hu: float, margin_mm: float = FOREGROUND_MARGIN_MM) -> MetaTensor:
+    """Crop a channel-first HU MetaTensor to the bounding box of voxels above `threshold_hu`, plus
+    `margin_mm` (clipped at the volume's edge); the affine follows. No voxel above: unchanged."""
+    if not bool((volume > threshold_hu).any()):
+        return volume
+    margin = np.ceil(margin_mm / _voxel_sizes(volume)).astype(int).tolist()
+    crop = CropForeground(select_fn=lambda x: x > threshold_hu, margin=margin, allow_smaller=True)
+    return crop(volume)
+
+
+def preprocess_hu(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """HU array + affine -> window-scaled [0, 1] array in RAS (axes x, y, z), stored dtype.
+
+    "fixed": the centre `spec.shape` voxels at `spec.spacing_mm` (of the body box when
+    `spec.foreground_crop`); the input is first cropped to that field of view (plus a margin) so
+    only voxels that are kept get resampled. "highres": every voxel (of the body box) at
+    `spec.spacing_mm`, zero-padded (centred) up to at least `spec.shape` per axis.
     """
     volume = MetaTensor(torch.from_numpy(np.ascontiguousarray(hu))[None], affine=torch.from_numpy(affine))
     volume = Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume)
-    spacing_in = np.sqrt((volume.affine[:3, :3].numpy() ** 2).sum(0))
-    needed = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing_mm) / spacing_in).astype(int)
+    if spec.foreground_crop:
+        volume = crop_to_body(volume, spec.body_threshold_hu)
+    if spec.storage == "highres":
+        volume = Spacing(pixdim=spec.spacing_mm, mode=spec.interpolation)(volume)
+        volume = _window(spec)(volume)
+        volume = SpatialPad(spatial_size=spec.shape, mode="constant", value=0.0)(volume)
+        return quantise(volume[0].as_tensor().numpy(), spec.storage_dtype)
+    needed = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing_mm) / _voxel_sizes(volume)).astype(int)
     roi = np.minimum(np.asarray(volume.shape[1:]), needed + 2 * CROP_MARGIN_VOXELS)
     if (roi < np.asarray(volume.shape[1:])).any():
         volume = CenterSpatialCrop(roi_size=roi.tolist())(volume)

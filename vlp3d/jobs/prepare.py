@@ -12,8 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = (
         "Preprocess a CT-RATE-layout corpus with Ray Data: read each volume (nibabel), convert to HU once, "
         "reorient to RAS, resample, window, crop/pad; split and tokenize the report; store frozen text "
-        "embeddings. Writes Parquet shards and _manifest.json to OUT/<preprocessing-hash>/. Unreadable "
-        "rows are recorded in the manifest and skipped."
+        "embeddings. 2D radiographs (modality 'xray': PNG or DICOM) are scaled to [0, 1] and resized to "
+        "data.shape_2d. Writes Parquet shards (CT: OUT/<preprocessing-hash>/*.parquet, radiographs: "
+        "OUT/<preprocessing-hash>/xray/*.parquet) and _manifest.json. Unreadable rows are recorded in the "
+        "manifest and skipped. An interrupted run resumes: rows already written are kept."
     )
     parser.epilog = config_keys_epilog()
     add_config_arguments(parser)
@@ -38,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
 def summary(result) -> str:
     counts = result.manifest["counts"]
     rows = [[split, n] for split, n in counts["by_split"].items()]
+    rows += [[modality, n] for modality, n in counts.get("by_modality", {}).items()]
     rows += [["failed", counts["failed"]], ["with warnings", counts["with_warnings"]]]
+    if counts.get("resumed"):
+        rows.append(["kept from an interrupted run", counts["resumed"]])
     text = format_table(rows, ["rows", "count"], title=f"shards: {result.shard_dir}")
     for failure in result.manifest["failed"][:10]:
         text += f"\n  failed row {failure['row']} ({failure['path']}): {failure['reason']}"

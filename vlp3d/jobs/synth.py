@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prevalence", type=float, default=0.35, help="probability of each finding (default 0.35)")
     parser.add_argument("--full-size", action="store_true",
                         help="clinical size volumes: 512x512x~250 at 0.78 mm in-plane (default: ~80x80x55 at ~5 mm)")
+    parser.add_argument("--radiographs", action="store_true",
+                        help="also a frontal projection radiograph (PNG, modality 'xray') per CT, listed in "
+                             "radiographs.csv; the CT files are the same as without it")
     return parser
 
 
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     with tqdm(total=args.n, desc="synth", unit="vol", disable=None) as bar:
         cases = synthesize(args.out, args.n, seed=args.seed, valid_fraction=args.valid_fraction,
-                           prevalence=args.prevalence, progress=bar.update, full_size=args.full_size)
+                           prevalence=args.prevalence, progress=bar.update, full_size=args.full_size,
+                           radiographs=args.radiographs)
     rows = [[split, len(group), group["patient_id"].nunique(),
              *(int(group[f].sum()) for f in PHANTOM_FINDINGS)] for split, group in cases.groupby("split")]
     print(format_table(rows, ["split", "volumes", "patients", *PHANTOM_FINDINGS],
