@@ -77,3 +77,22 @@ def test_config_show_cli(capsys):
     assert "max_steps = 5" in out and "[cluster]" in out
     assert main(["config", "show", "trian.max_steps=5"]) == 2
     assert "Did you mean 'train'" in capsys.readouterr().err
+
+
+def test_every_shipped_config_loads_and_method_defaults_apply():
+    from pathlib import Path
+
+    configs = {p.stem: load_config(p) for p in sorted(Path("configs").glob("*.toml"))}
+    assert {"mg3d_demo", "t3d_demo", "unimedi_demo", "mg3d_ctrate", "t3d_ctrate", "unimedi_ctrate",
+            "mg3d_demo_no_interpatient", "mg3d_demo_no_reconstruction"} <= set(configs)
+    for name, cfg in configs.items():
+        assert cfg.objective.name == ("clip" if name == "demo" else name.split("_")[0])
+    mg3d = configs["mg3d_ctrate"].objective
+    # METHODS.md: align 0.1 at tau 0.1, mim/mlm 1.0, the others 0.1, heads at 5x the encoder lr
+    assert (mg3d.align_weight, mg3d.temperature, mg3d.learnable_temperature, mg3d.head_lr_mult) == (0.1, 0.1, False, 5.0)
+    assert (mg3d.mim_weight, mg3d.mlm_weight, mg3d.sentence_consistency_weight, mg3d.disentangled_weight,
+            mg3d.sentence_match_weight, mg3d.mim_mask_ratio, mg3d.mlm_mask_prob) == (1.0, 1.0, 0.1, 0.1, 0.1, 0.5, 0.15)
+    assert configs["mg3d_demo_no_interpatient"].objective.disentangled_weight == 0.0
+    assert configs["mg3d_demo_no_reconstruction"].objective.mim_weight == 0.0
+    # an explicit key beats the method default
+    assert load_config(None, ["objective.name=mg3d", "objective.align_weight=1.0"]).objective.align_weight == 1.0

@@ -33,6 +33,22 @@ class DataConfig:
     spacing_mm: tuple[float, float, float] = _f((8.0, 8.0, 8.0), "Target voxel spacing in mm (x, y, z).")
     hu_window: tuple[float, float] = _f((-1000.0, 1000.0), "HU window clipped and scaled to [0, 1].")
     storage_dtype: Literal["float16", "uint8"] = _f("float16", "Dtype of the stored volume tensor in the shards.")
+    storage: Literal["fixed", "highres"] = _f(
+        "fixed",
+        "'fixed': every CT is resampled and cropped/padded to data.shape (a tensor column). 'highres' (T3D): "
+        "resampled to data.spacing_mm and windowed but kept at its own size (padded up to at least "
+        "data.shape so train-time crops fit), stored as raw bytes in 'image' with its shape in "
+        "'image_shape' (vlp3d.data.shards.decode_image); use with data.foreground_crop=true.",
+    )
+    foreground_crop: bool = _f(
+        False, "Crop CTs to the body's bounding box (voxels above data.body_threshold_hu, plus a small "
+        "margin) before the final pad/crop, so stored voxels are body, not air.",
+    )
+    body_threshold_hu: float = _f(-500.0, "HU above which a voxel counts as body for data.foreground_crop.")
+    shape_2d: tuple[int, int] = _f(
+        (64, 64), "Pixels (rows, columns) of 2D radiographs (modality 'xray') after scaling to [0, 1] and "
+        "resizing; rows run top to bottom of the image as displayed (superior to inferior on a chest film).",
+    )
     report_sections: tuple[str, ...] = _f(
         ("Impressions_EN",),
         "Report columns joined into the report text. With a frozen text encoder, impressions (which state "
@@ -65,13 +81,71 @@ class ModelConfig:
     freeze_text: bool = _f(True, "Keep the text encoder frozen (only its projection head trains).")
 
 
+OBJECTIVES = ("clip", "mg3d", "t3d", "unimedi")
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    name: Literal["clip"] = _f("clip", "Pretraining objective.")
-    temperature: float = _f(0.07, "Initial softmax temperature tau of the InfoNCE logits.")
-    learnable_temperature: bool = _f(True, "Learn log(1/tau), clamped at 100.")
+    """Loss terms and heads of the pretraining method. Every `*_weight` scales one named term.
+
+    Setting `name` in a config file or override also applies that method's METHODS.md defaults
+    (`METHOD_DEFAULTS`) to the objective keys the file does not set itself.
+    """
+
+    name: Literal["clip", "mg3d", "t3d", "unimedi"] = _f("clip", "Pretraining method: clip, mg3d, t3d or unimedi.")
+    temperature: float = _f(0.07, "Initial softmax temperature tau of the volume-report InfoNCE logits.")
+    learnable_temperature: bool = _f(True, "Learn log(1/tau), clamped at 100 (false: tau stays fixed).")
     gather_with_grad: bool = _f(True, "All-gather embeddings with gradients so negatives are the global batch.")
     local_loss: bool = _f(False, "Compute only the local rows (B x G) of the global logits.")
+    head_lr_mult: float = _f(1.0, "Learning rate of every non-encoder parameter = train.lr x this (MG-3D: 5).")
+    # clip / mg3d
+    align_weight: float = _f(1.0, "Weight of `align`, the volume-report InfoNCE (MG-3D: 0.1).")
+    # mg3d
+    mim_weight: float = _f(1.0, "MG-3D `mim`: text-guided masked image reconstruction (MSE on masked voxels).")
+    mlm_weight: float = _f(1.0, "MG-3D `mlm`: image-guided masked language modelling (CE on masked tokens).")
+    sentence_consistency_weight: float = _f(0.1, "MG-3D `sentence_consistency`: fused masked report stays close (cosine) to the unmasked one.")
+    disentangled_weight: float = _f(0.1, "MG-3D `disentangled`: InfoNCE between the volume and its sigmoid-gated sentence aggregate.")
+    sentence_match_weight: float = _f(0.1, "MG-3D `sentence_match`: L1 between image-feature and report similarity of patient pairs.")
+    mim_mask_ratio: float = _f(0.5, "MG-3D: share of image patch tokens masked for `mim`.")
+    mlm_mask_prob: float = _f(0.15, "MG-3D: share of words masked (whole-word) for `mlm`.")
+    fusion_layers: int = _f(2, "MG-3D: bidirectional cross-attention layers of the fusion module.")
+    fusion_dim: int = _f(256, "MG-3D: width of the fusion module.")
+    decoder_dim: int = _f(128, "MG-3D/T3D: channels of the first conv-decoder stage (halved each upsampling).")
+    disentangled_layers: int = _f(2, "MG-3D: layers of sigmoid-gated sentence aggregation.")
+    match_thresholds: tuple[float, float] = _f((0.6, 0.9), "MG-3D `sentence_match`: report similarity <= low is target 0, >= high is 1, between ignored.")
+    match_dim: int = _f(128, "MG-3D `sentence_match`: dimension of the image features compared across patients.")
+    # t3d
+    text_contrast_weight: float = _f(1.0, "T3D `text_contrast`: InfoNCE between each crop and its report.")
+    crop_contrast_weight: float = _f(1.0, "T3D `crop_contrast`: InfoNCE between crops of the same volume (positives).")
+    restore_weight: float = _f(1.0, "T3D `restore`: L1 of the report-conditioned restoration of a corrupted crop.")
+    crop_shape: tuple[int, int, int] = _f((96, 96, 96), "T3D: sub-volume crop size in voxels of the high-resolution volume.")
+    num_crops: int = _f(2, "T3D: crops per volume per step (>= 2 for `crop_contrast`).")
+    crop_temperature: float = _f(0.1, "T3D: fixed temperature of `crop_contrast` (ours).")
+    crop_dim: int = _f(128, "T3D: projection dimension of `crop_contrast`.")
+    corrupt_patch: int = _f(8, "T3D `restore`: side of the local patches that are masked or shuffled (voxels, ours).")
+    corrupt_mask_ratio: float = _f(0.25, "T3D `restore`: share of local patches blanked (ours).")
+    corrupt_shuffle_ratio: float = _f(0.25, "T3D `restore`: share of local patches whose voxels are shuffled (ours).")
+    corrupt_noise_std: float = _f(0.05, "T3D `restore`: std of the Gaussian noise added to the crop (ours).")
+    # unimedi
+    vl_contrast_weight: float = _f(1.0, "UniMedI `vl_contrast`: InfoNCE of image [CLS] and report for 3D, pseudo-2D and 2D.")
+    distill_cls_weight: float = _f(1.0, "UniMedI `distill_cls`: DINO self-distillation on [CLS].")
+    distill_patch_weight: float = _f(1.0, "UniMedI `distill_patch`: iBOT self-distillation on masked patch tokens.")
+    ema_momentum: tuple[float, float] = _f((0.996, 1.0), "UniMedI: EMA teacher momentum, cosine schedule from first to second value.")
+    top_k_slices: int = _f(4, "UniMedI: slices kept by attentive slice selection (ours: 4), tiled into one pseudo-2D image.")
+    student_mask_ratio: float = _f(0.5, "UniMedI: share of patch tokens the student does not see.")
+    dino_dim: int = _f(1024, "UniMedI: prototypes of the DINO/iBOT head (paper-scale: 8192+).")
+    teacher_temperature: float = _f(0.04, "UniMedI: teacher sharpening temperature.")
+    student_temperature: float = _f(0.1, "UniMedI: student temperature.")
+    center_momentum: float = _f(0.9, "UniMedI: momentum of the teacher-output centre.")
+
+
+# METHODS.md defaults applied when `objective.name` selects a method (explicit keys win)
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "clip": {},
+    "mg3d": {"align_weight": 0.1, "temperature": 0.1, "learnable_temperature": False, "head_lr_mult": 5.0},
+    "t3d": {"temperature": 0.07, "learnable_temperature": True},
+    "unimedi": {"temperature": 0.07, "learnable_temperature": True},
+}
 
 
 @dataclass(frozen=True)
@@ -212,6 +286,8 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         else:
             if not isinstance(value, dict):
                 raise ConfigError(f"'{key}' must be a table ([{key}]), got {value!r}.")
+            if key == "objective" and value.get("name") in METHOD_DEFAULTS:
+                value = {**METHOD_DEFAULTS[value["name"]], **value}
             kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
     return ExperimentConfig(**kwargs)
 

@@ -80,9 +80,14 @@ def text_dim_for(cfg: ExperimentConfig) -> int:
     return int(AutoConfig.from_pretrained(resolve_text_encoder(cfg.model.text_encoder)).hidden_size)
 
 
+def model_input_shape(cfg: ExperimentConfig) -> tuple[int, int, int]:
+    """Spatial input of the image encoder: T3D's crops, else the stored volume shape."""
+    return tuple(cfg.objective.crop_shape) if cfg.objective.name == "t3d" else tuple(cfg.data.shape)
+
+
 def build_model(cfg: ExperimentConfig, text_dim: int | None = None) -> VisionLanguageModel:
     torch.manual_seed(cfg.train.seed)
-    encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.size, img_size=cfg.data.shape,
+    encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.size, img_size=model_input_shape(cfg),
                                   gradient_checkpointing=cfg.model.gradient_checkpointing)
     return VisionLanguageModel(
         encoder,
@@ -97,35 +102,89 @@ def build_model(cfg: ExperimentConfig, text_dim: int | None = None) -> VisionLan
 class ClipObjective(nn.Module):
     """Objective `clip`: one term, `align`, the global-batch InfoNCE between volume and report."""
 
-    def __init__(self, gather_with_grad: bool = True, local_loss: bool = False):
+    terms = ("align",)
+
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module | None = None, text_dim: int | None = None):
         super().__init__()
-        self.loss = ClipLoss(gather_with_grad=gather_with_grad, local_loss=local_loss)
+        self.loss = ClipLoss(gather_with_grad=cfg.objective.gather_with_grad, local_loss=cfg.objective.local_loss)
 
     def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image, text, scale = model(batch["volume"], batch["report_embedding"])
         return {"align": self.loss(image, text, scale)}
 
 
-def build_objective(cfg: ExperimentConfig) -> tuple[nn.Module, dict[str, float]]:
-    """(objective module, weight per loss term)."""
-    if cfg.objective.name == "clip":
-        objective = ClipObjective(cfg.objective.gather_with_grad, cfg.objective.local_loss)
-        return objective, {"align": 1.0}
-    raise KeyError(f"objective.name = {cfg.objective.name!r} is not implemented")
+def objective_class(name: str) -> type[nn.Module]:
+    if name == "clip":
+        return ClipObjective
+    if name == "mg3d":
+        from vlp3d.objectives.mg3d import MG3DObjective
+
+        return MG3DObjective
+    if name == "t3d":
+        from vlp3d.objectives.t3d import T3DObjective
+
+        return T3DObjective
+    if name == "unimedi":
+        from vlp3d.objectives.unimedi import UniMedIObjective
+
+        return UniMedIObjective
+    raise KeyError(f"objective.name = {name!r} is not one of clip, mg3d, t3d, unimedi")
+
+
+def term_weights(cfg: ExperimentConfig) -> dict[str, float]:
+    """{term: weight} of the configured method's terms with a weight > 0 (the others are not computed)."""
+    terms = objective_class(cfg.objective.name).terms
+    weights = {term: float(getattr(cfg.objective, f"{term}_weight")) for term in terms}
+    active = {term: w for term, w in weights.items() if w > 0}
+    if not active:
+        raise ValueError(f"every loss term of objective '{cfg.objective.name}' has weight 0 "
+                         f"({', '.join(f'objective.{t}_weight' for t in terms)}); set at least one > 0.")
+    return active
+
+
+class Pretrainer(nn.Module):
+    """The module DDP wraps: the model plus the objective's heads, so both get synchronised gradients
+    and several encoder passes per step stay inside one DDP forward."""
+
+    def __init__(self, model: VisionLanguageModel, objective: nn.Module):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.objective(self.model, batch)
+
+    def after_step(self, step: int) -> None:
+        if hasattr(self.objective, "after_step"):
+            self.objective.after_step(self.model, step)
+
+
+def build_pretrainer(cfg: ExperimentConfig, text_dim: int | None = None) -> tuple[Pretrainer, dict[str, float]]:
+    """(model + objective heads, weight per active loss term)."""
+    text_dim = text_dim or text_dim_for(cfg)
+    weights = term_weights(cfg)
+    model = build_model(cfg, text_dim=text_dim)
+    objective = objective_class(cfg.objective.name)(cfg, model, text_dim)
+    return Pretrainer(model, objective), weights
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or "logit_scale" in name
 
 
-def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
+def build_optimizer(module: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    """AdamW; image-encoder parameters at train.lr, every other parameter (projections, objective
+    heads) at train.lr x objective.head_lr_mult; no weight decay on biases, norms and tau."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in module.named_parameters():
         if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
+            is_encoder = "image_encoder." in name and "objective." not in name
+            groups.setdefault((is_encoder, _no_decay(name, param)), []).append(param)
+    param_groups = [
+        {"params": params, "lr": cfg.train.lr * (1.0 if is_encoder else cfg.objective.head_lr_mult),
+         "weight_decay": 0.0 if no_decay else cfg.train.weight_decay}
+        for (is_encoder, no_decay), params in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, floor: float = 0.02) -> float:
@@ -153,28 +212,36 @@ def augment(volume: torch.Tensor, generator: torch.Generator, max_shift: int = 2
 
 
 def to_model_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Shard columns -> model inputs: volume [B, 1, X, Y, Z] float32 in [0, 1]."""
-    out = {"volume": dequantise(batch["image"]).unsqueeze(1).to(device, non_blocking=True)}
-    for key in ("report_embedding", "input_ids", "attention_mask", "labels"):
+    """Shard columns -> model inputs: volume [B, 1, X, Y, Z] (or T3D crops [B, K, 1, X, Y, Z], or
+    2D images [B, 1, H, W] under `image_2d`) as float32 in [0, 1]; text columns as they are."""
+    out = {}
+    for key, name in (("image", "volume"), ("crops", "crops"), ("image_2d", "image_2d")):
+        if key in batch:
+            out[name] = dequantise(batch[key]).unsqueeze(-4 if key == "crops" else 1).to(device, non_blocking=True)
+    for key in ("report_embedding", "report_embedding_2d", "input_ids", "attention_mask", "labels",
+                "sentence_embeddings", "sentence_mask"):
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
-    if "report_embedding" in out:
-        out["report_embedding"] = out["report_embedding"].float()
+    for key in ("report_embedding", "report_embedding_2d", "sentence_embeddings"):
+        if key in out:
+            out[key] = out[key].float()
     return out
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train_step(model: nn.Module, objective: nn.Module, weights: Mapping[str, float],
-               batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler,
-               precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
-               max_grad_norm: float = 1.0) -> dict[str, float]:
-    """One optimisation step; returns the total loss, each term, lr and grad norm."""
-    device_type = batch["volume"].device.type
-    with torch.autocast(device_type, dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
+def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[str, torch.Tensor],
+               optimizer: torch.optim.Optimizer, scheduler, precision: str = "fp32",
+               scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0,
+               after_step=None) -> dict[str, float]:
+    """One optimisation step of a (DDP-wrapped) `Pretrainer`; returns the total loss, each term
+    (`loss/<term>`, unweighted), lr and grad norm. `after_step()` runs after the optimizer step
+    (e.g. the EMA teacher update)."""
+    first = next(iter(batch.values()))
+    with torch.autocast(first.device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
                         enabled=precision in AUTOCAST_DTYPES):
-        terms = objective(model, batch)
+        terms = module(batch)
         loss = sum(weights[name] * value for name, value in terms.items())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()} (terms: { {k: v.item() for k, v in terms.items()} })")
@@ -184,13 +251,15 @@ def train_step(model: nn.Module, objective: nn.Module, weights: Mapping[str, flo
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     scheduler.step()
+    if after_step is not None:
+        after_step()
     metrics = {"loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
     metrics.update({f"loss/{name}": float(value.detach()) for name, value in terms.items()})
     return metrics

@@ -10,7 +10,7 @@ import torch
 
 from vlp3d.config import load_config
 from vlp3d.data.report import split_sentences
-from vlp3d.data.volume import PreprocessSpec, dequantise, load_nifti_hu, preprocess_hu
+from vlp3d.data.volume import PreprocessSpec, dequantise, load_volume_hu, preprocess_hu
 from vlp3d.encoders.text import TextEncoder, embed_reports
 from vlp3d.engine import VisionLanguageModel, build_model
 
@@ -52,13 +52,47 @@ class Embedder:
             out.append(self.model.encode_image(volume).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.cfg.model.embed_dim)
 
+    @torch.no_grad()
+    def embed_tiled(self, volumes: list[np.ndarray], batch_size: int = 16, min_body: float = 0.1) -> torch.Tensor:
+        """High-resolution volumes of any shape (T3D) -> [N, d]: the volume is tiled into crops of
+        `objective.crop_shape` (zero-padded at the edges), crops with at least `min_body` of their
+        voxels inside the body are embedded, and their embeddings averaged (all crops if none is)."""
+        from vlp3d.objectives.t3d import tile_corners
+
+        shape = tuple(self.cfg.objective.crop_shape)
+        lo, hi = self.spec.hu_window
+        body = (self.cfg.data.body_threshold_hu - lo) / (hi - lo)
+        out = []
+        for stored in volumes:
+            volume = dequantise(torch.from_numpy(np.array(stored)))  # a copy: shard bytes are read-only
+            pad = [p for s, v in zip(reversed(shape), reversed(volume.shape), strict=True) for p in (0, max(0, s - v))]
+            volume = torch.nn.functional.pad(volume, pad)
+            crops = torch.stack([volume[c[0]:c[0] + shape[0], c[1]:c[1] + shape[1], c[2]:c[2] + shape[2]]
+                                 for c in tile_corners(volume.shape, shape)])
+            inside = (crops > body).float().mean(dim=(1, 2, 3)) >= min_body
+            crops = crops[inside] if inside.any() else crops
+            embedded = torch.cat([self.model.encode_image(crops[i:i + batch_size].unsqueeze(1).to(self.device)).cpu()
+                                  for i in range(0, len(crops), batch_size)])
+            out.append(torch.nn.functional.normalize(embedded.mean(0), dim=-1))
+        return torch.stack(out) if out else torch.zeros(0, self.cfg.model.embed_dim)
+
+    def embed_stored(self, images, shapes=None, batch_size: int = 16) -> torch.Tensor:
+        """Shard `image` values (fixed-shape tensors, or high-resolution bytes with `image_shape`) -> [N, d]."""
+        if shapes is not None:
+            from vlp3d.data.shards import decode_image
+
+            images = [decode_image(v, s, self.spec.storage_dtype) for v, s in zip(images, shapes, strict=True)]
+        if self.cfg.objective.name == "t3d":
+            return self.embed_tiled(list(images), batch_size)
+        return self.embed_volumes(torch.from_numpy(np.stack(list(images))), batch_size)
+
     def embed_volume_files(self, paths: list[str]) -> torch.Tensor:
-        """NIfTI files -> [N, d], preprocessed with the spec the model was trained on."""
+        """NIfTI files or DICOM series -> [N, d], preprocessed with the spec the model was trained on."""
         volumes = []
         for path in paths:
-            hu, affine, _ = load_nifti_hu(path)
-            volumes.append(torch.from_numpy(preprocess_hu(hu, affine, self.spec)))
-        return self.embed_volumes(torch.stack(volumes)) if volumes else torch.zeros(0, self.cfg.model.embed_dim)
+            hu, affine, _ = load_volume_hu(path)
+            volumes.append(preprocess_hu(hu, affine, self.spec))
+        return self.embed_stored(volumes) if volumes else torch.zeros(0, self.cfg.model.embed_dim)
 
     @torch.no_grad()
     def embed_report_embeddings(self, report_embedding: torch.Tensor | np.ndarray) -> torch.Tensor:

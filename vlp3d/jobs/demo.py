@@ -6,11 +6,17 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vlp3d.config import load_config, replace, to_toml
+from vlp3d.config import ExperimentConfig, load_config, replace, to_toml
 from vlp3d.jobs.common import OVERRIDES_HELP, run_main
 from vlp3d.table import format_table
+
+if TYPE_CHECKING:
+    from vlp3d.platform.evaluate import EvaluateReport
+    from vlp3d.platform.train import PretrainResult
 
 DEFAULT_WORKDIR = "vlp3d-runs/demo"
 
@@ -21,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "pretraining -> zero-shot and retrieval evaluation on held-out patients -> MLflow model registry "
         "(alias 'champion'). Everything lands in WORKDIR; MLflow uses sqlite:///WORKDIR/mlflow.db."
     )
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="experiment config (default: the built-in CPU demo = configs/demo.toml); e.g. "
+                             "configs/mg3d_demo.toml, configs/t3d_demo.toml, configs/unimedi_demo.toml")
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"output folder (default: {DEFAULT_WORKDIR})")
     parser.add_argument("--n", type=int, default=500, help="phantom volumes (default 500)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
@@ -33,7 +42,17 @@ def _stage(index: int, name: str, detail: str) -> float:
     return time.time()
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class DemoResult:
+    cfg: ExperimentConfig
+    report: EvaluateReport
+    trained: PretrainResult
+    timings: list[tuple[str, float]]
+    tracking_uri: str
+
+
+def run_pipeline(cfg: ExperimentConfig, n: int, seed: int = 0) -> DemoResult:
+    """synth (reused when already written) -> prepare -> pretrain -> evaluate -> register, in `cfg.tracking.workdir`."""
     from vlp3d.data.phantom import synthesize
     from vlp3d.jobs.evaluate import render
     from vlp3d.jobs.prepare import summary
@@ -43,27 +62,27 @@ def run(args: argparse.Namespace) -> int:
     from vlp3d.platform.tracking import promote
     from vlp3d.platform.train import pretrain
 
-    workdir = Path(args.workdir).resolve()
+    workdir = Path(cfg.tracking.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = replace(load_config(None, args.overrides), tracking={"workdir": str(workdir)},
-                  data={"corpus": str(workdir / "corpus"), "shards": str(workdir / "shards")})
-    (workdir / "config.toml").write_text(to_toml(cfg))
+    (workdir / f"{cfg.name}.toml").write_text(to_toml(cfg))
     # pin the store for every process this demo starts (Ray workers included)
     uri = tracking_uri(cfg)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     timings: list[tuple[str, float]] = []
-    started = time.time()
 
-    t = _stage(1, "synth", f"{args.n} phantom CTs -> {cfg.data.corpus}")
+    t = _stage(1, "synth", f"{n} phantom CTs -> {cfg.data.corpus}")
     stamp = Path(cfg.data.corpus) / "_synth.json"
-    params = {"n": args.n, "seed": args.seed}
-    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+    # UniMedI trains on 2D images too: the phantom's frontal projections
+    params = {"n": n, "seed": seed, "radiographs": cfg.objective.name == "unimedi"}
+    existing = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if existing and all(existing.get(k) == v for k, v in params.items() if k != "radiographs") and \
+            (existing.get("radiographs") or not params["radiographs"]):
         print("corpus already written with these parameters; reusing it")
     else:
         from tqdm import tqdm
 
-        with tqdm(total=args.n, unit="vol", disable=None) as bar:
-            synthesize(cfg.data.corpus, args.n, seed=args.seed, progress=bar.update)
+        with tqdm(total=n, unit="vol", disable=None) as bar:
+            synthesize(cfg.data.corpus, n, seed=seed, progress=bar.update, radiographs=params["radiographs"])
         stamp.write_text(json.dumps(params))
     timings.append(("synth", time.time() - t))
 
@@ -72,25 +91,41 @@ def run(args: argparse.Namespace) -> int:
     print(summary(prepared))
     timings.append(("prepare", time.time() - t))
 
-    t = _stage(3, "pretrain", f"Ray Train, {cfg.cluster.num_workers} DDP workers, {cfg.train.max_steps} steps")
+    t = _stage(3, "pretrain", f"Ray Train, {cfg.cluster.num_workers} DDP workers, {cfg.train.max_steps} steps, "
+                              f"objective {cfg.objective.name}")
     trained = pretrain(cfg)
     timings.append(("pretrain", time.time() - t))
 
     t = _stage(4, "evaluate", f"held-out split '{cfg.data.eval_split}'")
-    from vlp3d.platform.tracking import registered_name
-
-    name = registered_name(cfg)
-    model_uri = trained.model_uri
-    report = evaluate(model_uri, cfg.data.shards, uri, split=cfg.data.eval_split,
+    report = evaluate(trained.model_uri, cfg.data.shards, uri, split=cfg.data.eval_split,
                       batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels)
     print(render(report))
     timings.append(("evaluate", time.time() - t))
 
-    t = _stage(5, "register", f"{model_uri} -> alias champion")
-    _, message = promote(uri, model_uri, "champion", f"eval/{cfg.data.eval_split}/macro_auroc")
+    t = _stage(5, "register", f"{trained.model_uri} -> alias champion")
+    _, message = promote(uri, trained.model_uri, "champion", f"eval/{cfg.data.eval_split}/macro_auroc")
     print(message)
     timings.append(("register", time.time() - t))
+    return DemoResult(cfg, report, trained, timings, uri)
 
+
+def demo_config(config: str | None, workdir: str | Path, overrides=()) -> ExperimentConfig:
+    """The config with corpus, shards and MLflow store inside `workdir`."""
+    workdir = Path(workdir).resolve()
+    return replace(load_config(config, overrides), tracking={"workdir": str(workdir)},
+                   data={"corpus": str(workdir / "corpus"), "shards": str(workdir / "shards")})
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlp3d.platform.tracking import registered_name
+
+    started = time.time()
+    cfg = demo_config(args.config, args.workdir, args.overrides)
+    Path(cfg.tracking.workdir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.tracking.workdir) / "config.toml").write_text(to_toml(cfg))  # what `vlp3d pretrain` re-runs
+    result = run_pipeline(cfg, args.n, args.seed)
+    report, trained, timings, uri = result.report, result.trained, result.timings, result.tracking_uri
+    name = registered_name(cfg)
     total = time.time() - started
     m = report.result.metrics
     pool = int(m["retrieval_pool"])

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlp3d.data.shards import read_manifest, resolve_shard_dir
+from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files
 from vlp3d.evaluation.zeroshot import EvaluationResult, evaluate_embeddings
 from vlp3d.platform import tracking
 from vlp3d.platform.runtime import init_ray
 
-EVAL_COLUMNS = ["image", "report_embedding", "labels"]
+EVAL_COLUMNS = ["image", "image_shape", "report_embedding", "labels"]
 
 
 @dataclass
@@ -29,7 +29,10 @@ def read_split(shard_dir: Path, split: str, batch_size: int = 64):
     import ray
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(str(shard_dir), columns=EVAL_COLUMNS + ["split"])
+    files = shard_files(shard_dir, "ct")  # not the folder: read_parquet would recurse into xray/
+    if not files:
+        raise ValueError(f"{shard_dir}: no CT shard files (*.parquet)")
+    ds = ray.data.read_parquet(files, columns=EVAL_COLUMNS + ["split"])
     ds = ds.filter(expr=col("split") == split)
     yield from ds.select_columns(EVAL_COLUMNS).iter_batches(batch_size=batch_size, batch_format="numpy")
 
@@ -43,7 +46,8 @@ def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid
     manifest = read_manifest(shard_dir)
     images, reports, label_rows = [], [], []
     for batch in read_split(shard_dir, split, batch_size):
-        images.append(embedder.embed_volumes(torch.from_numpy(np.array(batch["image"])), batch_size))
+        highres = embedder.spec.storage == "highres"
+        images.append(embedder.embed_stored(batch["image"], batch["image_shape"] if highres else None, batch_size))
         reports.append(embedder.embed_report_embeddings(batch["report_embedding"]))
         label_rows.append(batch["labels"])
     if not images:

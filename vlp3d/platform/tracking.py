@@ -80,6 +80,9 @@ class RankZeroLogger:
         self.client = MlflowClient(tracking_uri=tracking_uri_)
         self.run_id = run_id
 
+    def log_params(self, params: dict[str, object]) -> None:
+        self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
 

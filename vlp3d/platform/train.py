@@ -3,6 +3,7 @@ run tracked in MLflow (params/tags/artifacts from the driver, metrics from rank 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,9 +18,8 @@ from vlp3d.config import ExperimentConfig, from_dict, to_dict, to_toml
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, spec_from_config
 from vlp3d.engine import (
     augment,
-    build_model,
-    build_objective,
     build_optimizer,
+    build_pretrainer,
     build_scheduler,
     to_model_batch,
     train_step,
@@ -27,7 +27,12 @@ from vlp3d.engine import (
 from vlp3d.platform import tracking
 from vlp3d.platform.runtime import init_ray, storage_path
 
-TRAIN_COLUMNS = ["image", "report_embedding"]
+TRAIN_COLUMNS = {
+    "clip": ["image", "report_embedding"],
+    "mg3d": ["image", "report_embedding", "input_ids", "attention_mask", "sentence_embeddings", "sentence_mask"],
+    "t3d": ["image", "image_shape", "report_embedding"],
+    "unimedi": ["image", "report_embedding"],
+}
 # fault injection for tests and drills: the last worker raises once at this step (before any restart)
 INJECT_ENV = "VLP3D_INJECT_FAILURE_AT_STEP"
 
@@ -43,9 +48,12 @@ class PretrainResult:
     elapsed_s: float
 
 
-def _save_checkpoint(directory: str, model, optimizer, scheduler, step: int, cfg: ExperimentConfig,
+def _save_checkpoint(directory: str, pretrainer, optimizer, scheduler, step: int, cfg: ExperimentConfig,
                      meta: dict) -> None:
-    torch.save(model.state_dict(), os.path.join(directory, "model.pt"))
+    """model.pt: the embedding model (what inference loads); objective.pt: the objective's heads,
+    EMA teacher and centres; train_state.pt: optimizer, scheduler, step."""
+    torch.save(pretrainer.model.state_dict(), os.path.join(directory, "model.pt"))
+    torch.save(pretrainer.objective.state_dict(), os.path.join(directory, "objective.pt"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "rng": torch.get_rng_state()}, os.path.join(directory, "train_state.pt"))
     Path(directory, "config.toml").write_text(to_toml(cfg))
@@ -64,45 +72,57 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(max(1, math.floor(cfg.cluster.cpus_per_worker)))
     device = ray.train.torch.get_device()
 
-    model = build_model(cfg, text_dim=loop_config["text_dim"]).to(device)
-    objective, weights = build_objective(cfg)
-    optimizer = build_optimizer(model, cfg)
+    pretrainer, weights = build_pretrainer(cfg, text_dim=loop_config["text_dim"])
+    pretrainer.to(device)
+    optimizer = build_optimizer(pretrainer, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt:
-            model.load_state_dict(torch.load(os.path.join(ckpt, "model.pt"), map_location=device))
+            pretrainer.model.load_state_dict(torch.load(os.path.join(ckpt, "model.pt"), map_location=device))
+            pretrainer.objective.load_state_dict(torch.load(os.path.join(ckpt, "objective.pt"), map_location=device))
             state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step = int(state["step"])
     resumed_from = step
-    # UniMedI's 2D tokenizer gets no gradient in a 3D-only batch (and vice versa)
-    unused = cfg.model.image_encoder == "unimedi_vit"
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
-    unwrapped = model.module if hasattr(model, "module") else model
+    # e.g. UniMedI's 2D tokenizer gets no gradient in a 3D-only batch (and vice versa)
+    unused = getattr(pretrainer.objective, "has_unused_parameters", False) or cfg.model.image_encoder == "unimedi_vit"
+    module = ray.train.torch.prepare_model(pretrainer, parallel_strategy_kwargs={"find_unused_parameters": unused})
+    unwrapped = module.module if hasattr(module, "module") else module
     scaler = torch.amp.GradScaler() if cfg.train.precision == "fp16" else None
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + step)
+    torch.manual_seed(cfg.train.seed * 1000 + rank + step + 1)  # objective-side masks and corruptions
 
     logger = tracking.RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if logger and step:
         logger.log_text(f"resumed from checkpoint at step {step}\n", f"resume-{step}.txt")
     local_batch = cfg.train.global_batch // world_size
     print_every = max(cfg.train.log_every, cfg.train.max_steps // 20 // cfg.train.log_every * cfg.train.log_every)
+    if logger and not step:
+        logger.log_params({f"loss_weight/{term}": weight for term, weight in weights.items()})
     shard = ray.train.get_dataset_shard("train")
+    batches_2d = _cycle_2d(cfg, local_batch, rank) if loop_config.get("has_2d") else None
+    collate = crop_collate(cfg, manifest_spec=loop_config["meta"]["spec"], seed=cfg.train.seed * 1000 + rank + step)
     window: list[dict] = []
     started, samples = time.time(), 0
     while step < cfg.train.max_steps:
         for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=True,
                                               local_shuffle_buffer_size=4 * local_batch,
-                                              local_shuffle_seed=cfg.train.seed + step + rank):
+                                              local_shuffle_seed=cfg.train.seed + step + rank,
+                                              collate_fn=collate):
             batch = to_model_batch(batch, device)
-            if cfg.train.augment:
+            if batches_2d is not None:
+                batch.update(to_model_batch(next(batches_2d), device))
+            if cfg.train.augment and "volume" in batch:
                 batch["volume"] = augment(batch["volume"], generator)
-            model.train()
-            window.append(train_step(model, objective, weights, batch, optimizer, scheduler,
-                                     cfg.train.precision, scaler))
+            module.train()
+            metrics = train_step(module, weights, batch, optimizer, scheduler, cfg.train.precision, scaler,
+                                 after_step=functools.partial(unwrapped.after_step, step + 1))
+            metrics.update({f"weighted/{t}": weights[t] * metrics[f"loss/{t}"] for t in weights
+                            if f"loss/{t}" in metrics})
+            window.append(metrics)
             step += 1
             samples += local_batch * world_size
             if step == loop_config.get("inject_failure_at_step") and resumed_from == 0 and rank == world_size - 1:
@@ -110,7 +130,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             last = step >= cfg.train.max_steps
             if step % cfg.train.log_every == 0 or last:
                 metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-                metrics["temperature"] = 1.0 / unwrapped.scale().item()
+                metrics["temperature"] = 1.0 / unwrapped.model.scale().item()
                 metrics["samples_per_s"] = samples / max(1e-9, time.time() - started)
                 metrics["step"] = step
                 window.clear()
@@ -133,22 +153,84 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 break
 
 
-def _training_dataset(cfg: ExperimentConfig, shard_dir: Path):
+def crop_collate(cfg: ExperimentConfig, manifest_spec: dict, seed: int):
+    """T3D: an `iter_torch_batches` collate function sampling `objective.num_crops` crops of
+    `objective.crop_shape` per high-resolution volume, centred inside the body; None otherwise."""
+    if cfg.objective.name != "t3d":
+        return None
+    import numpy as np
+
+    from vlp3d.data.shards import decode_image
+    from vlp3d.objectives.t3d import sample_crops
+
+    rng = np.random.default_rng(seed)
+    dtype = manifest_spec["storage_dtype"]
+    lo, hi = manifest_spec["hu_window"]
+    body = (cfg.data.body_threshold_hu - lo) / (hi - lo) * (255 if dtype == "uint8" else 1)
+
+    def collate(batch: dict) -> dict:
+        volumes = [decode_image(v, s, dtype) for v, s in zip(batch["image"], batch["image_shape"], strict=True)]
+        crops = np.stack([sample_crops(v, cfg.objective.crop_shape, cfg.objective.num_crops, rng, body)
+                          for v in volumes])
+        return {"crops": torch.from_numpy(crops),
+                "report_embedding": torch.from_numpy(np.stack(list(batch["report_embedding"])).astype(np.float32))}
+
+    return collate
+
+
+def _cycle_2d(cfg: ExperimentConfig, local_batch: int, rank: int):
+    """UniMedI: endless 2D (radiograph) batches from this worker's shard of `train_2d`, renamed
+    `image_2d` / `report_embedding_2d` (batches are formed per modality)."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train_2d")
+    epoch = 0
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=True,
+                                              local_shuffle_buffer_size=4 * local_batch,
+                                              local_shuffle_seed=cfg.train.seed + epoch + rank):
+            yield {"image_2d": batch["image"], "report_embedding_2d": batch["report_embedding"]}
+        epoch += 1
+
+
+def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "ct"):
     import ray
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(str(shard_dir), columns=TRAIN_COLUMNS + ["split", "fraction_rank"])
+    from vlp3d.data.shards import shard_files
+
+    files = shard_files(shard_dir, modality)
+    if not files:
+        return None
+    columns = TRAIN_COLUMNS[cfg.objective.name] if modality == "ct" else ["image", "report_embedding"]
+    ds = ray.data.read_parquet(files, columns=columns + ["split", "fraction_rank"])
     ds = ds.filter(expr=col("split") == cfg.data.train_split)
     if cfg.data.fraction < 1.0:
         ds = ds.filter(expr=col("fraction_rank") < cfg.data.fraction)
-    ds = ds.select_columns(TRAIN_COLUMNS)
+    ds = ds.select_columns(columns)
     if cfg.data.materialize == "never":
         return ds
-    size = sum(p.stat().st_size for p in shard_dir.glob("*.parquet"))
+    size = sum(Path(f).stat().st_size for f in files)
     budget = ray.available_resources().get("object_store_memory", 0) / 4
     if cfg.data.materialize == "always" or size * 2 < budget:
         return ds.materialize()
     return ds
+
+
+def check_shards_for(cfg: ExperimentConfig, manifest: dict, shard_dir: Path) -> None:
+    """The shards must hold what the objective reads; say which data.* setting fixes it."""
+    spec = manifest["spec"]
+    if cfg.objective.name == "t3d" and spec.get("storage") != "highres":
+        raise ValueError(f"{shard_dir}: objective 't3d' samples crops from high-resolution volumes; prepare the "
+                         "corpus with data.storage = \"highres\" (see configs/t3d_demo.toml).")
+    if cfg.objective.name != "t3d" and spec.get("storage", "fixed") != "fixed":
+        raise ValueError(f"{shard_dir}: objective '{cfg.objective.name}' needs fixed-shape volumes; prepare with "
+                         "data.storage = \"fixed\".")
+    if cfg.objective.name == "t3d":
+        small = [c for c, s in zip(cfg.objective.crop_shape, cfg.data.shape, strict=True) if c > s]
+        if small:
+            raise ValueError(f"objective.crop_shape {cfg.objective.crop_shape} exceeds data.shape {cfg.data.shape}, "
+                             "the minimum stored size; make data.shape at least the crop shape.")
 
 
 def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print) -> PretrainResult:
@@ -175,11 +257,18 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print)
     text_dim = int(manifest["text_dim"])
     meta = {"spec": manifest["spec"], "spec_hash": manifest["spec_hash"], "label_names": manifest["label_names"],
             "text_dim": text_dim, "mlflow_run_id": run_id}
-    dataset = _training_dataset(cfg, shard_dir)
+    check_shards_for(cfg, manifest, shard_dir)
+    datasets = {"train": _training_dataset(cfg, shard_dir)}
+    if datasets["train"] is None:
+        raise ValueError(f"{shard_dir}: no CT shard files; re-run `vlp3d prepare`.")
+    if cfg.objective.name == "unimedi":
+        xray = _training_dataset(cfg, shard_dir, "xray")
+        if xray is not None:
+            datasets["train_2d"] = xray
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
-                           "text_dim": text_dim, "meta": meta,
+                           "text_dim": text_dim, "meta": meta, "has_2d": "train_2d" in datasets,
                            "inject_failure_at_step": int(os.environ.get(INJECT_ENV, "0"))},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
@@ -191,7 +280,7 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print)
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     progress(f"training {cfg.train.max_steps} steps on {cfg.cluster.num_workers} workers "
              f"(global batch {cfg.train.global_batch}); run {run_name}")

@@ -1,0 +1,131 @@
+"""T3D: high-resolution sub-volume crops, text-informed contrast and restoration (METHODS.md).
+
+The encoder never sees a downsampled whole volume: the trainer feeds `crops` [B, K, 1, *crop]
+sampled inside the body from volumes stored at full resolution (`data.storage = "highres"`).
+Terms:
+- `text_contrast`: InfoNCE (global batch) between each crop's embedding and its report's,
+  averaged over the K crops.
+- `crop_contrast`: crops of the same volume are positives: InfoNCE between 128-d projections of
+  every pair of crops, fixed temperature 0.1 (ours).
+- `restore`: the first crop of each volume is corrupted — local patches blanked, voxels shuffled
+  inside other patches, Gaussian noise (ours, after Models Genesis) — encoded, and restored by a
+  conv decoder FiLM-conditioned on the frozen report embedding (ours); L1 to the clean crop.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlp3d.config import ExperimentConfig
+from vlp3d.objectives.clip import ClipLoss
+from vlp3d.objectives.heads import ConvDecoder, probe_encoder
+
+TERMS = ("text_contrast", "crop_contrast", "restore")
+
+
+def corrupt(crop: torch.Tensor, patch: int, mask_ratio: float, shuffle_ratio: float, noise_std: float,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """crop [B, 1, X, Y, Z] (each side a multiple of `patch`) -> corrupted copy.
+
+    Of the patch^3 cells, `mask_ratio` are set to 0 and `shuffle_ratio` (of the rest) get their
+    voxels permuted; then N(0, noise_std) noise everywhere.
+    """
+    b, c, *size = crop.shape
+    grid = [s // patch for s in size]
+    if any(s % patch for s in size):
+        raise ValueError(f"objective.crop_shape {tuple(size)} must be a multiple of objective.corrupt_patch={patch}")
+    n, voxels = int(np.prod(grid)), patch**3
+    cells = crop.reshape(b, c, grid[0], patch, grid[1], patch, grid[2], patch)
+    cells = cells.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, c, n, voxels)
+    draw = torch.rand(b, n, generator=generator).to(crop.device)
+    blank = draw < mask_ratio
+    shuffle = (draw >= mask_ratio) & (draw < mask_ratio + shuffle_ratio * (1 - mask_ratio))
+    order = torch.rand(b, n, voxels, generator=generator).argsort(dim=-1).to(crop.device)
+    shuffled = cells.gather(3, order[:, None].expand(-1, c, -1, -1))
+    cells = torch.where(shuffle[:, None, :, None], shuffled, cells)
+    cells = cells.masked_fill(blank[:, None, :, None], 0.0)
+    out = cells.reshape(b, c, *grid, patch, patch, patch).permute(0, 1, 2, 5, 3, 6, 4, 7).reshape(crop.shape)
+    noise = torch.randn(crop.shape, generator=generator).to(crop.device) * noise_std
+    return out + noise.to(out.dtype)
+
+
+class T3DObjective(nn.Module):
+    terms = TERMS
+
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module, text_dim: int):
+        super().__init__()
+        o = cfg.objective
+        self.cfg = o
+        if o.num_crops < 1 or (o.crop_contrast_weight > 0 and o.num_crops < 2):
+            raise ValueError(f"objective.num_crops={o.num_crops}: `crop_contrast` needs at least 2 crops per "
+                             "volume (or set objective.crop_contrast_weight = 0).")
+        self.active = {t for t in TERMS if getattr(o, f"{t}_weight") > 0}
+        self.clip = ClipLoss(o.gather_with_grad, o.local_loss)
+        self.crop_scale = 1.0 / o.crop_temperature
+        grid, width = probe_encoder(model.image_encoder, o.crop_shape)
+        if "crop_contrast" in self.active:
+            self.crop_head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, o.crop_dim))
+        if "restore" in self.active:
+            self.decoder = ConvDecoder(width, grid, o.crop_shape, o.decoder_dim, condition_dim=text_dim)
+
+    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        crops, report = batch["crops"], batch["report_embedding"]  # [B, K, 1, X, Y, Z], [B, H]
+        b, k = crops.shape[:2]
+        pooled, _ = model.image_encoder(crops.flatten(0, 1))
+        pooled = pooled.reshape(b, k, -1)
+        out: dict[str, torch.Tensor] = {}
+        if "text_contrast" in self.active:
+            image = F.normalize(model.image_proj(pooled), dim=-1)
+            text, scale = model.encode_text(report), model.scale()
+            out["text_contrast"] = sum(self.clip(image[:, i], text, scale) for i in range(k)) / k
+        if "crop_contrast" in self.active:
+            projected = F.normalize(self.crop_head(pooled), dim=-1)
+            pairs = list(itertools.combinations(range(k), 2))
+            out["crop_contrast"] = sum(
+                self.clip(projected[:, i], projected[:, j], self.crop_scale) for i, j in pairs) / len(pairs)
+        if "restore" in self.active:
+            clean = crops[:, 0]
+            damaged = corrupt(clean, self.cfg.corrupt_patch, self.cfg.corrupt_mask_ratio,
+                              self.cfg.corrupt_shuffle_ratio, self.cfg.corrupt_noise_std)
+            _, tokens = model.image_encoder(damaged)
+            restored = self.decoder(tokens, condition=report.float())
+            out["restore"] = F.l1_loss(restored, clean)
+        return out
+
+
+def sample_crops(volume: np.ndarray, shape: Sequence[int], count: int, rng: np.random.Generator,
+                 body_level: float, stride: int = 4) -> np.ndarray:
+    """`count` crops [count, *shape] of a stored volume [X, Y, Z], each centred on a random body
+    voxel (value > `body_level`, drawn from a `stride`-subsampled grid; uniform when there is no
+    body), clipped so the crop stays inside; a volume smaller than `shape` is zero-padded first."""
+    pad = [(0, max(0, s - v)) for s, v in zip(shape, volume.shape, strict=True)]
+    if any(p[1] for p in pad):
+        volume = np.pad(volume, pad)
+    body = np.argwhere(volume[::stride, ::stride, ::stride] > body_level) * stride
+    crops = []
+    for _ in range(count):
+        if len(body):
+            centre = body[rng.integers(len(body))]
+        else:
+            centre = [rng.integers(v) for v in volume.shape]
+        corner = [int(min(max(0, c - s // 2), v - s)) for c, s, v in zip(centre, shape, volume.shape, strict=True)]
+        crops.append(volume[tuple(slice(c, c + s) for c, s in zip(corner, shape, strict=True))])
+    return np.stack(crops)
+
+
+def tile_corners(size: Sequence[int], shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """Corners of crops of `shape` covering a volume of `size` (the last crop on each axis
+    flush with the edge; one crop at 0 when the axis is shorter, to be zero-padded)."""
+    axes = []
+    for s, c in zip(size, shape, strict=True):
+        starts = list(range(0, max(1, s - c + 1), c))
+        if s > c and starts[-1] != s - c:
+            starts.append(s - c)
+        axes.append(starts)
+    return list(itertools.product(*axes))

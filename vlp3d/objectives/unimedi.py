@@ -1,0 +1,180 @@
+"""UniMedI: one ViT for 2D and 3D, language-guided (attentive) slice selection, self-distillation.
+
+Views per step: the 3D volume; a pseudo-2D image built from the volume's top-k slices by the EMA
+teacher's [CLS] attention (k slices tiled into one 2D mosaic, ceil(sqrt(k)) per row, so the 2D
+tokenizer sees them as one image — ours); and, when the corpus has radiographs, a batch of real
+2D images with their own reports (batches are per modality).
+
+Terms:
+- `vl_contrast`: InfoNCE of image [CLS] embedding and report embedding, averaged over the 3D,
+  pseudo-2D and 2D views (one shared space).
+- `distill_cls`: DINO cross-entropy between the sharpened, centred teacher [CLS] distribution of
+  the full view and the student's of a masked view (mask ratio 0.5); the 3D teacher also teaches
+  the pseudo-2D student.
+- `distill_patch`: iBOT cross-entropy on the masked patch tokens of each view.
+The teacher is an EMA of the student (momentum cosine 0.996 -> 1.0), updated after every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlp3d.config import ExperimentConfig
+from vlp3d.objectives.clip import ClipLoss
+from vlp3d.objectives.heads import all_reduce_mean, patch_mask
+
+TERMS = ("vl_contrast", "distill_cls", "distill_patch")
+
+
+class DINOHead(nn.Module):
+    """MLP -> L2-normalised bottleneck -> prototypes with unit-norm weights (DINO's weight-normed layer, g = 1)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 512, bottleneck: int = 128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, bottleneck))
+        self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+
+
+def ema_momentum(step: int, max_steps: int, start: float = 0.996, end: float = 1.0) -> float:
+    """Cosine schedule of the teacher momentum: `start` at step 0, `end` at `max_steps`."""
+    progress = min(1.0, step / max(1, max_steps))
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1 - momentum)
+
+
+def dino_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, center: torch.Tensor,
+              teacher_temperature: float, student_temperature: float) -> torch.Tensor:
+    """Mean over rows of H(softmax((t - c) / Tt), log_softmax(s / Ts)); the teacher side has no gradient."""
+    target = F.softmax((teacher_logits.detach().float() - center) / teacher_temperature, dim=-1)
+    return -(target * F.log_softmax(student_logits.float() / student_temperature, dim=-1)).sum(-1).mean()
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
+    """center <- m * center + (1 - m) * mean of the teacher outputs over the global batch (in place)."""
+    batch_mean = all_reduce_mean(teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1]).mean(0))
+    center.mul_(momentum).add_(batch_mean[None], alpha=1 - momentum)
+
+
+def select_slices(slice_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [B, k] of the k highest-scoring slices, in ascending slice order."""
+    k = min(k, slice_scores.shape[1])
+    return slice_scores.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def slice_mosaic(volume: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """volume [B, C, X, Y, Z], indices [B, k] -> one 2D image [B, C, rows * X, cols * Y] tiling the
+    axial slices volume[..., z] row by row (cols = ceil(sqrt(k)); empty tiles stay 0)."""
+    b, c, x, y, _ = volume.shape
+    k = indices.shape[1]
+    cols = math.ceil(math.sqrt(k))
+    rows = math.ceil(k / cols)
+    index = indices[:, None, None, None, :].expand(b, c, x, y, k)
+    slices = volume.gather(4, index).permute(0, 4, 1, 2, 3)  # [B, k, C, X, Y]
+    if rows * cols > k:
+        slices = torch.cat([slices, slices.new_zeros(b, rows * cols - k, c, x, y)], dim=1)
+    grid = slices.reshape(b, rows, cols, c, x, y).permute(0, 3, 1, 4, 2, 5)
+    return grid.reshape(b, c, rows * x, cols * y)
+
+
+def forward_with_attention(encoder: nn.Module, image: torch.Tensor):
+    """UniMedI ViT forward that also returns [CLS]->patch attention averaged over heads and layers."""
+    x = encoder.embed(image)
+    attention = 0
+    for block in encoder.blocks:
+        x, weights = block(x, return_attention=True)
+        attention = attention + weights[:, :, 0, 1:].mean(dim=1)
+    x = encoder.norm(x)
+    return x[:, 0], x[:, 1:], attention / len(encoder.blocks)
+
+
+class UniMedIObjective(nn.Module):
+    terms = TERMS
+    has_unused_parameters = True  # the 2D tokenizer idles in 3D-only steps
+
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module, text_dim: int):
+        super().__init__()
+        if not hasattr(model.image_encoder, "patch_embed_2d"):
+            raise ValueError(f"objective.name = 'unimedi' needs model.image_encoder = 'unimedi_vit' "
+                             f"(one ViT for 2D and 3D), got {cfg.model.image_encoder!r}.")
+        o = cfg.objective
+        self.cfg = o
+        self.max_steps = cfg.train.max_steps
+        self.active = {t for t in TERMS if getattr(o, f"{t}_weight") > 0}
+        self.clip = ClipLoss(o.gather_with_grad, o.local_loss)
+        width = model.image_encoder.out_dim
+        self.head = DINOHead(width, o.dino_dim)
+        self.teacher_encoder = copy.deepcopy(model.image_encoder).requires_grad_(False)
+        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.register_buffer("center_cls", torch.zeros(1, o.dino_dim))
+        self.register_buffer("center_patch", torch.zeros(1, o.dino_dim))
+
+    def _distill(self, teacher_logits, student_logits, center) -> torch.Tensor:
+        return dino_loss(teacher_logits, student_logits, center, self.cfg.teacher_temperature,
+                         self.cfg.student_temperature)
+
+    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        o, student = self.cfg, model.image_encoder
+        volume, report = batch["volume"], batch["report_embedding"]
+        with torch.no_grad():
+            self.teacher_encoder.eval()
+            t_cls3, t_patch3, attention = forward_with_attention(self.teacher_encoder, volume)
+            scores = self.teacher_encoder.attention_by_slice(attention, volume.shape)
+            pseudo = slice_mosaic(volume, select_slices(scores, o.top_k_slices))
+        views = [("3d", volume, report), ("pseudo2d", pseudo, report)]
+        if "image_2d" in batch:
+            views.append(("2d", batch["image_2d"], batch["report_embedding_2d"]))
+
+        out: dict[str, torch.Tensor] = {}
+        if "vl_contrast" in self.active:
+            scale = model.scale()
+            losses = [self.clip(F.normalize(model.image_proj(student(image)[0]), dim=-1), model.encode_text(text), scale)
+                      for _, image, text in views]
+            out["vl_contrast"] = sum(losses) / len(losses)
+        if self.active & {"distill_cls", "distill_patch"}:
+            cls_losses, patch_losses, teacher_cls, teacher_patch = [], [], [], []
+            for name, image, _ in views:
+                with torch.no_grad():
+                    if name == "3d":
+                        t_cls, t_patch = t_cls3, t_patch3
+                    else:
+                        t_cls, t_patch = self.teacher_encoder(image)
+                    t_cls, t_patch = self.teacher_head(t_cls), self.teacher_head(t_patch)
+                mask = patch_mask(student.token_grid(image.shape), image.shape[0], o.student_mask_ratio, image.device)
+                s_cls, s_patch = student(image, token_mask=mask)
+                s_cls = self.head(s_cls)
+                cls_losses.append(self._distill(t_cls, s_cls, self.center_cls))
+                if name == "pseudo2d":  # the 3D teacher also teaches the pseudo-2D student
+                    cls_losses.append(self._distill(teacher_cls[0], s_cls, self.center_cls))
+                patch_losses.append(self._distill(t_patch[mask], self.head(s_patch[mask]), self.center_patch))
+                teacher_cls.append(t_cls)
+                teacher_patch.append(t_patch.reshape(-1, t_patch.shape[-1]))
+            if "distill_cls" in self.active:
+                out["distill_cls"] = sum(cls_losses) / len(cls_losses)
+            if "distill_patch" in self.active:
+                out["distill_patch"] = sum(patch_losses) / len(patch_losses)
+            if self.training:
+                update_center(self.center_cls, torch.cat(teacher_cls), o.center_momentum)
+                update_center(self.center_patch, torch.cat(teacher_patch), o.center_momentum)
+        return out
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """EMA teacher update after the optimizer step `step` (1-based)."""
+        momentum = ema_momentum(step, self.max_steps, *self.cfg.ema_momentum)
+        ema_update(self.teacher_encoder, model.image_encoder, momentum)
+        ema_update(self.teacher_head, self.head, momentum)
