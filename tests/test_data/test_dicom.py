@@ -3,7 +3,6 @@ HU applied exactly once, affines in nibabel's RAS convention, orientation to RAS
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -11,10 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from monai.data import MetaTensor
-from monai.transforms import Orientation
 
+from tests.test_data.helpers import package_file, to_ras
 from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_hu
 
 pydicom = pytest.importorskip("pydicom")
@@ -24,23 +21,8 @@ CT_SMALL = PYDICOM_FILES / "CT_small.dcm"
 # five 16x16 slices of one CT series, InstanceNumber 6..10, z = 8.7625 .. -1.2375 mm (LPS), 2.5 mm apart
 CT_SERIES = PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N"
 LOWEST_SLICE = "3353"  # z = -1.2375, InstanceNumber 10
-RAS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-def _package_file(package: str, *parts: str) -> Path:
-    """A data file inside an installed package, found without importing it (no network fetch)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        pytest.skip(f"{package} is not installed (pip install -e '.[dev]')")
-    path = Path(spec.origin).parent.joinpath(*parts)
-    assert path.is_file(), f"{path} missing from the installed {package}"
-    return path
-
-
-def _to_ras(hu: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    volume = MetaTensor(torch.from_numpy(hu)[None], affine=torch.from_numpy(affine))
-    volume = Orientation(axcodes="RAS", labels=RAS)(volume)
-    return volume[0].as_tensor().numpy(), volume.affine.numpy()
 
 
 # ---------------------------------------------------------------- single-frame CT (pydicom)
@@ -95,7 +77,7 @@ def test_series_folder_geometry_and_values():
 
     # RAS: x and y flip, so DICOM pixel (row 0, column 0) of the lowest slice -- the patient's
     # right-anterior corner -- lands at the last index of both in-plane axes
-    ras, ras_affine = _to_ras(hu, affine)
+    ras, ras_affine = to_ras(hu, affine)
     assert nib.aff2axcodes(ras_affine) == ("R", "A", "S")
     assert ras[15, 15, 0] == lowest.pixel_array[0, 0] - 1024.0
     np.testing.assert_allclose(ras_affine @ [15, 15, 0, 1], [72.2, 143.0, -1.2375, 1], atol=1e-5)
@@ -189,7 +171,7 @@ def test_missing_pydicom_names_file_and_extra(monkeypatch):
 # ---------------------------------------------------------------- enhanced multi-frame CT (pydicom-data)
 
 def test_enhanced_multiframe_ct():
-    path = _package_file("data_store", "data", "eCT_Supplemental.dcm")
+    path = package_file("data_store", "data", "eCT_Supplemental.dcm")
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID.name == "Enhanced CT Image Storage" and int(ds.NumberOfFrames) == 2
     assert "RescaleIntercept" not in ds  # it lives in the functional groups
@@ -203,7 +185,7 @@ def test_enhanced_multiframe_ct():
     np.testing.assert_array_equal(hu[:, :, 1], stored[0].T - 1024.0)
     np.testing.assert_allclose(affine, [[0.388672, 0, 0, -99.5], [0, -0.388672, 0, 301.5],
                                         [0, 0, -10.0, -149.0], [0, 0, 0, 1]], atol=1e-6)
-    ras, ras_affine = _to_ras(hu, affine)
+    ras, ras_affine = to_ras(hu, affine)
     assert nib.aff2axcodes(ras_affine) == ("R", "A", "S")
     assert ras[0, 511, 1] == hu[0, 0, 0]  # y and z flip, x already runs to the right
 

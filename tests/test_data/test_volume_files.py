@@ -3,35 +3,13 @@ scaling applied exactly once, orientation to RAS lands known voxels where expect
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
-import torch
-from monai.data import MetaTensor
-from monai.transforms import Orientation
 
+from tests.test_data.helpers import package_file, to_ras
 from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_hu
-
-RAS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-def _package_file(package: str, *parts: str) -> Path:
-    """A data file inside an installed package, found without importing it (no network fetch)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        pytest.skip(f"{package} is not installed (pip install -e '.[dev]')")
-    path = Path(spec.origin).parent.joinpath(*parts)
-    assert path.is_file(), f"{path} missing from the installed {package}"
-    return path
-
-
-def _to_ras(hu: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    volume = MetaTensor(torch.from_numpy(hu)[None], affine=torch.from_numpy(affine))
-    volume = Orientation(axcodes="RAS", labels=RAS)(volume)
-    return volume[0].as_tensor().numpy(), volume.affine.numpy()
 
 
 def test_nibabel_scaled_image_applied_once(tmp_path):
@@ -61,8 +39,8 @@ def test_nibabel_scaled_image_applied_once(tmp_path):
     np.testing.assert_array_equal(again, hu)
 
 
-def test_dipy_anisotropic_lps_volume_to_ras():
-    path = _package_file("dipy", "data", "files", "aniso_vox.nii.gz")
+def test_dipy_anisotropic_lps_volumeto_ras():
+    path = package_file("dipy", "data", "files", "aniso_vox.nii.gz")
     img = nib.load(path)
     assert img.shape == (58, 58, 24) and nib.aff2axcodes(img.affine) == ("L", "P", "S")
     np.testing.assert_allclose(nib.affines.voxel_sizes(img.affine), [4.0, 4.0, 5.0], atol=1e-3)
@@ -72,7 +50,7 @@ def test_dipy_anisotropic_lps_volume_to_ras():
 
     # the brightest voxel: L->R and P->A flip the first two axes, world position unchanged
     i, j, k = np.unravel_index(np.argmax(hu), hu.shape)
-    ras, ras_affine = _to_ras(hu, affine)
+    ras, ras_affine = to_ras(hu, affine)
     assert nib.aff2axcodes(ras_affine) == ("R", "A", "S")
     assert ras[57 - i, 57 - j, k] == hu[i, j, k]
     np.testing.assert_allclose(ras_affine @ [57 - i, 57 - j, k, 1], affine @ [i, j, k, 1], atol=1e-4)
