@@ -42,5 +42,7 @@ def test_partial_unfreezing_trains_only_the_last_layers():
 
 def test_unreachable_hub_name_says_how_to_use_a_local_path(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable at import; without this the lookup waits for network timeouts
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="local-dir DIR.*model.text_encoder"):
         TextEncoder("no-such-org/no-such-model")
