@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vlp3d.config import to_toml
-from vlp3d.jobs import demo, evaluate, export, models, prepare, pretrain, register, synth
+from vlp3d.jobs import demo, evaluate, export, models, prepare, pretrain, register, sweep, synth
 from vlp3d.jobs.common import (
     add_config_arguments,
     config_keys_epilog,
@@ -19,6 +19,7 @@ JOBS = {
     "synth": (synth, "write a phantom corpus in CT-RATE layout"),
     "prepare": (prepare, "preprocess a corpus into Parquet shards (Ray Data)"),
     "pretrain": (pretrain, "pretrain on Ray Train, tracked in MLflow"),
+    "sweep": (sweep, "Ray Tune sweep over config keys; scaling-law fits and plots in MLflow"),
     "evaluate": (evaluate, "zero-shot AUROC and retrieval on held-out shards"),
     "register": (register, "point the 'champion' alias at a better model version"),
     "models": (models, "list image encoders and presets with parameters and memory"),

@@ -158,6 +158,11 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Autocast precision (bf16/fp16 on GPU).")
     seed: int = _f(0, "Seed for model init, data order and augmentation.")
     log_every: int = _f(10, "Report metrics every N steps.")
+    val_every: int = _f(
+        0, "Compute the validation loss (`val/loss`, the objective on data.eval_split) every N steps; it is "
+        "always computed at the last step (0: only then). Sweeps with tune.scheduler = 'asha' stop trials on it.",
+    )
+    val_volumes: int = _f(0, "Held-out volumes used for the validation loss (0: all of data.eval_split).")
     checkpoint_every: int = _f(100, "Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on storage.")
     max_failures: int = _f(2, "Worker-group restarts tolerated; training resumes from the last checkpoint.")
@@ -171,11 +176,45 @@ class EvalConfig:
     labels: tuple[str, ...] = _f((), "Labels to evaluate; empty: every label with both classes in the split.")
 
 
+def _table(help: str) -> Any:
+    """A TOML-table field (empty by default); its contents are checked by vlp3d.search_space."""
+    return field(default_factory=dict, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TuneConfig:
-    num_samples: int = _f(1, "Trials per point of the search space.")
-    metric: str = _f("val/macro_auroc", "Metric the sweep optimises.")
-    mode: Literal["max", "min"] = _f("max", "Optimisation direction of `metric`.")
+    """`vlp3d sweep`: Ray Tune over config keys; every trial pretrains, is evaluated and logged as a
+    child run of one MLflow parent run, and scaling laws are fitted over the finished trials."""
+
+    space: dict[str, Any] = _table(
+        "Search space: config key -> values. A list (or {grid = [...]}) tries every value; {choice = [...]} "
+        "samples one; {uniform = [lo, hi]}, {loguniform = [lo, hi]} (floats) and {randint = [lo, hi]} "
+        "(ints, hi exclusive) sample a range. E.g. \"data.fraction\" = [0.25, 0.5, 1.0].",
+    )
+    variants: dict[str, Any] = _table(
+        "Named groups of keys set together, tried as one more grid axis (column 'variant'), e.g. "
+        "[tune.variants.no_mim] \"objective.mim_weight\" = 0.0; an empty table keeps the base config.",
+    )
+    search: Literal["grid", "random", "optuna"] = _f(
+        "grid", "'grid': every grid value (sampled keys drawn per grid point); 'random': every key sampled, "
+        "lists as choices; 'optuna': Optuna's TPE over the space (pip install optuna), guided by tune.metric.",
+    )
+    num_samples: int = _f(1, "Trials per grid point ('grid') or in all ('random', 'optuna').")
+    metric: str = _f("eval/macro_auroc", "Trial metric that ranks trials and guides Optuna (reported at the end of a trial).")
+    mode: Literal["max", "min"] = _f("max", "Optimisation direction of `tune.metric`.")
+    scheduler: Literal["none", "asha"] = _f(
+        "none", "'asha': stop poor trials early on tune.asha_metric, reported every train.val_every steps.")
+    asha_metric: str = _f("val/loss", "Metric ASHA compares at its rungs (reported during training).")
+    asha_mode: Literal["max", "min"] = _f("min", "Direction of tune.asha_metric.")
+    asha_grace_steps: int = _f(0, "Steps every trial runs before ASHA may stop it (0: train.max_steps // 4).")
+    asha_reduction_factor: int = _f(2, "ASHA keeps 1/reduction_factor of the trials at each rung.")
+    max_concurrent_trials: int = _f(
+        0, "Trials run at once (0: as many as the cluster's CPUs/GPUs hold, keeping one CPU for Ray Data; set "
+        "it on an autoscaling cluster, whose resources grow only once trials ask).",
+    )
+    trial_cpus: float = _f(0.1, "CPUs of each trial's driver process (its Train workers take cluster.* resources).")
+    seed: int = _f(0, "Seed of random/Optuna sampling and of the scaling-fit bootstrap.")
+    fit_bootstrap: int = _f(1000, "Bootstrap resamples for the 95% intervals of fitted scaling exponents.")
 
 
 @dataclass(frozen=True)
@@ -214,14 +253,14 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _hint(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
+def did_you_mean(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     if close:
         return f" Did you mean '{prefix}{close[0]}'?"
     return f" Valid keys: {', '.join(prefix + v for v in sorted(valid))}."
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
+def coerce_value(value: Any, annotation: Any, where: str) -> Any:
     """Check `value` against a field annotation; lists become tuples, ints become floats."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -233,10 +272,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}.")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where) for v in value)
+            return tuple(coerce_value(v, args[0], where) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r}).")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+        return tuple(coerce_value(v, a, where) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table ({{...}} or a [section] header), got {value!r}.")
+        return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool):
@@ -257,9 +300,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     for key, value in values.items():
         if key not in names:
             raise ConfigError(
-                f"unknown key '{where}{key}'.{_hint(key, names, where)}"
+                f"unknown key '{where}{key}'.{did_you_mean(key, names, where)}"
             )
-        kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
+        kwargs[key] = coerce_value(value, hints[key], f"{where}{key}")
     return cls(**kwargs)
 
 
@@ -280,16 +323,41 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in top:
-            raise ConfigError(f"unknown section '{key}'.{_hint(key, top)}")
+            raise ConfigError(f"unknown section '{key}'.{did_you_mean(key, top)}")
         if key == "name":
-            kwargs["name"] = _coerce(value, str, "name")
+            kwargs["name"] = coerce_value(value, str, "name")
         else:
             if not isinstance(value, dict):
                 raise ConfigError(f"'{key}' must be a table ([{key}]), got {value!r}.")
             if key == "objective" and value.get("name") in METHOD_DEFAULTS:
                 value = {**METHOD_DEFAULTS[value["name"]], **value}
             kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
-    return ExperimentConfig(**kwargs)
+    cfg = ExperimentConfig(**kwargs)
+    check_ranges(cfg)
+    return cfg
+
+
+# (low, high, low included) per key whose type alone does not bound it
+RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "data.fraction": (0.0, 1.0, False, "the share of training patients used (nested subsets)"),
+    "data.valid_fraction": (0.0, 1.0, True, "the share of patients held out when a manifest has no split"),
+}
+
+
+def check_value_range(key: str, value: float) -> None:
+    """Raise ConfigError unless `value` lies in the range RANGES gives `key` (if any)."""
+    if key not in RANGES:
+        return
+    low, high, low_included, meaning = RANGES[key]
+    if not (low <= value <= high if low_included else low < value <= high):
+        bracket = "[" if low_included else "("
+        raise ConfigError(f"{key} = {value!r} must be in {bracket}{low:g}, {high:g}] ({meaning}).")
+
+
+def check_ranges(cfg: ExperimentConfig) -> None:
+    for key in RANGES:
+        section, name = key.split(".")
+        check_value_range(key, getattr(getattr(cfg, section), name))
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
@@ -313,7 +381,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"override '{text}': use section.key=value, e.g. train.lr=1e-3.")
         section, key = keys
         if section not in SECTIONS:
-            raise ConfigError(f"override '{text}': unknown section '{section}'.{_hint(section, SECTIONS)}")
+            raise ConfigError(f"override '{text}': unknown section '{section}'.{did_you_mean(section, SECTIONS)}")
         raw.setdefault(section, {})[key] = value
     try:
         return from_dict(raw)
@@ -340,7 +408,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, str]:
     for section, values in to_dict(cfg).items():
         if isinstance(values, dict):
             for key, value in values.items():
-                out[f"{section}.{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+                out[f"{section}.{key}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
         else:
             out[section] = str(values)
     return out
@@ -352,6 +420,9 @@ def to_toml(cfg: ExperimentConfig) -> str:
             return "true" if value else "false"
         if isinstance(value, list):
             return "[" + ", ".join(fmt(v) for v in value) + "]"
+        if isinstance(value, dict):  # an inline table; keys quoted (search-space keys hold dots)
+            items = ", ".join(f"{json.dumps(k)} = {fmt(v)}" for k, v in value.items())
+            return f"{{ {items} }}" if items else "{}"
         return json.dumps(value)
 
     raw = to_dict(cfg)
@@ -373,5 +444,6 @@ def describe() -> list[tuple[str, str, str]]:
     rows = []
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            rows.append((f"{section}.{f.name}", repr(f.default), f.metadata.get("help", "")))
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((f"{section}.{f.name}", repr(default), f.metadata.get("help", "")))
     return rows

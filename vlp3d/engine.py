@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlp3d.config import ExperimentConfig
+from vlp3d.config import ConfigError, ExperimentConfig
 from vlp3d.data.volume import dequantise
 from vlp3d.encoders import build_image_encoder, resolve_text_encoder
 from vlp3d.objectives.clip import ClipLoss
@@ -83,6 +83,38 @@ def text_dim_for(cfg: ExperimentConfig) -> int:
 def model_input_shape(cfg: ExperimentConfig) -> tuple[int, int, int]:
     """Spatial input of the image encoder: T3D's crops, else the stored volume shape."""
     return tuple(cfg.objective.crop_shape) if cfg.objective.name == "t3d" else tuple(cfg.data.shape)
+
+
+def check_encoder_input(cfg: ExperimentConfig) -> None:
+    """Raise ConfigError unless `model.image_encoder` at `model.size` takes the model input shape;
+    the message lists the presets that do. Builds on the meta device where the encoder allows it
+    (no memory; MONAI's Swin reads a tensor value while building, so it is built on the CPU)."""
+    from vlp3d.encoders.image import SIZES
+
+    shape = model_input_shape(cfg)
+
+    def build(size: str, device: str) -> None:
+        with torch.device(device):
+            build_image_encoder(cfg.model.image_encoder, size, img_size=shape)
+
+    def fits(size: str) -> str:
+        try:
+            try:
+                build(size, "meta")
+            except RuntimeError:
+                build(size, "cpu")
+        except (ValueError, KeyError) as err:
+            return str(err).strip("'\"")
+        return ""
+
+    problem = fits(cfg.model.size)
+    if problem:
+        working = [size for size in SIZES if size != cfg.model.size and not fits(size)]
+        where = "objective.crop_shape" if cfg.objective.name == "t3d" else "data.shape"
+        raise ConfigError(
+            f"model.size = {cfg.model.size!r} of model.image_encoder = {cfg.model.image_encoder!r} cannot take "
+            f"{where} = {shape}: {problem} Presets that can: {working or 'none'}."
+        )
 
 
 def build_model(cfg: ExperimentConfig, text_dim: int | None = None) -> VisionLanguageModel:

@@ -122,6 +122,20 @@ def read_manifest(shard_dir: str | Path) -> dict:
     return json.loads((Path(shard_dir) / MANIFEST).read_text())
 
 
+def count_rows(shard_dir: str | Path, split: str, fraction: float = 1.0, modality: str = "ct") -> int:
+    """CT rows of `split` inside the nested `data.fraction` subset, as training reads them (two
+    small columns read, no volumes)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in shard_files(shard_dir, modality):
+        table = pq.read_table(path, columns=["split", "fraction_rank"])
+        splits = np.asarray(table.column("split").to_pylist())
+        ranks = table.column("fraction_rank").to_numpy()
+        total += int(((splits == split) & (ranks < fraction if fraction < 1.0 else True)).sum())
+    return total
+
+
 def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> dict:
     """One manifest row -> one shard row (without token ids / text embeddings). Raises on bad input."""
     text, sentences = report_text(row, spec.report_sections)

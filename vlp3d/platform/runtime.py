@@ -39,6 +39,9 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool = True) -> None:
 
     context = DataContext.get_current()
     if quiet:
+        import logging
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Dataset ... execution finished" per read
         context.enable_progress_bars = False
         context.print_on_execution_start = False
     context.enable_operator_progress_bars = not quiet

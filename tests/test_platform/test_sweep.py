@@ -1,0 +1,175 @@
+"""`vlp3d sweep` on Ray Tune over the session's tiny demo shards.
+
+One sweep does the expensive part once: three trials run one at a time (a: lr 1e-3 on half the
+data, b: lr 1e-2, stopped by ASHA at its first rung, c: lr 1e-3 on all the data). Its driver is a
+separate process, killed with SIGKILL while c trains; the sweep is then resumed in this process.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vlp3d.config import ConfigError, load_config
+
+NAME = "killed-sweep"
+SWEEP = [
+    "name=sweeptest", "train.max_steps=4", "train.global_batch=4", "train.log_every=1", "train.val_every=2",
+    "train.checkpoint_every=2", "train.warmup_steps=2", "eval.bootstrap=10", "cluster.num_workers=1",
+    "cluster.cpus_per_worker=0.5", "tune.max_concurrent_trials=1", "tune.fit_bootstrap=20",
+    # ASHA on the learning rate (lower is better): a deterministic stand-in for a validation metric,
+    # so that trial b, which follows a, is stopped at the step-2 rung whatever the losses do
+    'tune.scheduler="asha"', 'tune.asha_metric="lr"', 'tune.asha_mode="min"', "tune.asha_grace_steps=2",
+    'tune.variants={a = {"train.lr" = 0.001, "data.fraction" = 0.5}, b = {"train.lr" = 0.01, "data.fraction" = 0.5},'
+    ' c = {"train.lr" = 0.001, "data.fraction" = 1.0}}',
+]
+
+
+def _wait_for_line(proc, pattern: str, timeout: float) -> str:
+    """Read the driver's output until a line contains `pattern`; the output so far is returned."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if pattern in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    found.wait(timeout)
+    if not found.is_set():
+        proc.kill()
+        pytest.fail(f"no line with {pattern!r} after {timeout} s:\n" + "".join(lines)[-6000:])
+    return "".join(lines)
+
+
+def _wait_for_free_cpus(ray, timeout: float = 60) -> float:
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if abs(ray.available_resources().get("CPU", 0) - total) < 1e-6:
+            return total
+        time.sleep(1)
+    pytest.fail(f"CPUs not released: {ray.available_resources().get('CPU')} of {total} free after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def resumed_sweep(tiny_demo, ray_session, tmp_path_factory):
+    """The sweep, killed while trial c trains and resumed here: (result, driver output, resume output)."""
+    import ray
+
+    from vlp3d.platform.sweep import run_sweep, stored_config
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "vlp3d.jobs.sweep", str(tiny_demo / "config.toml"), *SWEEP, "--name", NAME]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        before = _wait_for_line(proc, "_00002 step 2/4", timeout=300)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-trial; Ray reaps its actors
+        proc.wait(timeout=30)
+    _wait_for_free_cpus(ray)
+    started = time.time()
+    cfg = stored_config(tiny_demo, NAME)
+    log = tmp_path_factory.mktemp("resume") / "out.txt"
+    from contextlib import redirect_stdout
+
+    with open(log, "w") as out, redirect_stdout(out):
+        result = run_sweep(cfg, name=NAME, resume=True)
+    return result, before, log.read_text(), time.time() - started
+
+
+def test_resume_finishes_only_the_remaining_trial(resumed_sweep):
+    result, before, after, _ = resumed_sweep
+    assert "_00000 finished" in before and "_00001 stopped early at step 2" in before
+    table = result.table.set_index("variant")
+    assert table.loc["a", "status"] == "finished" and table.loc["c", "status"] == "finished"
+    assert table.loc["b", "status"] == "stopped" and table.loc["b", "steps"] == 2
+    assert "_00000 started" not in after and "_00001 started" not in after  # not rerun
+    assert "_00002 finished" in after
+    assert list(table["steps"]) == [4, 2, 4]
+    assert table.loc["c", "n_train"] > table.loc["a", "n_train"] > 0  # nested fractions of the train split
+    # every trial evaluated like `vlp3d evaluate`, the stopped one from its step-2 checkpoint
+    assert table["macro_auroc"].between(0, 1).all() and (table["retrieval_pool"] > 0).all()
+    assert table.loc["a", "val_loss"] > 0 and table.loc["a", "flops_per_step"] > 0
+    assert table.loc["a", "train_flops"] == pytest.approx(4 * table.loc["a", "flops_per_step"])
+    assert table.loc["a", "encoder_params"] == table.loc["c", "encoder_params"] > 0
+
+
+def test_one_parent_run_and_one_child_run_per_trial(resumed_sweep, tiny_demo):
+    result, *_ = resumed_sweep
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["vlp3d.sweep_parent"] == NAME
+    assert "data.fraction" in parent.data.params["tune.variants"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 3  # the resumed trial reused its run; nothing duplicated
+    by_variant = {run.data.tags["variant"]: run for run in children}
+    assert {v: r.info.status for v, r in by_variant.items()} == {"a": "FINISHED", "b": "KILLED", "c": "FINISHED"}
+    assert by_variant["b"].data.tags["vlp3d.trial_status"] == "stopped"
+    logged = [m.source_run_id for m in client.search_logged_models(experiment_ids=[parent.info.experiment_id])]
+    for run in children:
+        assert "eval/valid/macro_auroc" in run.data.metrics and run.data.params["train.max_steps"] == "4"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")][0] == 2
+        assert logged.count(run.info.run_id) == 1  # one model per trial, the stopped one's from its checkpoint
+    steps = [m.step for m in client.get_metric_history(by_variant["a"].info.run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4]  # trained once
+    resumed = client.get_run(by_variant["c"].info.run_id)
+    assert "resume-2.txt" in {a.path for a in client.list_artifacts(resumed.info.run_id)}  # from its checkpoint
+    artifacts = {a.path for folder in ("sweep", "plots") for a in client.list_artifacts(parent.info.run_id, folder)}
+    assert {"sweep/trials.csv", "sweep/trials.parquet", "sweep/fits.csv", "sweep/curves.csv",
+            "plots/scaling_data.png", "plots/trials_auroc.png"} <= artifacts
+    assert parent.data.metrics["trials_finished"] == 2 and parent.data.metrics["trials_stopped"] == 1
+
+
+def test_too_few_points_are_said_and_tables_and_plots_still_written(resumed_sweep):
+    from vlp3d.jobs.sweep import render
+
+    result, *_ = resumed_sweep
+    summary = render(result)
+    fits = pd.read_csv(result.folder / "fits.csv")
+    data = fits[fits["axis"] == "data"]
+    assert set(data["metric"]) == {"val_loss", "1-auroc"} and set(data["group"]) == {"train.lr=0.001"}
+    assert not data["ok"].any() and data["reason"].str.startswith("too few points for a fit: 2 point(s)").all()
+    assert "too few points" in summary and "best trial:" in summary and "a" in summary.split("variant")[1]
+    table = pd.read_parquet(result.folder / "trials.parquet")
+    assert {"trial_id", "status", "train.lr", "data.fraction", "n_train", "encoder_params", "flops_per_step",
+            "train_flops", "wall_s", "val_loss", "macro_auroc", "macro_auroc_ci_low", "v2r_r5",
+            "mlflow_run_id"} <= set(table.columns)
+    for name in ("scaling_data", "trials_auroc"):
+        assert (result.folder / "plots" / f"{name}.png").stat().st_size > 10_000
+
+
+def test_stopped_and_finished_trials_release_their_workers(resumed_sweep, ray_session):
+    import ray
+
+    assert _wait_for_free_cpus(ray, timeout=30) == 2
+
+
+def test_bad_space_fails_before_any_trial(tiny_demo, ray_session, capsys):
+    from vlp3d.cli import main
+    from vlp3d.platform.sweep import run_sweep
+
+    config = str(tiny_demo / "config.toml")
+    cfg = load_config(config, ["name=badsweep", 'tune.space={"model.image_encoder" = ["resnet3d", "swin3d"]}'])
+    with pytest.raises(ConfigError) as err:
+        run_sweep(cfg, name="never-started")
+    message = str(err.value)
+    assert "model.image_encoder=swin3d" in message and "model.size = 'tiny'" in message
+    assert "data.shape = (48, 48, 48)" in message and "multiples of 32" in message
+    assert not (tiny_demo / "sweeps" / "never-started").exists()
+    assert main(["sweep", config, 'tune.space={"data.fraction" = [0.5, 2.0]}']) == 2
+    assert "data.fraction = 2.0 must be in (0, 1]" in capsys.readouterr().err
+    assert main(["sweep", config, "tune.asha_metric=\"val/auroc\"", 'tune.scheduler="asha"',
+                 'tune.space={"train.seed" = [0, 1]}']) == 2
+    assert "tune.asha_metric = 'val/auroc' is not a metric trials report" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""Job: a Ray Tune sweep over config keys, scaling-law fits and plots, tracked in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, resolve_config, run_main
+from vlp3d.table import format_table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.description = (
+        "Sweep the [tune] section of CONFIG with Ray Tune: tune.space gives config keys and their values "
+        "(data.fraction, model.size, model.image_encoder, objective.*_weight, train.lr, train.seed, ...), "
+        "tune.variants named groups of keys set together. Each trial pretrains on Ray Train (cluster.* "
+        "workers), reports its validation loss every train.val_every steps (tune.scheduler = 'asha' stops "
+        "poor trials on it) and is evaluated on data.eval_split like `vlp3d evaluate`. MLflow: one parent "
+        "run per sweep (search space, trial table, fits, plots), one child run per trial. At the end, "
+        "y = a * x^-alpha + c is fitted (bootstrap 95% intervals) for the validation loss and 1 - AUROC "
+        "over training volumes, encoder parameters and the compute frontier. Output: "
+        "<tracking.workdir>/sweeps/NAME/ (trials.csv/.parquet, fits.csv, plots/*.png)."
+    )
+    parser.epilog = config_keys_epilog()
+    add_config_arguments(parser, config_required=False)
+    parser.add_argument("--name", help="sweep name (default: <config name>-sweep-<date-time>); names its folder "
+                                       "and MLflow parent run")
+    parser.add_argument("--resume", metavar="NAME",
+                        help="continue the interrupted sweep NAME (in tracking.workdir) with the config it started "
+                             "with: finished trials are kept, unfinished ones resume from their last checkpoint")
+    return parser
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def render(result) -> str:
+    """The summary a user reads at the end of `vlp3d sweep`: trials, fits, where everything is."""
+    table = result.table
+    keys = [k for k in result.display_keys if k in table]
+    lines = []
+    rows = []
+    for record in table.to_dict("records"):
+        auroc = record.get("macro_auroc", math.nan)
+        interval = (f"{_fmt(auroc)} [{_fmt(record.get('macro_auroc_ci_low'))}, "
+                    f"{_fmt(record.get('macro_auroc_ci_high'))}]")
+        rows.append([record["trial_id"], record["status"], *(record[k] for k in keys), record["n_train"],
+                     _fmt(record["encoder_params"] / 1e6, 2), f"{record['train_flops']:.2e}",
+                     _fmt(record["val_loss"], 4), interval, _fmt(record.get("v2r_r5")), f"{record['wall_s']:.0f} s"])
+    lines.append(format_table(rows, ["trial", "status", *keys, "volumes", "params M", "FLOPs", "val loss",
+                                     "AUROC [95% CI]", "v->r R@5", "wall"],
+                              title=f"sweep {result.name}: trials (held-out AUROC; pool "
+                                    f"{_pool(table)})"))
+    if len(result.fits):
+        fit_rows = []
+        for fit in result.fits.itertuples(index=False):
+            if fit.ok:
+                fit_rows.append([fit.metric, fit.axis, fit.group, f"{fit.alpha:.3f} [{fit.alpha_low:.3f}, "
+                                 f"{fit.alpha_high:.3f}]", f"{fit.c:.4g} [{fit.c_low:.4g}, {fit.c_high:.4g}]",
+                                 _fmt(fit.r2), fit.n])
+            else:
+                fit_rows.append([fit.metric, fit.axis, fit.group, fit.reason, "", "", fit.n])
+        lines.append(format_table(fit_rows, ["metric", "over", "group", "alpha [95% CI]", "c [95% CI]", "R2", "points"],
+                                  title="scaling fits: y = a * x^-alpha + c (x: training volumes, encoder "
+                                        "parameters, or training FLOPs on the compute frontier)"))
+    else:
+        lines.append("scaling fits: none (neither data.fraction nor model.size varies)")
+    if result.best_trial:
+        lines.append(f"best trial: {result.best_trial}")
+    lines.append(f"{len(table)} trials in {result.elapsed_s:.0f} s; folder {result.folder}")
+    lines.append("plots:   " + ", ".join(str(p.name) for p in result.figures) + f" (in {result.folder / 'plots'})")
+    lines.append(f"mlflow:  parent run {result.parent_run_id}; mlflow ui --backend-store-uri {result.tracking_uri}")
+    return "\n\n".join(lines)
+
+
+def _pool(table) -> str:
+    pools = sorted({int(p) for p in table.get("retrieval_pool", []) if p == p})
+    return ", ".join(map(str, pools)) or "-"
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlp3d.platform.sweep import run_sweep, stored_config
+
+    cfg = resolve_config(args)
+    if args.resume:
+        if args.name and args.name != args.resume:
+            raise ValueError(f"--name {args.name} and --resume {args.resume} disagree; pass only --resume NAME.")
+        cfg = stored_config(cfg.tracking.workdir, args.resume)
+        print(f"resuming sweep {args.resume} with the config it started with")
+    result = run_sweep(cfg, name=args.resume or args.name, resume=bool(args.resume))
+    print("\n" + render(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
