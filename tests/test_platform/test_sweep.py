@@ -173,3 +173,40 @@ def test_bad_space_fails_before_any_trial(tiny_demo, ray_session, capsys):
     assert main(["sweep", config, "tune.asha_metric=\"val/auroc\"", 'tune.scheduler="asha"',
                  'tune.space={"train.seed" = [0, 1]}']) == 2
     assert "tune.asha_metric = 'val/auroc' is not a metric trials report" in capsys.readouterr().err
+
+
+def test_optuna_samples_the_space_and_its_absence_is_a_clear_error(monkeypatch, tiny_demo):
+    from vlp3d.config import replace
+    from vlp3d.platform.sweep import check_sweep, param_space, search_algorithm
+    from vlp3d.search_space import parse_space
+
+    cfg = replace(load_config(tiny_demo / "config.toml"), tune={
+        "search": "optuna", "space": {"data.fraction": [0.5, 1.0], "train.lr": {"loguniform": [1e-4, 1e-2]}},
+        "variants": {"a": {}, "b": {"train.seed": 1}}})
+    space = parse_space(cfg.tune.space, cfg.tune.variants)
+    searcher = search_algorithm(cfg, space)
+    assert searcher.set_search_properties(None, None, param_space(space, "optuna"))  # grids became choices
+    suggestion = searcher.suggest("trial-1")
+    assert suggestion["data.fraction"] in (0.5, 1.0) and 1e-4 <= suggestion["train.lr"] <= 1e-2
+    assert suggestion["variant"] in ("a", "b")
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'vlp3d\[optuna\]'"):
+        check_sweep(cfg)
+
+
+def test_concurrency_fills_the_cluster_and_keeps_a_cpu_for_data(monkeypatch):
+    import ray
+
+    from vlp3d.config import ExperimentConfig, replace
+    from vlp3d.platform.sweep import concurrency
+
+    cfg = replace(ExperimentConfig(), cluster={"num_workers": 2, "cpus_per_worker": 0.5})  # 1.1 CPUs a trial
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert concurrency(cfg, [cfg]) == 1  # this machine: one at a time, never zero
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 16.0})
+    assert concurrency(cfg, [cfg]) == 57
+    gpu = replace(cfg, cluster={"num_workers": 8, "cpus_per_worker": 4.0, "use_gpu": True})
+    assert concurrency(cfg, [gpu]) == 1  # 32.1 CPUs a trial
+    assert concurrency(replace(gpu, tune={"max_concurrent_trials": 3}), [gpu]) == 3
+    small = replace(gpu, cluster={"num_workers": 4, "cpus_per_worker": 2.0})
+    assert concurrency(small, [small]) == 4  # 16 GPUs / 4 per trial

@@ -58,7 +58,8 @@ def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
     if ax.has_data() and ax.dataLim.x0 > 0 and ax.dataLim.y0 > 0:  # log axes need positive data
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        if ax.dataLim.x1 / ax.dataLim.x0 > 10:  # minor labels overlap over a decade; keep them on a narrow axis
+            ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

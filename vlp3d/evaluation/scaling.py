@@ -52,7 +52,20 @@ class PowerLawFit:
         return {"n": self.n, "distinct_x": self.distinct_x, "ok": self.ok, "reason": self.reason,
                 "a": self.a, "alpha": self.alpha, "alpha_low": self.alpha_ci[0], "alpha_high": self.alpha_ci[1],
                 "c": self.c, "c_low": self.c_ci[0], "c_high": self.c_ci[1], "r2": self.r2,
-                "x_min": self.x_range[0], "x_max": self.x_range[1], "n_boot": self.n_boot, **self.extra}
+                "x_min": self.x_range[0], "x_max": self.x_range[1], "n_boot": self.n_boot, "note": self.note,
+                **self.extra}
+
+    @property
+    def note(self) -> str:
+        """What a reader should know about a fit that worked: an exponent at the edge of its range
+        means the points do not pin it down (flat, rising, or saturated within the sampled x)."""
+        if not self.ok:
+            return ""
+        if self.alpha >= ALPHA_RANGE[1] * 0.999 or self.alpha <= ALPHA_RANGE[0] * 1.001:
+            return f"alpha at the edge of [{ALPHA_RANGE[0]:g}, {ALPHA_RANGE[1]:g}]: not determined by these points"
+        if self.a < 0:
+            return "the metric grows with x (a < 0)"
+        return ""
 
     def describe(self) -> str:
         if not self.ok:

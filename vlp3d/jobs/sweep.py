@@ -58,14 +58,19 @@ def render(result) -> str:
             if fit.ok:
                 fit_rows.append([fit.metric, fit.axis, fit.group, f"{fit.alpha:.3f} [{fit.alpha_low:.3f}, "
                                  f"{fit.alpha_high:.3f}]", f"{fit.c:.4g} [{fit.c_low:.4g}, {fit.c_high:.4g}]",
-                                 _fmt(fit.r2), fit.n])
+                                 _fmt(fit.r2), fit.n, fit.note if isinstance(fit.note, str) else ""])
             else:
-                fit_rows.append([fit.metric, fit.axis, fit.group, fit.reason, "", "", fit.n])
-        lines.append(format_table(fit_rows, ["metric", "over", "group", "alpha [95% CI]", "c [95% CI]", "R2", "points"],
+                fit_rows.append([fit.metric, fit.axis, fit.group, "-", "-", "-", fit.n, fit.reason])
+        lines.append(format_table(fit_rows, ["metric", "over", "group", "alpha [95% CI]", "c [95% CI]", "R2", "points",
+                                             "note"],
                                   title="scaling fits: y = a * x^-alpha + c (x: training volumes, encoder "
                                         "parameters, or training FLOPs on the compute frontier)"))
     else:
         lines.append("scaling fits: none (neither data.fraction nor model.size varies)")
+    failed = table[table["status"] == "error"] if len(table) else table
+    if len(failed):
+        lines.append(format_table(failed[["trial_id", "label", "error"]].values.tolist(), ["trial", "config", "error"],
+                                  title="failed trials (their Ray logs are in the sweep folder's trial folders)"))
     if result.best_trial:
         lines.append(f"best trial: {result.best_trial}")
     lines.append(f"{len(table)} trials in {result.elapsed_s:.0f} s; folder {result.folder}")
@@ -90,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"resuming sweep {args.resume} with the config it started with")
     result = run_sweep(cfg, name=args.resume or args.name, resume=bool(args.resume))
     print("\n" + render(result))
-    return 0
+    finished = (result.table["status"] == "finished").sum() if len(result.table) else 0
+    return 0 if finished else 1  # a sweep in which no trial finished is a failed job
 
 
 def main(argv: list[str] | None = None) -> int:

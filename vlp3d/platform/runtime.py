@@ -16,9 +16,12 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool = True) -> None:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
         address = (cfg.cluster.address if cfg else "") or os.environ.get("RAY_ADDRESS", "")
+        if quiet and not address:  # a path on this machine: only for the Ray started here
+            os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
         # workers find vlp3d through the driver's environment; on a cluster it is installed
-        env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"]}} \
-            if "RAY_DATA_DISABLE_PROGRESS_BARS" in os.environ else None
+        env_vars = {k: os.environ[k] for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOGGING_CONFIG")
+                    if k in os.environ and not (address and k == "RAY_DATA_LOGGING_CONFIG")}
+        env = {"env_vars": env_vars} if env_vars else None
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=True)
         else:

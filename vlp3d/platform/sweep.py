@@ -150,7 +150,7 @@ def concurrency(cfg: ExperimentConfig, configs: list[ExperimentConfig]) -> int:
     return max(1, trials)
 
 
-def _param_space(space: SearchSpace, search: str) -> dict[str, Any]:
+def param_space(space: SearchSpace, search: str) -> dict[str, Any]:
     from ray import tune
 
     out: dict[str, Any] = {}
@@ -266,19 +266,24 @@ class SweepProgress(Callback):
         _print(f"{self._done(trials)} trial {trial.trial_id} FAILED: {self._label(trial)} (error in {trial.path})")
 
 
+def search_algorithm(cfg: ExperimentConfig, space: SearchSpace):
+    """Optuna's TPE guided by tune.metric, or Tune's grid/random generator seeded by tune.seed."""
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed)
+    if cfg.tune.search == "random" or any(d.kind != "grid" for d in space.dimensions):
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=cfg.tune.seed)
+    return None  # Tune's default: the plain grid
+
+
 def _tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, folder: Path, trainable, workers: int,
            progress_callback):
     from ray import tune
 
-    search_alg = None
-    if cfg.tune.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed)
-    elif cfg.tune.search == "random" or any(d.kind not in ("grid",) for d in space.dimensions):
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        search_alg = BasicVariantGenerator(random_state=cfg.tune.seed)
+    search_alg = search_algorithm(cfg, space)
     scheduler = None
     if cfg.tune.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -290,7 +295,7 @@ def _tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, folder: Path, t
         )
     return tune.Tuner(
         trainable,
-        param_space=_param_space(space, cfg.tune.search),
+        param_space=param_space(space, cfg.tune.search),
         tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, search_alg=search_alg, scheduler=scheduler,
                                     max_concurrent_trials=workers, reuse_actors=False),
         run_config=tune.RunConfig(name=name, storage_path=str(folder.parent), verbose=0,

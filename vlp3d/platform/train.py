@@ -43,8 +43,6 @@ TRAIN_COLUMNS = {
 # fault injection for tests and drills: the last worker raises once at this step (before any restart)
 INJECT_ENV = "VLP3D_INJECT_FAILURE_AT_STEP"
 VALIDATION_SEED = 20_251_129  # same masks, crops and corruptions at every validation: comparable curves
-# reported to Ray/Tune with every result, logged to MLflow once as params (not a per-step curve)
-COMPUTE_KEYS = ("encoder_params", "trainable_params", "flops_per_step")
 
 
 @dataclass
@@ -106,6 +104,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + step)
     torch.manual_seed(cfg.train.seed * 1000 + rank + step + 1)  # objective-side masks and corruptions
 
+    # reported to Ray/Tune with every result, logged to MLflow once as params (not a per-step curve)
     compute = {"encoder_params": count_parameters(pretrainer.model.image_encoder),
                "trainable_params": count_parameters(pretrainer, trainable_only=True), "flops_per_step": 0}
     logger = tracking.RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
@@ -388,8 +387,9 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print,
         ),
         datasets=datasets,
     )
-    (progress or (lambda *_: None))(f"training {cfg.train.max_steps} steps on {cfg.cluster.num_workers} workers "
-             f"(global batch {cfg.train.global_batch}); run {run_name}")
+    if progress is not None:
+        progress(f"training {cfg.train.max_steps} steps on {cfg.cluster.num_workers} workers "
+                 f"(global batch {cfg.train.global_batch}); run {run_name}")
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} finished without a checkpoint (error: {result.error})")
