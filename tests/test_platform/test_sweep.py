@@ -80,7 +80,8 @@ def resumed_sweep(tiny_demo, ray_session, tmp_path_factory):
         proc.wait(timeout=30)
     _wait_for_free_cpus(ray)
     started = time.time()
-    cfg = stored_config(tiny_demo, NAME)
+    cfg, name = stored_config(tiny_demo, NAME)
+    assert name == NAME and stored_config("elsewhere", str(tiny_demo / "sweeps" / NAME))[1] == NAME
     log = tmp_path_factory.mktemp("resume") / "out.txt"
     from contextlib import redirect_stdout
 

@@ -39,7 +39,8 @@ def _draw_series(ax, series: ScalingSeries, colour, marker: str, jitter: bool = 
     if jitter and len(x) > len(np.unique(x)):  # replicates (seeds) side by side, not on top of each other
         x = x * (1 + 0.03 * (np.arange(len(x)) % 3 - 1))
     has_bars = np.isfinite(series.y_low) & np.isfinite(series.y_high)
-    ax.scatter(x, series.y, color=colour, marker=marker, s=28, zorder=3)
+    ax.scatter(x, series.y, color=colour, marker=marker, s=28, zorder=3,
+               label=None if series.fit.ok else _fit_label(series))  # no curve: the markers carry the legend
     if has_bars.any():
         lower = np.clip(series.y[has_bars] - series.y_low[has_bars], 0, None)
         upper = np.clip(series.y_high[has_bars] - series.y[has_bars], 0, None)
@@ -47,9 +48,8 @@ def _draw_series(ax, series: ScalingSeries, colour, marker: str, jitter: bool = 
                     alpha=0.6, capsize=2, zorder=2)
     if series.fit.ok:
         grid = np.geomspace(series.x.min(), series.x.max(), 100)
-        ax.plot(grid, series.fit.predict(grid), "--", color=colour, lw=1.4, label=_fit_label(series))
-    else:
-        ax.plot([], [], " ", label=_fit_label(series))
+        ax.plot(grid, series.fit.predict(grid), "--", color=colour, marker=marker, markevery=[0], lw=1.4,
+                label=_fit_label(series))
 
 
 def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:

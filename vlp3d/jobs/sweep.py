@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--name", help="sweep name (default: <config name>-sweep-<date-time>); names its folder "
                                        "and MLflow parent run")
     parser.add_argument("--resume", metavar="NAME",
-                        help="continue the interrupted sweep NAME (in tracking.workdir) with the config it started "
-                             "with: finished trials are kept, unfinished ones resume from their last checkpoint")
+                        help="continue the interrupted sweep NAME (in tracking.workdir; or give its folder, "
+                             "<workdir>/sweeps/NAME) with the config it started with: finished trials are kept, "
+                             "unfinished ones resume from their last checkpoint")
     return parser
 
 
@@ -88,12 +89,13 @@ def run(args: argparse.Namespace) -> int:
     from vlp3d.platform.sweep import run_sweep, stored_config
 
     cfg = resolve_config(args)
+    name = args.name
     if args.resume:
-        if args.name and args.name != args.resume:
-            raise ValueError(f"--name {args.name} and --resume {args.resume} disagree; pass only --resume NAME.")
-        cfg = stored_config(cfg.tracking.workdir, args.resume)
-        print(f"resuming sweep {args.resume} with the config it started with")
-    result = run_sweep(cfg, name=args.resume or args.name, resume=bool(args.resume))
+        if args.name:
+            raise ValueError(f"--name {args.name} and --resume {args.resume}: pass only --resume NAME.")
+        cfg, name = stored_config(cfg.tracking.workdir, args.resume)
+        print(f"resuming sweep {name} with the config it started with")
+    result = run_sweep(cfg, name=name, resume=bool(args.resume))
     print("\n" + render(result))
     finished = (result.table["status"] == "finished").sum() if len(result.table) else 0
     return 0 if finished else 1  # a sweep in which no trial finished is a failed job

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -42,12 +43,18 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool = True) -> None:
 
     context = DataContext.get_current()
     if quiet:
-        import logging
-
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Dataset ... execution finished" per read
         context.enable_progress_bars = False
         context.print_on_execution_start = False
     context.enable_operator_progress_bars = not quiet
+
+
+class HideProgressBarNotice(logging.Filter):
+    """Ray Data says 'Progress bars disabled' once per process (every split coordinator, every
+    trial) when RAY_DATA_DISABLE_PROGRESS_BARS is set, which is how vlp3d asks for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
 
 
 def tracking_uri(cfg: ExperimentConfig) -> str:

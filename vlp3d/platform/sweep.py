@@ -68,15 +68,19 @@ def sweep_folder(cfg: ExperimentConfig, name: str) -> Path:
     return Path(cfg.tracking.workdir).resolve() / SWEEPS_DIR / name
 
 
-def stored_config(workdir: str | Path, name: str) -> ExperimentConfig:
-    """The config a sweep was started with (to resume it)."""
+def stored_config(workdir: str | Path, name: str) -> tuple[ExperimentConfig, str]:
+    """(the config a sweep was started with, its name), to resume it: `name` is a sweep name in
+    `<workdir>/sweeps/`, or the sweep's folder itself."""
+    if (Path(name) / CONFIG_FILE).is_file():
+        return load_config(Path(name) / CONFIG_FILE), Path(name).resolve().name
     path = Path(workdir).resolve() / SWEEPS_DIR / name / CONFIG_FILE
     if not path.is_file():
         folder = path.parent.parent
         known = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_FILE}")) if folder.is_dir() else []
         raise FileNotFoundError(f"no sweep '{name}' under {folder} (sweeps there: {known or 'none'}); pass the "
-                                "tracking.workdir the sweep ran in, e.g. tracking.workdir=vlp3d-runs/sweep.")
-    return load_config(path)
+                                "sweep's folder (--resume vlp3d-runs/demo/sweeps/NAME) or the tracking.workdir "
+                                "it ran in (tracking.workdir=vlp3d-runs/demo).")
+    return load_config(path), name
 
 
 def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -430,6 +434,7 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
                               "choose another --name.")
     # intermediate results lack the end-of-trial metrics (and early ones the validation loss)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0 Tune prints nothing; SweepProgress does
     init_ray(cfg)
     uri = tracking.uri(cfg)
     parent_run_id = tracking.start_or_resume_sweep_run(cfg, name, {"space": cfg.tune.space,
@@ -441,7 +446,8 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
                              sweep={"name": name, "parent_run_id": parent_run_id, "tracking_uri": uri}),
         {"CPU": cfg.tune.trial_cpus},
     )
-    progress(f"sweep {name}: {planned} trials over {', '.join(space.keys)}, {workers} at a time; "
+    axes = ", ".join(f"{d.key} ({len(d.values)})" if d.enumerable else f"{d.key} ({d.kind})" for d in space.dimensions)
+    progress(f"sweep {name}: {planned} trials over {axes}, {workers} at a time; "
              f"folder {folder}; MLflow parent run {parent_run_id}")
     if resume:
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
