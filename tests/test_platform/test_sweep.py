@@ -115,6 +115,7 @@ def test_one_parent_run_and_one_child_run_per_trial(resumed_sweep, tiny_demo):
     assert "data.fraction" in parent.data.params["tune.variants"]
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 3  # the resumed trial reused its run; nothing duplicated
+    assert set(result.table["mlflow_run_id"]) == {run.info.run_id for run in children}
     by_variant = {run.data.tags["variant"]: run for run in children}
     assert {v: r.info.status for v, r in by_variant.items()} == {"a": "FINISHED", "b": "KILLED", "c": "FINISHED"}
     assert by_variant["b"].data.tags["vlp3d.trial_status"] == "stopped"

@@ -321,23 +321,23 @@ def _row_metrics(metrics: dict, prefix: str) -> dict:
     return {column: metrics.get(prefix + key, math.nan) for column, key in EVAL_COLUMNS.items()}
 
 
-def _finish_stopped(cfg: ExperimentConfig, run_name: str, history: pd.DataFrame | None) -> dict:
+def _finish_stopped(cfg: ExperimentConfig, run_name: str, history: pd.DataFrame | None) -> tuple[str, dict]:
     """A trial the scheduler stopped: log its last checkpoint as the child run's model, evaluate it
-    (once: a resumed sweep finds the evaluation in MLflow) and close the run as KILLED."""
+    (once: a resumed sweep finds the evaluation in MLflow) and close the run as KILLED.
+    Returns (child run id, evaluation metrics)."""
     run = tracking.find_run(cfg, tracking.RUN_NAME_TAG, run_name)
     if run is None:
-        return {}
-    prefix = f"eval/{cfg.data.eval_split}/"
+        return "", {}
+    run_id, prefix = run.info.run_id, f"eval/{cfg.data.eval_split}/"
     if prefix + "macro_auroc" in run.data.metrics:
-        return {k.removeprefix(prefix): v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+        return run_id, {k.removeprefix(prefix): v for k, v in run.data.metrics.items() if k.startswith(prefix)}
     paths = history["checkpoint_path"].dropna() if history is not None and "checkpoint_path" in history else []
-    if not len(paths):
-        tracking.end_run(tracking.uri(cfg), run.info.run_id, "KILLED", {tracking.TRIAL_STATUS_TAG: "stopped"})
-        return {}
-    model_uri = tracking.finish_training(run.info.run_id, cfg, Path(paths.iloc[-1]), {}, register=False,
-                                         status="KILLED")
-    tracking.end_run(tracking.uri(cfg), run.info.run_id, "KILLED", {tracking.TRIAL_STATUS_TAG: "stopped"})
-    return _evaluate(cfg, model_uri).result.metrics
+    evaluation = {}
+    if len(paths):
+        model_uri = tracking.finish_training(run_id, cfg, Path(paths.iloc[-1]), {}, register=False, status="KILLED")
+        evaluation = _evaluate(cfg, model_uri).result.metrics
+    tracking.end_run(tracking.uri(cfg), run_id, "KILLED", {tracking.TRIAL_STATUS_TAG: "stopped"})
+    return run_id, evaluation
 
 
 def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -347,14 +347,16 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
     rows, curves, counts = [], [], {}
     for result in grid:
         metrics = dict(result.metrics or {})
-        params = {k: v for k, v in result.config.items()}
+        params = dict(result.config)
         trial_cfg = apply_params(cfg, params, space)
         trial_id = str(metrics.get("trial_id") or Path(result.path).name)
         history = result.metrics_dataframe
         status = "error" if result.error else ("finished" if EVAL_PREFIX + "macro_auroc" in metrics else "stopped")
         evaluation = _row_metrics(metrics, EVAL_PREFIX)
+        run_id = metrics.get("mlflow_run_id", "")
         if status == "stopped":
-            evaluation = _row_metrics(_finish_stopped(trial_cfg, trial_run_name(sweep_name, trial_id), history), "")
+            run_id, stopped = _finish_stopped(trial_cfg, trial_run_name(sweep_name, trial_id), history)
+            evaluation = _row_metrics(stopped, "")
         elif status == "error":
             run = tracking.find_run(trial_cfg, tracking.RUN_NAME_TAG, trial_run_name(sweep_name, trial_id))
             if run is not None:
@@ -378,7 +380,7 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
             "flops_per_step": flops_per_step, "steps": steps, "train_flops": flops_per_step * steps,
             "global_batch": trial_cfg.train.global_batch, "wall_s": metrics.get("time_total_s", math.nan),
             "val_loss": metrics.get("val/loss", math.nan), **evaluation,
-            "mlflow_run_id": metrics.get("mlflow_run_id", ""),
+            "mlflow_run_id": run_id,
             "error": str(result.error).strip().splitlines()[-1][:300] if result.error else "",
         })
         rows.append(row)
