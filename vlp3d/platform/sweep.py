@@ -314,7 +314,8 @@ def _cell(value: Any) -> Any:
 
 def table_column(metric: str) -> str:
     """The trial-table column of a reported metric: eval/v2r/recall_at_5 -> v2r_r5, val/loss -> val_loss."""
-    return metric.removeprefix(EVAL_PREFIX).replace("/recall_at_", "_r").replace("/", "_")
+    columns = {EVAL_PREFIX + key: column for column, key in EVAL_COLUMNS.items()}
+    return columns.get(metric, metric.replace("/", "_"))
 
 
 def _row_metrics(metrics: dict, prefix: str) -> dict:
@@ -343,7 +344,7 @@ def _finish_stopped(cfg: ExperimentConfig, run_name: str, history: pd.DataFrame 
 def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trial table, validation curves) from Tune's results: config values, data size, parameters,
     FLOPs, wall time, status and the evaluation of every trial (stopped ones evaluated here)."""
-    varied = space.keys
+    config_columns = space.keys  # every key the space or a variant sets, varied or not
     rows, curves, counts = [], [], {}
     for result in grid:
         metrics = dict(result.metrics or {})
@@ -371,7 +372,7 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
         if VARIANT in params:
             row[VARIANT] = params[VARIANT]
         terms = objective_class(trial_cfg.objective.name).terms
-        for key in [*varied, *(k for k in ALWAYS_COLUMNS if k not in varied)]:
+        for key in [*config_columns, *(k for k in ALWAYS_COLUMNS if k not in config_columns)]:
             section, name = key.split(".")
             unused_weight = section == "objective" and name.endswith("_weight") and name[:-7] not in terms
             row[key] = math.nan if unused_weight else _cell(getattr(getattr(trial_cfg, section), name))
