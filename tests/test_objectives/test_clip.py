@@ -1,6 +1,4 @@
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -8,6 +6,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
+from tests.test_objectives import gloo
+from tests.test_objectives.gloo import WORLD
 from vlp3d.objectives.clip import ClipLoss
 
 
@@ -33,13 +33,7 @@ def test_hand_computed_two_by_two():
     assert ClipLoss()(image, text, torch.tensor(scale)).item() == pytest.approx(expected, rel=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-WORLD, LOCAL_B, DIM = 2, 3, 5
+LOCAL_B, DIM = 3, 5
 
 
 def _setup(seed=0):
@@ -55,8 +49,7 @@ def _embed(weight, x_image, x_text):
 
 
 def _worker(rank, port, local_loss, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    gloo.start_worker(rank, port)
     torch.set_num_threads(1)
     weight, x_image, x_text = _setup()
     weight.requires_grad_(True)
@@ -70,9 +63,8 @@ def _worker(rank, port, local_loss, queue):
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     if rank == 0:
-        queue.put((float(mean_loss) / WORLD, (grad / WORLD).tolist(), float(loss)))
-    dist.barrier()
-    dist.destroy_process_group()
+        queue.put((float(mean_loss) / WORLD, (grad / WORLD).tolist(), float(loss.detach())))
+    gloo.end_worker()
 
 
 @pytest.mark.parametrize("local_loss", [False, True])
@@ -85,7 +77,7 @@ def test_two_process_gather_matches_single_process(local_loss):
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(_free_port(), local_loss, queue), nprocs=WORLD, start_method="spawn")
+    gloo.run(_worker, local_loss, queue)
     mean_loss, grad, rank0_loss = queue.get()
     assert mean_loss == pytest.approx(reference.item(), rel=1e-5)
     if not local_loss:  # every worker holds the full G x G loss

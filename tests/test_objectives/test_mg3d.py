@@ -1,6 +1,4 @@
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -8,6 +6,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
+from tests.test_objectives import gloo
+from tests.test_objectives.gloo import WORLD
 from vlp3d.config import load_config
 from vlp3d.engine import build_pretrainer, term_weights
 from vlp3d.objectives.heads import masked_mse, patch_mask, upsample_mask
@@ -136,7 +136,7 @@ def test_mg3d_objective_terms_and_ablations():
 
 # --- 2-process parity of the gathered inter-patient terms ---------------------------------------
 
-WORLD, LOCAL_B = 2, 3
+LOCAL_B = 3
 
 
 def _setup():
@@ -160,8 +160,7 @@ def _losses(aggregator, pooled, weight, sentences, mask, report):
 
 
 def _worker(rank, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    gloo.start_worker(rank, port)
     torch.set_num_threads(1)
     aggregator, pooled, weight, sentences, mask, report = _setup()
     rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
@@ -176,8 +175,7 @@ def _worker(rank, port, queue):
         out.append((float(mean) / WORLD, (grad / WORLD).tolist()))
     if rank == 0:
         queue.put(out)
-    dist.barrier()
-    dist.destroy_process_group()
+    gloo.end_worker()
 
 
 def test_inter_patient_terms_match_single_process_across_two_workers():
@@ -189,11 +187,8 @@ def test_inter_patient_terms_match_single_process_across_two_workers():
         loss.backward()
         reference.append((loss.item(), weight.grad.clone()))
     assert reference[1][0] > 0  # some pairs kept, prediction not at target
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_worker, args=(port, queue), nprocs=WORLD, start_method="spawn")
+    gloo.run(_worker, queue)
     for (loss, grad), (ref_loss, ref_grad) in zip(queue.get(), reference, strict=True):
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         torch.testing.assert_close(torch.tensor(grad), ref_grad, rtol=1e-4, atol=1e-6)
