@@ -16,7 +16,9 @@ def ray_session():
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=2, object_store_memory=400 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
+        # address="local": a Ray the user (or another session) left running on this machine is
+        # never joined; the suite starts, and later stops, only its own
+        ray.init(address="local", num_cpus=2, object_store_memory=400 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_level="WARNING", log_to_driver=True)
     yield ray
     if started_here:
