@@ -204,3 +204,18 @@ def test_shard_row_from_dicom_series_folder():
     assert shard["image"].shape == (16, 16, 5) and shard["source_path"] == str(CT_SERIES)
     hu, affine, _ = load_volume_hu(CT_SERIES)
     np.testing.assert_array_equal(shard["image"], preprocess_hu(hu, affine, spec))
+
+
+def test_non_ct_dicom_loads_but_is_rejected_as_a_shard_row():
+    """MR_small.dcm (pydicom): Modality MR, stored 127..2145 without rescale."""
+    from vlp3d.data.shards import preprocess_row
+    from vlp3d.data.volume import NotCTError
+
+    path = PYDICOM_FILES / "MR_small.dcm"
+    hu, _, decision = load_volume_hu(path)
+    assert decision.modality == "MR" and hu.min() > 0
+    assert load_volume_hu(CT_SMALL)[2].modality == "CT"
+    row = {"row": 0, "image": str(path), "patient_id": "p", "split": "train", "fraction_rank": 0.5,
+           "modality": "ct", "Impressions_EN": "Normal."}
+    with pytest.raises(NotCTError, match="DICOM Modality is MR, not CT"):
+        preprocess_row(row, PreprocessSpec(shape=(8, 8, 8), spacing_mm=(4.0, 4.0, 4.0)), [])

@@ -76,6 +76,19 @@ def test_phrasing_varies_and_splits_are_by_patient(corpus):
     assert set(table.split) == {"train", "valid"}
 
 
+def test_phantom_volumes_pass_the_not_ct_rule(corpus):
+    """Every storage variant (header / metadata rescale, already HU) loads as CT in HU."""
+    from vlp3d.data.corpus import metadata_scaling
+    from vlp3d.data.volume import load_volume_hu, not_ct_reason
+
+    root, cases = corpus
+    table = read_ctrate(root)
+    assert set(cases.storage) == {"header", "metadata", "hu"}
+    for row in table.to_dict("records"):
+        hu, _, decision = load_volume_hu(row["image"], metadata_scaling(row))
+        assert not_ct_reason(hu, decision) is None, row["VolumeName"]
+
+
 def test_storage_variants_and_orientations_present(tmp_path):
     cases = synthesize(tmp_path, 40, seed=0)
     assert set(cases.storage) == {"header", "metadata", "hu"}

@@ -3,7 +3,14 @@ import numpy as np
 import pytest
 
 from vlp3d.data.phantom import axcodes_affine, nifti_gz_bytes
-from vlp3d.data.volume import PreprocessSpec, load_nifti_hu, preprocess_hu, to_hounsfield
+from vlp3d.data.volume import (
+    HUDecision,
+    PreprocessSpec,
+    load_nifti_hu,
+    not_ct_reason,
+    preprocess_hu,
+    to_hounsfield,
+)
 
 
 def _write(path, raw, affine, slope=None, inter=None):
@@ -75,3 +82,36 @@ def test_nan_volume_is_rejected(tmp_path):
     nib.save(img, tmp_path / "nan.nii.gz")
     with pytest.raises(ValueError, match="NaN"):
         load_nifti_hu(str(tmp_path / "nan.nii.gz"))
+
+
+def _reason(raw, metadata=(None, None), header=(None, None), modality=""):
+    hu, decision = to_hounsfield(np.asarray(raw), header, metadata)
+    decision.modality = modality
+    return not_ct_reason(hu, decision)
+
+
+def test_not_ct_rule_keeps_ct_and_names_what_is_not():
+    rng = np.random.default_rng(0)
+    ct = np.clip(rng.normal(-300, 500, (16, 16, 16)), -1024, 3000).round()
+    assert _reason(ct) is None  # already HU
+    assert _reason(ct + 1024, metadata=(1.0, -1024.0)) is None  # raw CT, rescale in the metadata
+    assert _reason((ct + 1024) / 2, header=(2.0, -1024.0)) is None  # raw CT, rescale in the header
+    assert _reason(HU) is None  # 8 distinct values, but negative ones: not a mask
+    hand_made = np.full((8, 8, 8), -1000.0)
+    hand_made[2:6, 2:6, 2:6] = 40
+    assert _reason(hand_made) is None and _reason(np.full((8, 8, 8), -1000.0)) is None
+    assert _reason(ct, modality="CT") is None
+
+    assert "DICOM Modality is MR, not CT" == _reason(ct, modality="MR")
+    assert "modality 'xray'" in _reason(ct, modality="DX")
+    mask = np.zeros((10, 10, 10), dtype=np.uint8)
+    mask[3:7, 3:7, 3:7] = 1
+    assert "label mask" in _reason(mask) and "[0, 1]" in _reason(mask)
+    labels = mask * 3
+    labels[0, 0, 0] = 7
+    # CT-RATE-style metadata lists intercept -1024 for every volume: a mask is still a mask
+    assert "[0, 3, 7]" in _reason(labels, metadata=(1.0, -1024.0))
+    unshifted = _reason(ct + 1024)  # raw CT without any rescale: not HU
+    assert unshifted.startswith("no value below 0 HU (range [0, ") and "RescaleIntercept" in unshifted
+    assert "no value below 0 HU" in _reason(rng.uniform(0, 900, (16, 16, 16)))  # MR-like intensities
+    assert "no value below 0 HU" in not_ct_reason(rng.uniform(0, 1, (16, 16, 16)), HUDecision("header", 1.0, 0.0))

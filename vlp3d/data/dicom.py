@@ -263,6 +263,7 @@ def load_dicom_hu(path: str | Path, metadata_scaling: tuple = (None, None)) -> t
     raw = np.stack([frame.pixels() for frame in frames]).transpose(2, 1, 0)
     hu, decision = _rescale(frames, raw, metadata_scaling)
     modality = str(getattr(frames[0].dataset, "Modality", "") or "")
+    decision.modality = modality  # not CT: rejected by `not_ct_reason` in prepare
     if modality and modality != "CT":
         decision.warnings.append(f"modality {modality}: values are not Hounsfield units")
     decision.warnings.extend(geometry_warnings)

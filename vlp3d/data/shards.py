@@ -4,7 +4,10 @@ Layout of a shard folder (`<shards root>/<spec hash>/`):
 
     *.parquet          CT rows (modality "ct")
     xray/*.parquet     2D radiograph rows (modality "xray"), same columns
-    _manifest.json     counts (with `by_modality`), spec, source manifest hash, failed rows
+    _manifest.json     counts (with `by_modality`), spec, source manifest hash, failed rows ({row, reason})
+    _failed/           one JSON per failed row: row, path, volume name, reason, attempts
+    _prepare.json      source and spec hash of the run that wrote the folder (resume)
+    _prepare.lock      only while a prepare runs (see docs/prepare.md)
 
 Read one modality with `shard_files(shard_dir, modality)` (never the folder: Ray's
 `read_parquet` on a folder is recursive and would mix the two). Columns of every row:
@@ -32,7 +35,14 @@ from vlp3d.config import ExperimentConfig
 from vlp3d.data.corpus import metadata_scaling, metadata_spacing
 from vlp3d.data.radiograph import load_radiograph, resize_2d
 from vlp3d.data.report import report_text
-from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_hu, quantise
+from vlp3d.data.volume import (
+    NotCTError,
+    PreprocessSpec,
+    load_volume_hu,
+    not_ct_reason,
+    preprocess_hu,
+    quantise,
+)
 
 MANIFEST = "_manifest.json"
 SPACING_TOLERANCE = 0.01
@@ -53,12 +63,14 @@ def spec_from_config(cfg: ExperimentConfig) -> PreprocessSpec:
 
 
 def normalise_modality(value) -> str:
-    """'CT' / 'xray' / 'X-ray' / 'CR' / 'DX' -> 'ct' or 'xray'; missing -> 'ct'. Raises on others."""
+    """'CT' / 'xray' / 'X-ray' / 'CR' / 'DX' -> 'ct' or 'xray'; missing -> 'ct'. Raises on others
+    (MR, PT, US, ...: prepare records such a row as failed with this reason)."""
     if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
         return "ct"
     modality = _MODALITY_ALIASES.get(str(value).strip().lower())
     if modality is None:
-        raise ValueError(f"unknown modality {value!r}; use one of {list(MODALITIES)}")
+        raise ValueError(f"modality {value!r} is not supported: prepare reads CT volumes ('ct') and 2D "
+                         f"radiographs ('xray', also {sorted(k for k in _MODALITY_ALIASES if k not in MODALITIES)})")
     return modality
 
 
@@ -137,7 +149,8 @@ def count_rows(shard_dir: str | Path, split: str, fraction: float = 1.0, modalit
 
 
 def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> dict:
-    """One manifest row -> one shard row (without token ids / text embeddings). Raises on bad input."""
+    """One manifest row -> one shard row (without token ids / text embeddings). Raises on bad input,
+    and with `NotCTError` on a CT row whose volume is not CT (`vlp3d.data.volume.not_ct_reason`)."""
     text, sentences = report_text(row, spec.report_sections)
     if not sentences:
         raise ValueError(f"empty report (sections {list(spec.report_sections)} are all missing or blank)")
@@ -148,6 +161,9 @@ def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> d
     if not Path(path).exists():
         raise FileNotFoundError(f"volume file not found: {path}")
     hu, affine, decision = load_volume_hu(path, metadata_scaling(row))
+    not_ct = not_ct_reason(hu, decision)
+    if not_ct:
+        raise NotCTError(not_ct)
     warnings = list(decision.warnings)
     header_spacing = [float(v) for v in nib.affines.voxel_sizes(affine)]
     listed = metadata_spacing(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, resolve_config, run_main
 from vlp3d.table import format_table
@@ -14,8 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "reorient to RAS, resample, window, crop/pad; split and tokenize the report; store frozen text "
         "embeddings. 2D radiographs (modality 'xray': PNG or DICOM) are scaled to [0, 1] and resized to "
         "data.shape_2d. Writes Parquet shards (CT: OUT/<preprocessing-hash>/*.parquet, radiographs: "
-        "OUT/<preprocessing-hash>/xray/*.parquet) and _manifest.json. Unreadable rows are recorded in the "
-        "manifest and skipped. An interrupted run resumes: rows already written are kept."
+        "OUT/<preprocessing-hash>/xray/*.parquet) and _manifest.json. Unreadable and non-CT rows are recorded "
+        "(OUT/<preprocessing-hash>/_failed/, row and reason in the manifest) and skipped; transient read errors "
+        "are retried. An interrupted run resumes: rows already written are kept. A lock file stops a second "
+        "prepare into the same folder; a finished folder is never deleted (another corpus there is an error). "
+        "See docs/prepare.md."
     )
     parser.epilog = config_keys_epilog()
     add_config_arguments(parser)
@@ -25,14 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlp3d.platform.prepare import prepare
+    from vlp3d.data.files import FolderLockedError
+    from vlp3d.platform.prepare import PrepareError, prepare
 
     cfg = resolve_config(args)
     corpus = args.corpus or cfg.data.corpus
     out = args.out or cfg.data.shards
     if not corpus or not out:
         raise ValueError("give --corpus and --out (or set data.corpus and data.shards in the config).")
-    result = prepare(cfg, corpus, out)
+    try:
+        result = prepare(cfg, corpus, out)
+    except (FolderLockedError, PrepareError) as err:  # a folder in use or holding other shards: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(summary(result))
     return 0
 
@@ -45,8 +54,13 @@ def summary(result) -> str:
     if counts.get("resumed"):
         rows.append(["kept from an interrupted run", counts["resumed"]])
     text = format_table(rows, ["rows", "count"], title=f"shards: {result.shard_dir}")
-    for failure in result.manifest["failed"][:10]:
-        text += f"\n  failed row {failure['row']} ({failure['path']}): {failure['reason']}"
+    from vlp3d.platform.prepare import failure_records
+
+    # the console may show paths (from _failed/); the manifest holds row and reason only
+    failures = failure_records(result.shard_dir) or result.manifest["failed"]
+    for failure in failures[:10]:
+        where = f" ({failure['path']})" if failure.get("path") else ""
+        text += f"\n  failed row {failure['row']}{where}: {failure['reason']}"
     return text
 
 

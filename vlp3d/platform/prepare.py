@@ -4,16 +4,43 @@ Rows are split by modality before Ray Data and the pipeline runs once per modali
 rows go to `<out>/<spec hash>/*.parquet`, 2D radiographs to `<out>/<spec hash>/xray/*.parquet`
 (`vlp3d.data.shards.shard_files`).
 
+Safety rules (docs/prepare.md):
+
+- One run per folder: `_prepare.lock` in the shard folder holds an `fcntl.flock` for the whole run
+  (`vlp3d.data.files.FolderLock`). A second prepare into the folder fails at once naming the
+  folder, the lock file and the holder's PID/host; the kernel drops the lock of a process that
+  died (SIGKILL included), and the next run takes it over with a warning. A finished folder with
+  the same source is checked before locking, so concurrent no-op runs never collide.
+- Status files (`_prepare.json`, `_manifest.json`, `_failed/row-*.json`) are written atomically
+  (`vlp3d.data.files.write_json_atomic`): a reader sees the old file or the whole new one.
+- A finished folder (one with `_manifest.json`) is never deleted or changed. Preparing a different
+  corpus (another source manifest hash) with the same preprocessing spec raises `PrepareError`
+  naming the folder, the corpus it holds and the new one. An unfinished folder (no
+  `_manifest.json`) of a different source is cleared under the lock: no reader uses a folder
+  without a manifest (`resolve_shard_dir`) and its rows are useless for the new source.
+- A transient I/O error reading a row (an `OSError` with an errno other than not-found /
+  permission / not-a-file, `TimeoutError`, `ConnectionError`) is retried: `READ_ATTEMPTS` calls
+  with `RETRY_BACKOFF_S` doubling between them. Anything else (decoding errors, a missing file,
+  a non-CT volume) fails the row at once. A failed row is recorded with its reason and attempts.
+- Non-CT rows fail with their reason: a `modality` value other than CT or a radiograph alias
+  (`normalise_modality`), or a volume that `vlp3d.data.volume.not_ct_reason` rejects (DICOM
+  Modality not CT, a label mask, no value below 0 HU).
+- Accounting: before `_manifest.json` is written, written rows + failed rows must be exactly the
+  input rows; otherwise `PrepareError` lists the missing row ids (a rerun resumes them).
+- Privacy: `_failed/row-*.json` (kept in the finished folder) hold path, volume name, reason and
+  attempts; `_manifest.json` (logged to MLflow with each run) holds only `{row, reason}` per
+  failed row, the row's path and volume name replaced by `<image>` in the reason.
+
 Resume: `_prepare.json` (written first) records the source manifest hash. A run that stopped
 before writing `_manifest.json` is resumed by the next run with the same source: rows found in
 readable Parquet files (by `row` id) and rows recorded as failed (`_failed/`) are kept,
 unreadable (partially written) files are deleted, and only the missing rows are processed. A
-different source manifest clears the folder; a finished folder with the same source is a no-op
-(delete the folder to retry failed rows).
+finished folder with the same source is a no-op (delete the folder to retry failed rows).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import time
@@ -27,6 +54,7 @@ import pyarrow.parquet as pq
 import vlp3d
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.corpus import fraction_ranks, manifest_hash, manifest_rows, read_corpus
+from vlp3d.data.files import FolderLock, remove_temporaries, write_json_atomic
 from vlp3d.data.shards import (
     MANIFEST,
     MODALITIES,
@@ -42,8 +70,21 @@ from vlp3d.platform.runtime import init_ray
 
 FAILED_DIR = "_failed"
 PROGRESS = "_prepare.json"
+LOCK = "_prepare.lock"
 ROWS_PER_FILE = {"fixed": 256, "highres": 16}  # highres rows are MBs each: smaller files
 _SUMMARY_COLUMNS = ["row", "split", "hu_source", "warnings", "modality"]
+READ_ATTEMPTS = 3  # calls per row when reading fails with a transient I/O error
+RETRY_BACKOFF_S = 0.5  # sleep before the 2nd call; doubled before each later one
+# OSErrors that retrying cannot fix; an OSError without errno is a library's decoding error
+# (gzip.BadGzipFile, PIL's UnidentifiedImageError / "image file is truncated"): not retried either
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG,
+                     errno.ELOOP, errno.EINVAL}
+MISSING_SHOWN = 10  # row ids listed in the accounting error
+
+
+class PrepareError(RuntimeError):
+    """The shard folder cannot be (safely) written; the message names the folder and the fix."""
 
 
 @dataclass
@@ -53,22 +94,79 @@ class PrepareResult:
     skipped: bool = False
 
 
-def _record_failure(failed_dir: str | Path, row: dict, reason: str) -> None:
+class RowFailed(Exception):
+    """Reading/preprocessing a row failed for good: `reason` and the number of `attempts`."""
+
+    def __init__(self, reason: str, attempts: int):
+        super().__init__(reason)
+        self.reason, self.attempts = reason, attempts
+
+
+def is_transient(err: BaseException) -> bool:
+    """An I/O error that may pass on retry (network file system hiccup, timeout), see the module docstring."""
+    if isinstance(err, TimeoutError | ConnectionError):
+        return True
+    if not isinstance(err, OSError) or isinstance(err, _PERMANENT_OS_ERRORS):
+        return False
+    return err.errno is not None and err.errno not in _PERMANENT_ERRNOS
+
+
+def call_with_retries(fn, attempts: int | None = None, backoff_s: float | None = None, sleep=time.sleep):
+    """`fn()`, called again after a transient error (`is_transient`), at most `attempts` times in all
+    (default `READ_ATTEMPTS`, backoff `RETRY_BACKOFF_S` doubling). Raises `RowFailed` with the last
+    error's reason and the number of calls made."""
+    attempts = READ_ATTEMPTS if attempts is None else attempts
+    backoff_s = RETRY_BACKOFF_S if backoff_s is None else backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - every failure becomes a recorded reason
+            if attempt < attempts and is_transient(err):
+                sleep(backoff_s * 2 ** (attempt - 1))
+                continue
+            reason = f"{type(err).__name__}: {err}"
+            if attempt > 1:
+                reason += f" (after {attempt} attempts)"
+            raise RowFailed(reason, attempt) from err
+    raise AssertionError("unreachable")
+
+
+def _record_failure(failed_dir: str | Path, row: dict, reason: str, attempts: int = 1) -> None:
     record = {"row": int(row["row"]), "path": str(row.get("image")),
-              "volume_name": str(row.get("VolumeName")), "reason": reason}
-    Path(failed_dir, f"row-{int(row['row']):08d}.json").write_text(json.dumps(record))
+              "volume_name": str(row.get("VolumeName")), "reason": reason, "attempts": attempts}
+    write_json_atomic(Path(failed_dir, f"row-{int(row['row']):08d}.json"), record)
+
+
+def _public_reason(record: dict) -> str:
+    """A failure's reason without the row's path or volume name (they may identify a patient):
+    what `_manifest.json`, and so MLflow, holds. Names shorter than 4 characters are left alone."""
+    reason = str(record.get("reason", ""))
+    path = str(record.get("path") or "")
+    names = {path, Path(path).name if path else "", str(record.get("volume_name") or "")}
+    if path:
+        names.add(str(Path(path).resolve()))
+    for name in sorted((n for n in names if len(n) >= 4 and n != "None"), key=len, reverse=True):
+        reason = reason.replace(name, "<image>")
+    return reason
+
+
+def failure_records(shard_dir: str | Path) -> list[dict]:
+    """Failed rows of a shard folder with path, volume name, reason and attempts (`_failed/`), by row."""
+    folder = Path(shard_dir) / FAILED_DIR
+    return sorted((json.loads(p.read_text()) for p in folder.glob("*.json")), key=lambda r: r["row"])
 
 
 def _preprocess_batch(batch: dict, spec: PreprocessSpec, label_names: list[str], failed_dir: str) -> dict:
-    """Ray Data UDF: preprocess each row; a row that fails is written to `failed_dir` and dropped."""
+    """Ray Data UDF: preprocess each row (transient read errors retried); a row that fails is
+    written to `failed_dir` and dropped."""
     rows = [dict(zip(batch.keys(), values, strict=True)) for values in zip(*batch.values(), strict=True)]
     out: dict[str, list] = {}
     for row in rows:
         row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
         try:
-            shard_row = preprocess_row(row, spec, label_names)
-        except Exception as err:  # noqa: BLE001 - every failure is recorded with its reason
-            _record_failure(failed_dir, row, f"{type(err).__name__}: {err}")
+            shard_row = call_with_retries(lambda row=row: preprocess_row(row, spec, label_names))
+        except RowFailed as failure:
+            _record_failure(failed_dir, row, failure.reason, failure.attempts)
             continue
         for key, value in shard_row.items():
             out.setdefault(key, []).append(value)
@@ -120,10 +218,8 @@ class ReportEncoder:
 def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=print,
             rows_per_file: int | None = None) -> PrepareResult:
     """Preprocess `corpus` into `out/<spec_hash>/`; unchanged input and spec is a no-op, a run that
-    stopped halfway is resumed (see the module docstring). `rows_per_file`: Parquet rows per file
-    (default 256, highres 16)."""
-    import ray
-
+    stopped halfway is resumed, a folder in use or holding another corpus raises (see the module
+    docstring). `rows_per_file`: Parquet rows per file (default 256, highres 16)."""
     started = time.time()
     spec = spec_from_config(cfg)
     table = read_corpus(corpus, valid_fraction=cfg.data.valid_fraction)
@@ -131,19 +227,61 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=print,
     table["fraction_rank"] = fraction_ranks(table, label_names)
     source_hash = manifest_hash(table)
     shard_dir = Path(out).resolve() / spec.hash
+    finished = _finished_manifest(shard_dir, corpus, source_hash, progress)
+    if finished is not None:  # checked before locking: concurrent no-op runs never collide
+        return PrepareResult(shard_dir, finished, skipped=True)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(shard_dir / LOCK, "prepare", warn=lambda message: progress(f"warning: {message}")):
+        finished = _finished_manifest(shard_dir, corpus, source_hash, progress)  # finished meanwhile?
+        if finished is not None:
+            return PrepareResult(shard_dir, finished, skipped=True)
+        manifest = _prepare_locked(cfg, spec, corpus, table, label_names, source_hash, shard_dir, progress,
+                                   rows_per_file, started)
+    return PrepareResult(shard_dir, manifest)
+
+
+def _finished_manifest(shard_dir: Path, corpus: str, source_hash: str, progress) -> dict | None:
+    """The manifest of a finished folder of this source; None if unfinished; raises if it holds another."""
     manifest_path = shard_dir / MANIFEST
-    if manifest_path.is_file():
+    if not manifest_path.is_file():
+        return None
+    try:
         existing = json.loads(manifest_path.read_text())
-        if existing.get("source_manifest_hash") == source_hash:
-            progress(f"shards up to date: {shard_dir} (spec {spec.hash}, source {source_hash})")
-            return PrepareResult(shard_dir, existing, skipped=True)
+    except ValueError as err:
+        raise PrepareError(
+            f"{manifest_path} cannot be read ({err}); prepare never deletes a folder holding a manifest: "
+            f"check it, or delete {shard_dir} yourself and prepare again") from err
+    held = existing.get("source_manifest_hash")
+    if held == source_hash:
+        progress(f"shards up to date: {shard_dir} (spec {existing.get('spec_hash')}, source {source_hash})")
+        return existing
+    new_corpus = str(Path(corpus).resolve())
+    if existing.get("corpus") == new_corpus:
+        what = (f"the corpus {new_corpus} changed since they were written (source manifest hash {held}, "
+                f"now {source_hash})")
+    else:
+        what = (f"it holds the corpus {existing.get('corpus')} (source manifest hash {held}), this run prepares "
+                f"{new_corpus} (source manifest hash {source_hash})")
+    raise PrepareError(
+        f"{shard_dir} holds finished shards of another source with the same preprocessing "
+        f"(spec {existing.get('spec_hash')}): {what}. prepare never deletes finished shards: choose another "
+        f"--out for this corpus, or delete {shard_dir} yourself if those shards are no longer needed.")
+
+
+def _prepare_locked(cfg, spec: PreprocessSpec, corpus: str, table: pd.DataFrame, label_names: list[str],
+                    source_hash: str, shard_dir: Path, progress, rows_per_file: int | None,
+                    started: float) -> dict:
+    """The run itself, holding the folder's lock: resume or clear, pipelines, accounting, manifest."""
+    import ray
+
     failed_dir = shard_dir / FAILED_DIR
+    remove_temporaries(shard_dir)
+    if failed_dir.is_dir():
+        remove_temporaries(failed_dir)
     done = _resumable_rows(shard_dir, source_hash, spec.hash, progress)
     if done is None:  # nothing to resume: start afresh
-        if shard_dir.exists():
-            shutil.rmtree(shard_dir)
-        shard_dir.mkdir(parents=True)
-        (shard_dir / PROGRESS).write_text(json.dumps({"source_manifest_hash": source_hash, "spec_hash": spec.hash}))
+        _clear_unfinished(shard_dir, progress)
+        write_json_atomic(shard_dir / PROGRESS, {"source_manifest_hash": source_hash, "spec_hash": spec.hash})
         done = set()
     failed_dir.mkdir(parents=True, exist_ok=True)
     done |= _failed_rows(failed_dir)  # failures of the interrupted run stand, like those of a finished run
@@ -169,11 +307,12 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=print,
         _run_pipeline(ray, cfg, spec, modality_rows, label_names, failed_dir, target,
                       rows_per_file or ROWS_PER_FILE[spec.storage if modality == "ct" else "fixed"])
 
-    failed = sorted((json.loads(p.read_text()) for p in failed_dir.glob("*.json")), key=lambda r: r["row"])
+    failed = failure_records(shard_dir)
     written = _written_summary(shard_dir)
     duplicated = int(written["row"].duplicated().sum())
     if duplicated:
-        raise RuntimeError(f"{shard_dir}: {duplicated} rows written twice; delete the folder and prepare again")
+        raise PrepareError(f"{shard_dir}: {duplicated} rows written twice; delete the folder and prepare again")
+    _check_accounting(shard_dir, len(rows), {int(r) for r in written["row"]}, {int(r["row"]) for r in failed})
     warnings = [{"row": int(r.row), "warning": r.warnings} for r in written.itertuples() if r.warnings]
     manifest = {
         "vlp3d_version": vlp3d.__version__,
@@ -194,13 +333,49 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=print,
             "hu_source": _counts(written["hu_source"]),
             "with_warnings": len(warnings),
         },
-        "failed": failed,
+        # row ids and reasons only: the manifest is logged to MLflow; paths stay in _failed/
+        "failed": [{"row": int(r["row"]), "reason": _public_reason(r)} for r in failed],
         "warnings": sorted(warnings, key=lambda r: r["row"]),
         "elapsed_s": round(time.time() - started, 1),
     }
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(failed_dir)
-    return PrepareResult(shard_dir, manifest)
+    write_json_atomic(shard_dir / MANIFEST, manifest, indent=2)
+    return manifest
+
+
+def _clear_unfinished(shard_dir: Path, progress) -> None:
+    """Empty an unfinished folder of another source (or of no known source), keeping the lock file."""
+    if (shard_dir / MANIFEST).exists():  # guarded by _finished_manifest; never delete finished shards
+        raise PrepareError(f"{shard_dir} holds {MANIFEST}: refusing to clear it")
+    entries = [p for p in shard_dir.iterdir() if p.name != LOCK]
+    if entries:
+        progress(f"clearing {shard_dir}: unfinished shards of another source ({len(entries)} entries)")
+    for path in entries:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _check_accounting(shard_dir: Path, n_rows: int, written: set[int], failed: set[int]) -> None:
+    """Every input row is written or recorded as failed, exactly once; else raise (no manifest)."""
+    expected = set(range(n_rows))
+    missing = sorted(expected - written - failed)
+    unexpected = sorted((written | failed) - expected)
+    both = sorted(written & failed)
+    if not (missing or unexpected or both):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} rows neither written nor recorded as failed (first: "
+                        f"{missing[:MISSING_SHOWN]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} row ids not in the corpus (first: {unexpected[:MISSING_SHOWN]})")
+    if both:
+        problems.append(f"{len(both)} rows both written and failed (first: {both[:MISSING_SHOWN]})")
+    raise PrepareError(
+        f"{shard_dir}: {n_rows} input rows, {len(written)} written + {len(failed)} failed: "
+        f"{'; '.join(problems)}. {MANIFEST} was not written; run prepare again to resume the missing rows "
+        "(or delete the folder and prepare again).")
 
 
 def _counts(column: pd.Series) -> dict[str, int]:
