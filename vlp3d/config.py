@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -18,17 +19,18 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and how to fix it."""
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field whose help text serves `config show --help` and the docs."""
+def _f(default: Any, help: str, location: bool = False) -> Any:
+    """A dataclass field whose help text serves `config show --help` and the docs. A `location`
+    (a path or URI of data, storage or a service) is never logged to MLflow (`logged_params`)."""
     if isinstance(default, list | dict):
         raise TypeError("use tuples for sequence defaults so configs stay frozen")
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, "location": location})
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = _f("", "Corpus root in CT-RATE layout (`vlp3d synth` writes a phantom one).")
-    shards: str = _f("", "Directory of Parquet shards written by `vlp3d prepare`.")
+    corpus: str = _f("", "Corpus root in CT-RATE layout (`vlp3d synth` writes a phantom one).", location=True)
+    shards: str = _f("", "Directory of Parquet shards written by `vlp3d prepare`.", location=True)
     shape: tuple[int, int, int] = _f((48, 48, 48), "Voxels (x, y, z) after RAS reorientation, resampling and crop/pad.")
     spacing_mm: tuple[float, float, float] = _f((8.0, 8.0, 8.0), "Target voxel spacing in mm (x, y, z).")
     hu_window: tuple[float, float] = _f((-1000.0, 1000.0), "HU window clipped and scaled to [0, 1].")
@@ -167,6 +169,10 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "Checkpoints kept on storage.")
     max_failures: int = _f(2, "Worker-group restarts tolerated; training resumes from the last checkpoint.")
     augment: bool = _f(True, "Random intensity jitter and small shifts on training volumes.")
+    max_skipped_steps: int = _f(
+        10, "Consecutive steps with a non-finite loss or gradient (skipped on every rank, counted in "
+        "train/skipped_steps) after which the run stops, naming the step and the terms.",
+    )
 
 
 @dataclass(frozen=True)
@@ -219,15 +225,17 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    workdir: str = _f("vlp3d-runs/default", "Folder for the local MLflow store, Ray results and checkpoints.")
-    tracking_uri: str = _f("", "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db.")
+    workdir: str = _f("vlp3d-runs/default", "Folder for the local MLflow store, Ray results and checkpoints.",
+                      location=True)
+    tracking_uri: str = _f("", "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db.",
+                           location=True)
     experiment: str = _f("", "MLflow experiment; empty: the config name.")
     registered_model: str = _f("", "Registered model name; empty: vlp3d-<objective>.")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    address: str = _f("", "Ray address; empty: $RAY_ADDRESS, else a local Ray.")
+    address: str = _f("", "Ray address; empty: $RAY_ADDRESS, else a local Ray.", location=True)
     num_workers: int = _f(2, "Ray Train DDP workers.")
     use_gpu: bool = _f(False, "One GPU per worker.")
     cpus_per_worker: float = _f(0.5, "CPUs reserved per worker (leave some for Ray Data on small machines).")
@@ -341,6 +349,7 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
 RANGES: dict[str, tuple[float, float, bool, str]] = {
     "data.fraction": (0.0, 1.0, False, "the share of training patients used (nested subsets)"),
     "data.valid_fraction": (0.0, 1.0, True, "the share of patients held out when a manifest has no split"),
+    "train.max_skipped_steps": (1, 1e9, True, "consecutive non-finite steps tolerated"),
 }
 
 
@@ -403,7 +412,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def flatten(cfg: ExperimentConfig) -> dict[str, str]:
-    """`{'train.lr': '0.002', ...}` for MLflow params."""
+    """`{"train.lr": "0.002", ...}`: every key (MLflow receives `logged_params`)."""
     out = {}
     for section, values in to_dict(cfg).items():
         if isinstance(values, dict):
@@ -412,6 +421,41 @@ def flatten(cfg: ExperimentConfig) -> dict[str, str]:
         else:
             out[section] = str(values)
     return out
+
+
+# what MLflow receives as params: the training-relevant sections, every field but locations
+LOGGED_SECTIONS = ("data", "model", "objective", "train", "eval", "tune", "cluster")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact_userinfo(text: str) -> str:
+    """`https://user:secret@host/x` -> `https://host/x` (any URI inside `text`)."""
+    return _USERINFO.sub(r"\1", text)
+
+
+def _locations(section: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(SECTIONS[section]) if f.metadata.get("location")}
+
+
+def logged_params(cfg: ExperimentConfig) -> dict[str, str]:
+    """The allow-list of MLflow params: `name` and the keys of LOGGED_SECTIONS except locations
+    (corpus, shard and work folders, tracking and Ray addresses), URIs without user-info."""
+    flat = flatten(cfg)
+    allowed = {"name"} | {f"{s}.{f.name}" for s in LOGGED_SECTIONS for f in dataclasses.fields(SECTIONS[s])
+                          if not f.metadata.get("location")}
+    return {k: redact_userinfo(v) for k, v in flat.items() if k in allowed}
+
+
+def public_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` as it may be stored with a run or a model: locations emptied, URIs without user-info."""
+    changes = {}
+    for section in SECTIONS:
+        values = to_dict(getattr(cfg, section))
+        cleared = {k: "" for k in _locations(section)}
+        cleaned = {k: redact_userinfo(v) for k, v in values.items() if isinstance(v, str) and k not in cleared}
+        if cleared or cleaned:
+            changes[section] = {**cleared, **cleaned}
+    return replace(cfg, **changes) if changes else cfg
 
 
 def to_toml(cfg: ExperimentConfig) -> str:

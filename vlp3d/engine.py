@@ -268,22 +268,37 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
                scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0,
                after_step=None) -> dict[str, float]:
     """One optimisation step of a (DDP-wrapped) `Pretrainer`; returns the total loss, each term
-    (`loss/<term>`, unweighted), lr and grad norm. `after_step()` runs after the optimizer step
-    (e.g. the EMA teacher update)."""
+    (`loss/<term>`, unweighted), lr, grad norm and `skipped` (0 or 1). `after_step()` runs after
+    the optimizer step (e.g. the EMA teacher update).
+
+    NaN/inf guard: when the loss, a term or the gradient norm is not finite on any rank, every
+    rank skips the step together (no weight, optimizer, scheduler or EMA change; under fp16 the
+    grad scaler lowers its scale); the names of what was not finite are under `nonfinite`.
+    """
     first = next(iter(batch.values()))
     with torch.autocast(first.device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
                         enabled=precision in AUTOCAST_DTYPES):
         terms = module(batch)
         loss = sum(weights[name] * value for name, value in terms.items())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()} (terms: { {k: v.item() for k, v in terms.items()} })")
     optimizer.zero_grad(set_to_none=True)
+    # backward on every rank even for a non-finite loss: DDP's gradient all-reduce must line up
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     else:
         loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
+    names = [*terms, "gradients"]
+    flags = torch.stack([~torch.isfinite(terms[n].detach().float()) for n in terms]
+                        + [~torch.isfinite(grad_norm.detach().float())]).float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    nonfinite = [name for name, flag in zip(names, flags.tolist(), strict=True) if flag]
+    if nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return {"skipped": 1.0, "nonfinite": nonfinite}
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -292,6 +307,7 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
     scheduler.step()
     if after_step is not None:
         after_step()
-    metrics = {"loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+    metrics = {"loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+               "skipped": 0.0}
     metrics.update({f"loss/{name}": float(value.detach()) for name, value in terms.items()})
     return metrics

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vlp3d.config import load_config
+from vlp3d import checkpoint as checkpoints
 from vlp3d.data.report import split_sentences
 from vlp3d.data.volume import PreprocessSpec, dequantise, load_volume_hu, preprocess_hu
 from vlp3d.encoders.text import TextEncoder, embed_reports
@@ -16,20 +15,19 @@ from vlp3d.engine import VisionLanguageModel, build_model
 
 
 class Embedder:
-    """Loads `model.pt`, `config.toml` and `meta.json` from a checkpoint folder."""
+    """The embedding model of a checkpoint folder (vlp3d.checkpoint: model.pt, config.toml, meta.json)."""
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu"):
         checkpoint_dir = Path(checkpoint_dir)
-        self.cfg = load_config(checkpoint_dir / "config.toml")
-        self.meta = json.loads((checkpoint_dir / "meta.json").read_text())
+        self.cfg = checkpoints.read_config(checkpoint_dir)
+        self.meta = checkpoints.read_meta(checkpoint_dir)
         spec = dict(self.meta["spec"])
         spec.pop("quantisation_error_hu", None)
         self.spec = PreprocessSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
         self.label_names: list[str] = list(self.meta["label_names"])
         self.device = torch.device(device)
         self.model: VisionLanguageModel = build_model(self.cfg, text_dim=int(self.meta["text_dim"]))
-        state = torch.load(checkpoint_dir / "model.pt", map_location=self.device)
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(checkpoints.load_model_state(checkpoint_dir, map_location=self.device))
         self.model.to(self.device).eval()
         self._text_encoder: TextEncoder | None = None
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -12,7 +14,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 import vlp3d
-from vlp3d.config import ExperimentConfig, flatten, to_toml
+from vlp3d.config import ExperimentConfig, logged_params, public_config, redact_userinfo, to_toml
 from vlp3d.platform.runtime import artifact_location, tracking_uri
 
 uri = tracking_uri
@@ -20,9 +22,18 @@ RUN_NAME_TAG = "vlp3d.run_name"
 
 
 def client(cfg_or_uri: ExperimentConfig | str) -> MlflowClient:
+    """A client for the config's store, also made MLflow's current one (its fluent API logs models).
+    MLflow also exports the URI as $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI, where the next
+    config without `tracking.tracking_uri` would find it: the user's own values are put back."""
     target = cfg_or_uri if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(target)
     mlflow.set_registry_uri(target)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     return MlflowClient(tracking_uri=target, registry_uri=target)
 
 
@@ -51,6 +62,29 @@ def find_run(cfg: ExperimentConfig, tag: str, value: str):
     return found[0] if found else None
 
 
+_PATH = re.compile(r"(?<![\w:/.\\])(?:[A-Za-z]:)?[/\\][^\s'\",;()\[\]]+")  # an absolute path, not a URL
+
+
+def scrub(text: str, *known: object) -> str:
+    """`text` without file paths (the `known` ones, e.g. a row's path and volume name, and anything
+    absolute) and without URI user-info: what a failure reason may say in MLflow."""
+    text = redact_userinfo(str(text))
+    for value in known:
+        if value not in (None, "", "None"):
+            text = text.replace(str(value), "<file>")
+    return _PATH.sub("<path>", text)
+
+
+def public_manifest(manifest: dict) -> dict:
+    """The prepare manifest as logged to MLflow: counts, spec and hashes; failed rows and warnings
+    by row number and reason only (the shard folder keeps the paths, in `_failed/row-*.json`)."""
+    out = {k: v for k, v in manifest.items() if k not in ("corpus", "failed", "warnings")}
+    out["failed"] = [{"row": r["row"], "reason": scrub(r.get("reason", ""), r.get("path"), r.get("volume_name"))}
+                     for r in manifest.get("failed", [])]
+    out["warnings"] = [{"row": r["row"], "warning": scrub(r.get("warning", ""))} for r in manifest.get("warnings", [])]
+    return out
+
+
 def _log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
     items = list(params.items())
     for start in range(0, len(items), 100):
@@ -67,6 +101,9 @@ def start_or_resume_run(cfg: ExperimentConfig, run_name: str, manifest: dict, sh
     if existing is not None:
         run_id = existing.info.run_id
         mlflow_client.update_run(run_id, status="RUNNING")
+        if "vlp3d.failure" in existing.data.tags:  # resumed after a crash: the reason stays in the history
+            mlflow_client.set_tag(run_id, "vlp3d.failed_before", existing.data.tags["vlp3d.failure"])
+            mlflow_client.delete_tag(run_id, "vlp3d.failure")
         return run_id
     tags = {
         RUN_NAME_TAG: run_name,
@@ -80,32 +117,162 @@ def start_or_resume_run(cfg: ExperimentConfig, run_name: str, manifest: dict, sh
     }
     run = mlflow_client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    _log_params(mlflow_client, run_id, flatten(cfg))
-    mlflow_client.log_text(run_id, to_toml(cfg), "config.toml")
-    mlflow_client.log_text(run_id, json.dumps(manifest, indent=2), "data/_manifest.json")
+    _log_params(mlflow_client, run_id, logged_params(cfg))
+    mlflow_client.log_text(run_id, to_toml(public_config(cfg)), "config.toml")
+    mlflow_client.log_text(run_id, json.dumps(public_manifest(manifest), indent=2), "data/_manifest.json")
     return run_id
 
 
-class RankZeroLogger:
-    """Metrics from the rank-0 training worker into an existing run."""
+# error codes of a server that answered and refused (a retry cannot succeed)
+_REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+             "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
-    def __init__(self, tracking_uri_: str, run_id: str):
+
+class RankZeroLogger:
+    """Metrics, params and texts from the rank-0 training worker into an existing run, sent by a
+    background thread so that training never waits on MLflow. While the server is unreachable
+    everything is kept in order and retried with backoff (one warning when it goes away, one
+    line when it is back); `flush` waits a bounded time, and what is still unsent can be saved
+    with a checkpoint (`pending`) and re-queued by the next rank 0 (`requeue`)."""
+
+    def __init__(self, tracking_uri_: str, run_id: str, request_timeout_s: int = 10, warn=print):
+        import queue
+        import threading
+
+        # bounded single requests: the thread retries itself (MLflow's defaults wait minutes)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(request_timeout_s))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         self.client = MlflowClient(tracking_uri=tracking_uri_)
         self.run_id = run_id
+        self._where = redact_userinfo(tracking_uri_)
+        self._warn = warn
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._sending: list[tuple] = []  # the batch in flight (kept until it is acknowledged)
+        self._unsent = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+        self._thread.start()
 
+    # --- what the training loop calls (never blocks on the network) ---------------------------
     def log_params(self, params: dict[str, object]) -> None:
-        self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+        self._put(("params", {k: str(v) for k, v in params.items()}))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            mlflow.entities.Metric(key, float(value), now, step) for key, value in metrics.items()
-        ])
+        self._put(("metrics", {"values": {k: float(v) for k, v in metrics.items()}, "step": int(step),
+                               "timestamp": int(time.time() * 1000)}))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._put(("text", {"text": text, "artifact_file": artifact_file}))
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything queued was sent (True) or `timeout_s` passed (False)."""
+        return self._idle.wait(timeout_s)
+
+    def pending(self) -> list[tuple]:
+        """Everything not yet acknowledged by the server, oldest first (a copy)."""
+        with self._lock:
+            return list(self._sending) + list(self._queue.queue)
+
+    def requeue(self, items: list) -> None:
+        for kind, payload in items:
+            self._put((kind, payload))
+
+    # --- the sender thread ----------------------------------------------------------------------
+    def _put(self, item: tuple) -> None:
+        with self._lock:
+            self._idle.clear()
+            self._queue.put(item)
+
+    def _run(self) -> None:
+        import time
+
+        failing_since, delay = None, 1.0
+        while True:
+            with self._lock:
+                if not self._sending:
+                    self._sending = self._take()
+                batch = list(self._sending)
+                if not batch:
+                    self._idle.set()
+            if not batch:
+                time.sleep(0.05)
+                continue
+            error = self._attempt(batch)
+            if error is not None:  # unreachable, timed out, 5xx: keep the batch, retry with backoff
+                if failing_since is None:
+                    failing_since = time.time()
+                    self._warn(f"MLflow at {self._where} is not answering ({error}); metrics are kept and "
+                               "sent when it is back, training goes on", flush=True)
+                time.sleep(delay)
+                delay = min(30.0, delay * 2)
+                continue
+            with self._lock:
+                self._sending = []
+            if failing_since is not None:
+                self._warn(f"MLflow at {self._where} is back after {time.time() - failing_since:.0f} s; "
+                           "buffered metrics sent", flush=True)
+                failing_since, delay = None, 1.0
+
+    def _attempt(self, batch: list[tuple]) -> str | None:
+        """Send `batch`: None when done (or refused by the server: a retry cannot succeed, so it
+        is dropped with a warning), else the error's name."""
+        try:
+            self._send(batch)
+        except mlflow.exceptions.MlflowException as err:
+            if err.error_code not in _REJECTED:
+                return type(err).__name__
+            self._warn(f"MLflow refused {len(batch)} logging calls: {err.message}", flush=True)
+        except Exception as err:  # noqa: BLE001 - connection refused, timeouts, ...
+            return type(err).__name__
+        return None
+
+    def _take(self) -> list[tuple]:
+        """Queued items, oldest first, at most 500 metrics per request."""
+        items, metrics = [], 0
+        while not self._queue.empty() and metrics < 500:
+            item = self._queue.get_nowait()
+            items.append(item)
+            metrics += len(item[1]["values"]) if item[0] == "metrics" else 0
+        return items
+
+    def _send(self, items: list[tuple]) -> None:
+        metrics, params = [], []
+        for kind, payload in items:
+            if kind == "metrics":
+                metrics += [mlflow.entities.Metric(k, v, payload["timestamp"], payload["step"])
+                            for k, v in payload["values"].items()]
+            elif kind == "params":
+                params += [mlflow.entities.Param(k, v) for k, v in payload.items()]
+        if metrics or params:
+            self.client.log_batch(self.run_id, metrics=metrics, params=params)
+        for kind, payload in items:
+            if kind == "text":
+                self.client.log_text(self.run_id, payload["text"], payload["artifact_file"])
+
+
+def deliver(uri_: str, run_id: str, items: list, timeout_s: float = 300.0) -> None:
+    """Send tracking calls a worker could not deliver (kept in its checkpoint); if MLflow is still
+    unreachable after `timeout_s`, say so (the checkpoint keeps them)."""
+    if not items:
+        return
+    logger = RankZeroLogger(uri_, run_id)
+    logger.requeue(items)
+    if not logger.flush(timeout_s):
+        print(f"MLflow at {redact_userinfo(uri_)} still unreachable: {len(items)} tracking calls of run {run_id} "
+              "were not delivered (they stay in the run's last checkpoint, train_state.pt)", flush=True)
+
+
+def end_run_quietly(uri_: str, run_id: str, status: str, reason: str) -> None:
+    """Mark a run FAILED/KILLED with its reason (tag `vlp3d.failure`, paths and secrets removed);
+    a tracking outage here is reported, never raised over the training error."""
+    try:
+        end_run(uri_, run_id, status, {"vlp3d.failure": scrub(reason)[:5000]})
+    except Exception as err:  # noqa: BLE001 - the original error matters more
+        print(f"could not mark MLflow run {run_id} {status}: {type(err).__name__}: {err}", flush=True)
 
 
 class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
@@ -235,8 +402,8 @@ def start_or_resume_sweep_run(cfg: ExperimentConfig, name: str, search_space: di
     tags = {SWEEP_PARENT_TAG: name, "mlflow.runName": name, "vlp3d.method": cfg.objective.name,
             "vlp3d.git_commit": git_commit(), "vlp3d.version": vlp3d.__version__}
     run_id = mlflow_client.create_run(experiment_id(cfg), run_name=name, tags=tags).info.run_id
-    _log_params(mlflow_client, run_id, flatten(cfg))
-    mlflow_client.log_text(run_id, to_toml(cfg), "config.toml")
+    _log_params(mlflow_client, run_id, logged_params(cfg))
+    mlflow_client.log_text(run_id, to_toml(public_config(cfg)), "config.toml")
     mlflow_client.log_text(run_id, json.dumps(search_space, indent=2), "search_space.json")
     return run_id
 

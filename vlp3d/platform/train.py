@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import tempfile
@@ -14,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlp3d.config import ExperimentConfig, from_dict, to_dict, to_toml
+from vlp3d import checkpoint as checkpoints
+from vlp3d.config import ExperimentConfig, from_dict, to_dict
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, spec_from_config
 from vlp3d.encoders.export import count_parameters
 from vlp3d.engine import (
@@ -37,12 +38,20 @@ from vlp3d.platform.runtime import init_ray, storage_path
 TRAIN_COLUMNS = {
     "clip": ["image", "report_embedding"],
     "mg3d": ["image", "report_embedding", "input_ids", "attention_mask", "sentence_embeddings", "sentence_mask"],
-    "t3d": ["image", "image_shape", "report_embedding"],
+    "t3d": ["image", "image_shape", "report_embedding", "row"],  # row: seeds each volume's crops
     "unimedi": ["image", "report_embedding"],
 }
-# fault injection for tests and drills: the last worker raises once at this step (before any restart)
-INJECT_ENV = "VLP3D_INJECT_FAILURE_AT_STEP"
+# fault drills and tests: "STEP[:RANK[:raise|kill|nan]]", comma-separated (RANK default: the last
+# worker). raise and
+# kill (SIGKILL of the worker process) fire once per run and rank (a marker file in the temp dir);
+# nan makes that rank's image input NaN from STEP on.
+FAULT_ENV = "VLP3D_INJECT_FAULT"
 VALIDATION_SEED = 20_251_129  # same masks, crops and corruptions at every validation: comparable curves
+FLUSH_AT_CHECKPOINT_S = 2.0  # how long a checkpoint waits for unsent MLflow metrics (they are saved with it)
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training stopped: too many consecutive non-finite steps, or non-finite weights."""
 
 
 @dataclass
@@ -56,16 +65,81 @@ class PretrainResult:
     elapsed_s: float
 
 
-def _save_checkpoint(directory: str, pretrainer, optimizer, scheduler, step: int, cfg: ExperimentConfig,
-                     meta: dict) -> None:
-    """model.pt: the embedding model (what inference loads); objective.pt: the objective's heads,
-    EMA teacher and centres; train_state.pt: optimizer, scheduler, step."""
-    torch.save(pretrainer.model.state_dict(), os.path.join(directory, "model.pt"))
-    torch.save(pretrainer.objective.state_dict(), os.path.join(directory, "objective.pt"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "rng": torch.get_rng_state()}, os.path.join(directory, "train_state.pt"))
-    Path(directory, "config.toml").write_text(to_toml(cfg))
-    Path(directory, "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+def data_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one rank's pass over its shard in one epoch: shuffle order and T3D crops depend
+    on (train.seed, rank, epoch) only, so a resumed run replays an epoch exactly."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def epoch_batches(shard, position: dict[str, list[int]], name: str, batch_size: int, seed: int, rank: int,
+                  collate_for=None):
+    """Endless batches of a Ray Train dataset shard, epoch after epoch. `position[name]` =
+    [epoch, batches of it consumed] always names the next batch, so the checkpoint a resumed
+    run starts from says where to continue: the epoch is replayed with its seed and the batches
+    already trained on are skipped."""
+    while True:
+        epoch, done = position.setdefault(name, [0, 0])
+        epoch_seed = data_seed(seed, rank, epoch)
+        found = 0
+        for index, batch in enumerate(shard.iter_torch_batches(
+                batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size,
+                local_shuffle_seed=epoch_seed, collate_fn=collate_for(epoch_seed) if collate_for else None)):
+            found += 1
+            if index < done:
+                continue
+            position[name] = [epoch, index + 1]
+            yield batch
+        if not found:
+            raise ValueError(f"dataset '{name}': rank {rank} holds fewer rows than its batch of {batch_size}; "
+                             "lower train.global_batch or cluster.num_workers, or add data.")
+        position[name] = [epoch + 1, 0]
+
+
+def parse_faults(spec: str, world_size: int) -> list[tuple[int, int, str]]:
+    """FAULT_ENV "STEP[:RANK[:raise|kill|nan]]", comma-separated -> [(step, rank, mode)]."""
+    faults = []
+    for item in filter(None, spec.split(",")):
+        parts = item.split(":")
+        mode = parts[2] if len(parts) > 2 else "raise"
+        if mode not in ("raise", "kill", "nan"):
+            raise ValueError(f"{FAULT_ENV}={spec!r}: the mode of {item!r} must be raise, kill or nan")
+        faults.append((int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else world_size - 1, mode))
+    return faults
+
+
+def _poison(batch: dict) -> None:
+    """Fault drill `nan`: the image input of this batch becomes NaN (the loss follows)."""
+    for key in ("volume", "crops", "image_2d"):
+        if key in batch:
+            batch[key] = batch[key] * float("nan")
+            return
+
+
+def _inject_fault(fault: tuple[int, int, str], step: int, rank: int, run_id: str) -> None:
+    """Fault drills: raise, or SIGKILL this worker process, at the given step and rank, once per run."""
+    import signal
+
+    at, target, mode = fault
+    if step != at or rank != target or mode == "nan":
+        return
+    marker = Path(tempfile.gettempdir(), f"vlp3d-fault-{run_id}-{step}-{rank}")
+    if marker.exists():
+        return
+    marker.touch()
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected worker failure at step {step} on rank {rank} ({FAULT_ENV})")
+
+
+def _gather(obj) -> list:
+    """`obj` of every rank, by rank (one process: [obj])."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -85,98 +159,162 @@ def train_loop_per_worker(loop_config: dict) -> None:
     pretrainer.to(device)
     optimizer = build_optimizer(pretrainer, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    step = 0
+    scaler = torch.amp.GradScaler() if cfg.train.precision == "fp16" else None
+    generator = torch.Generator()  # augmentation
+    state = checkpoints.TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt:
-            pretrainer.model.load_state_dict(torch.load(os.path.join(ckpt, "model.pt"), map_location=device))
-            pretrainer.objective.load_state_dict(torch.load(os.path.join(ckpt, "objective.pt"), map_location=device))
-            state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step = int(state["step"])
-    resumed_from = step
+        with checkpoint.as_directory() as folder:
+            state = checkpoints.restore(folder, pretrainer.model, pretrainer.objective, optimizer, scheduler,
+                                        scaler, map_location=device)
+    if len(state.rng) == world_size:
+        checkpoints.restore_rng(state.rng[rank], generator)
+    else:
+        if state.rng and rank == 0:
+            print(f"checkpoint of step {state.step} was written by {len(state.rng)} workers, this run has "
+                  f"{world_size}: random streams re-seeded (the run continues, not bit-exactly)", flush=True)
+        checkpoints.seed_everything(cfg.train.seed * 1000 + rank + state.step, generator)
+    step = resumed_from = state.step
     # e.g. UniMedI's 2D tokenizer gets no gradient in a 3D-only batch (and vice versa)
     unused = getattr(pretrainer.objective, "has_unused_parameters", False) or cfg.model.image_encoder == "unimedi_vit"
     module = ray.train.torch.prepare_model(pretrainer, parallel_strategy_kwargs={"find_unused_parameters": unused})
     unwrapped = module.module if hasattr(module, "module") else module
-    scaler = torch.amp.GradScaler() if cfg.train.precision == "fp16" else None
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + step)
-    torch.manual_seed(cfg.train.seed * 1000 + rank + step + 1)  # objective-side masks and corruptions
 
     # reported to Ray/Tune with every result, logged to MLflow once as params (not a per-step curve)
     compute = {"encoder_params": count_parameters(pretrainer.model.image_encoder),
                "trainable_params": count_parameters(pretrainer, trainable_only=True), "flops_per_step": 0}
     logger = tracking.RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    if logger and step:
-        logger.log_text(f"resumed from checkpoint at step {step}\n", f"resume-{step}.txt")
+    if logger:
+        logger.requeue(state.unsent_logs)  # what the previous rank 0 could not send before it stopped
+        if step:
+            logger.log_text(f"resumed from checkpoint at step {step}\n", f"resume-{step}.txt")
+        else:
+            logger.log_params({f"loss_weight/{term}": weight for term, weight in weights.items()})
     local_batch = cfg.train.global_batch // world_size
     print_every = max(cfg.train.log_every, cfg.train.max_steps // 20 // cfg.train.log_every * cfg.train.log_every)
-    if logger and not step:
-        logger.log_params({f"loss_weight/{term}": weight for term, weight in weights.items()})
-    shard = ray.train.get_dataset_shard("train")
+    spec = loop_config["meta"]["spec"]
+    position = state.position
+    batches = epoch_batches(ray.train.get_dataset_shard("train"), position, "train", local_batch, cfg.train.seed,
+                            rank, collate_for=crop_collate(cfg, spec))
+    batches_2d = (epoch_batches(ray.train.get_dataset_shard("train_2d"), position, "train_2d", local_batch,
+                                cfg.train.seed, rank) if loop_config.get("has_2d") else None)
     valid = ray.train.get_dataset_shard("valid") if loop_config.get("has_valid") else None
-    batches_2d = _cycle_2d(cfg, local_batch, rank) if loop_config.get("has_2d") else None
-    collate = crop_collate(cfg, manifest_spec=loop_config["meta"]["spec"], seed=cfg.train.seed * 1000 + rank + step)
+    faults = parse_faults(loop_config.get("inject_fault", ""), world_size)
     window: list[dict] = []
+    in_a_row = 0
     started, samples = time.time(), 0
     while step < cfg.train.max_steps:
-        for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=True,
-                                              local_shuffle_buffer_size=4 * local_batch,
-                                              local_shuffle_seed=cfg.train.seed + step + rank,
-                                              collate_fn=collate):
-            batch = to_model_batch(batch, device)
-            if batches_2d is not None:
-                batch.update(to_model_batch(next(batches_2d), device))
-            if cfg.train.augment and "volume" in batch:
-                batch["volume"] = augment(batch["volume"], generator)
-            module.train()
-            # FLOPs of one step (forward + backward, matmuls/convs/attention), counted by torch on rank 0
-            counter = FlopCounterMode(display=False) if rank == 0 and not compute["flops_per_step"] else None
-            with counter or contextlib.nullcontext():
-                metrics = train_step(module, weights, batch, optimizer, scheduler, cfg.train.precision, scaler,
-                                     after_step=functools.partial(unwrapped.after_step, step + 1))
-            if counter is not None:
-                compute["flops_per_step"] = counter.get_total_flops() * world_size
-                if logger and not resumed_from:  # MLflow params are write-once
-                    logger.log_params({f"compute/{k}": v for k, v in compute.items()})
+        batch = to_model_batch(next(batches), device)
+        if batches_2d is not None:
+            raw_2d = next(batches_2d)
+            batch.update(to_model_batch({"image_2d": raw_2d["image"], "report_embedding_2d": raw_2d["report_embedding"]},
+                                        device))
+        if cfg.train.augment and "volume" in batch:
+            batch["volume"] = augment(batch["volume"], generator)
+        if any(mode == "nan" and rank == target and step + 1 >= at for at, target, mode in faults):
+            _poison(batch)
+        module.train()
+        # FLOPs of one step (forward + backward, matmuls/convs/attention), counted by torch on rank 0
+        counter = FlopCounterMode(display=False) if rank == 0 and not compute["flops_per_step"] else None
+        with counter or contextlib.nullcontext():
+            metrics = train_step(module, weights, batch, optimizer, scheduler, cfg.train.precision, scaler,
+                                 after_step=functools.partial(unwrapped.after_step, step + 1))
+        if counter is not None:
+            compute["flops_per_step"] = counter.get_total_flops() * world_size
+            if logger and not resumed_from:  # MLflow params are write-once
+                logger.log_params({f"compute/{k}": v for k, v in compute.items()})
+        step += 1
+        samples += local_batch * world_size
+        for fault in faults:
+            _inject_fault(fault, step, rank, loop_config["run_id"])
+        if metrics.pop("skipped"):
+            state.skipped_steps += 1
+            in_a_row += 1
+            what = ", ".join(metrics["nonfinite"])
+            if logger:
+                print(f"step {step}: non-finite {what}; step skipped on every worker ({in_a_row} in a row, "
+                      f"{state.skipped_steps} in all)", flush=True)
+            if in_a_row >= cfg.train.max_skipped_steps:
+                _stop(loop_config, logger, f"training stopped at step {step}: {in_a_row} consecutive steps had a non-finite "
+                      f"loss or gradient (train.max_skipped_steps = {cfg.train.max_skipped_steps}); non-finite at "
+                      f"the last one: {what}. Lower train.lr, use train.precision = \"fp32\" or \"bf16\", or check "
+                      "the data; the last checkpoint holds finite weights.")
+                return
+        else:
+            in_a_row = 0
             metrics.update({f"weighted/{t}": weights[t] * metrics[f"loss/{t}"] for t in weights
                             if f"loss/{t}" in metrics})
             window.append(metrics)
-            step += 1
-            samples += local_batch * world_size
-            if step == loop_config.get("inject_failure_at_step") and resumed_from == 0 and rank == world_size - 1:
-                raise RuntimeError(f"injected worker failure at step {step} ({INJECT_ENV})")
-            last = step >= cfg.train.max_steps
-            validate = valid is not None and (last or (cfg.train.val_every and step % cfg.train.val_every == 0))
-            if step % cfg.train.log_every == 0 or last or validate:
-                metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-                metrics["temperature"] = 1.0 / unwrapped.model.scale().item()
-                metrics["samples_per_s"] = samples / max(1e-9, time.time() - started)
-                window.clear()
-                if validate:
-                    metrics.update(validation_loss(module, weights, valid, cfg, loop_config["meta"]["spec"],
-                                                   local_batch, device))
-                if logger:
-                    logger.log_metrics({(k if k.startswith("val/") else f"train/{k}"): v
-                                        for k, v in metrics.items()}, step)
-                    if loop_config.get("print_progress", True) and (step % print_every == 0 or last):
-                        val = f"  val/loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""
-                        print(f"step {step:>6}/{cfg.train.max_steps}  loss {metrics['loss']:.4f}{val}  "
-                              f"lr {metrics['lr']:.2e}  tau {metrics['temperature']:.4f}  "
-                              f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
-                metrics.update(compute, step=step)
-                if step % cfg.train.checkpoint_every == 0 or last:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        ckpt = None
-                        if rank == 0:
-                            _save_checkpoint(tmp, unwrapped, optimizer, scheduler, step, cfg, loop_config["meta"])
-                            ckpt = ray.train.Checkpoint.from_directory(tmp)
-                        ray.train.report(metrics, checkpoint=ckpt)
-                else:
-                    ray.train.report(metrics)
-            if last:
-                break
+        last = step >= cfg.train.max_steps
+        validate = valid is not None and (last or (cfg.train.val_every and step % cfg.train.val_every == 0))
+        if step % cfg.train.log_every == 0 or last or validate:
+            metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]} if window else {}
+            metrics["skipped_steps"] = state.skipped_steps
+            metrics["temperature"] = 1.0 / unwrapped.model.scale().item()
+            metrics["samples_per_s"] = samples / max(1e-9, time.time() - started)
+            window.clear()
+            if validate:
+                metrics.update(validation_loss(module, weights, valid, cfg, spec, local_batch, device))
+            if logger:
+                logger.log_metrics({(k if k.startswith("val/") else f"train/{k}"): v
+                                    for k, v in metrics.items()}, step)
+                if loop_config.get("print_progress", True) and (step % print_every == 0 or last) and "loss" in metrics:
+                    val = f"  val/loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""
+                    print(f"step {step:>6}/{cfg.train.max_steps}  loss {metrics['loss']:.4f}{val}  "
+                          f"lr {metrics['lr']:.2e}  tau {metrics['temperature']:.4f}  "
+                          f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+            metrics.update(compute, step=step)
+            if step % cfg.train.checkpoint_every == 0 or last:
+                bad = checkpoints.nonfinite_parameters(unwrapped)  # the same on every rank (DDP)
+                if bad:
+                    _stop(loop_config, logger, f"training stopped at step {step}: non-finite weights in {', '.join(bad[:5])}; "
+                          "no checkpoint was written from them (the last checkpoint holds finite weights).")
+                    return
+                state.step, state.position = step, {k: list(v) for k, v in position.items()}
+                state.rng = _gather(checkpoints.capture_rng(generator))
+                with tempfile.TemporaryDirectory() as tmp:
+                    ckpt = None
+                    if rank == 0:
+                        logger.flush(FLUSH_AT_CHECKPOINT_S)
+                        state.unsent_logs = logger.pending()
+                        checkpoints.save(tmp, unwrapped.model, unwrapped.objective, optimizer, scheduler, scaler,
+                                         state, cfg, loop_config["meta"])
+                        ckpt = ray.train.Checkpoint.from_directory(tmp)
+                    ray.train.report(metrics, checkpoint=ckpt)
+            else:
+                ray.train.report(metrics)
+
+
+def _stop(loop_config: dict, logger, message: str) -> None:
+    """Every rank ends its loop together (the decision is the same on all of them); rank 0 leaves
+    `message` with the run's notes, from which the driver fails the run. (A raise would make Ray
+    Train restart the group and hit the same wall until max_failures is spent.)"""
+    if logger:
+        import ray
+
+        print(message, flush=True)
+        logger.log_text(message + "\n", "stopped.txt")
+        logger.flush(30.0)
+        ray.get(loop_config["notes"].stop.remote(message))
+
+
+def _run_notes():
+    """A small actor the workers tell why they stopped early (Ray Train's result only keeps what
+    was reported with a checkpoint)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RunNotes:
+        def __init__(self):
+            self.stopped = ""
+
+        def stop(self, message: str) -> None:
+            self.stopped = message
+
+        def get(self) -> str:
+            return self.stopped
+
+    return RunNotes.remote()
 
 
 def _quiet_train_reports() -> None:
@@ -199,7 +337,8 @@ def validation_loss(module, weights: dict[str, float], shard, cfg: ExperimentCon
     module.eval()
     names = list(weights)
     sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # weighted loss, terms, volumes
-    collate = crop_collate(cfg, manifest_spec, seed=VALIDATION_SEED)
+    collate_for = crop_collate(cfg, manifest_spec)
+    collate = collate_for(VALIDATION_SEED) if collate_for else None
     devices = [device] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(VALIDATION_SEED)
@@ -227,44 +366,32 @@ def validation_loss(module, weights: dict[str, float], shard, cfg: ExperimentCon
     return out
 
 
-def crop_collate(cfg: ExperimentConfig, manifest_spec: dict, seed: int):
-    """T3D: an `iter_torch_batches` collate function sampling `objective.num_crops` crops of
-    `objective.crop_shape` per high-resolution volume, centred inside the body; None otherwise."""
+def crop_collate(cfg: ExperimentConfig, manifest_spec: dict):
+    """T3D: a factory `seed -> collate`, the collate function sampling `objective.num_crops`
+    crops of `objective.crop_shape` per high-resolution volume, centred inside the body, from a
+    generator seeded by (seed, row id): the crops depend on the data, never on the order in which
+    Ray's threads collate batches. None for the other objectives."""
     if cfg.objective.name != "t3d":
         return None
-    import numpy as np
-
     from vlp3d.data.shards import decode_image
     from vlp3d.objectives.t3d import sample_crops
 
-    rng = np.random.default_rng(seed)
     dtype = manifest_spec["storage_dtype"]
     lo, hi = manifest_spec["hu_window"]
     body = (cfg.data.body_threshold_hu - lo) / (hi - lo) * (255 if dtype == "uint8" else 1)
 
-    def collate(batch: dict) -> dict:
-        volumes = [decode_image(v, s, dtype) for v, s in zip(batch["image"], batch["image_shape"], strict=True)]
-        crops = np.stack([sample_crops(v, cfg.objective.crop_shape, cfg.objective.num_crops, rng, body)
-                          for v in volumes])
-        return {"crops": torch.from_numpy(crops),
-                "report_embedding": torch.from_numpy(np.stack(list(batch["report_embedding"])).astype(np.float32))}
+    def collate_for(seed: int):
+        def collate(batch: dict) -> dict:
+            crops = np.stack([
+                sample_crops(decode_image(v, s, dtype), cfg.objective.crop_shape, cfg.objective.num_crops,
+                             np.random.default_rng([seed, int(row)]), body)
+                for v, s, row in zip(batch["image"], batch["image_shape"], batch["row"], strict=True)])
+            embeddings = np.stack(list(batch["report_embedding"])).astype(np.float32)
+            return {"crops": torch.from_numpy(crops), "report_embedding": torch.from_numpy(embeddings)}
 
-    return collate
+        return collate
 
-
-def _cycle_2d(cfg: ExperimentConfig, local_batch: int, rank: int):
-    """UniMedI: endless 2D (radiograph) batches from this worker's shard of `train_2d`, renamed
-    `image_2d` / `report_embedding_2d` (batches are formed per modality)."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("train_2d")
-    epoch = 0
-    while True:
-        for batch in shard.iter_torch_batches(batch_size=local_batch, drop_last=True,
-                                              local_shuffle_buffer_size=4 * local_batch,
-                                              local_shuffle_seed=cfg.train.seed + epoch + rank):
-            yield {"image_2d": batch["image"], "report_embedding_2d": batch["report_embedding"]}
-        epoch += 1
+    return collate_for
 
 
 def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "ct", held_out: bool = False):
@@ -366,12 +493,17 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print,
         xray = _training_dataset(cfg, shard_dir, "xray")
         if xray is not None:
             datasets["train_2d"] = xray
+    # Ray Data in a fixed order (no locality reordering): the same blocks reach the same worker
+    # in every run and after every restart, which exact resume and reproducible runs rely on
+    from ray.data import ExecutionOptions
+
+    notes = _run_notes()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
                            "text_dim": text_dim, "meta": meta, "has_2d": "train_2d" in datasets,
                            "has_valid": "valid" in datasets, "print_progress": progress is not None,
-                           "inject_failure_at_step": int(os.environ.get(INJECT_ENV, "0"))},
+                           "inject_fault": os.environ.get(FAULT_ENV, ""), "notes": notes},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
@@ -386,14 +518,34 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
     if progress is not None:
         progress(f"training {cfg.train.max_steps} steps on {cfg.cluster.num_workers} workers "
                  f"(global batch {cfg.train.global_batch}); run {run_name}")
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} finished without a checkpoint (error: {result.error})")
-    checkpoint_dir = Path(result.checkpoint.path)
+    uri = tracking.uri(cfg)
+    try:
+        result = trainer.fit()
+    except BaseException as err:  # a failed (or interrupted) run is never left RUNNING in MLflow
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        tracking.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
+        raise
     metrics = dict(result.metrics or {})
+    checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    if checkpoint_dir is not None:  # what rank 0 could not deliver to MLflow before it finished
+        tracking.deliver(uri, run_id, checkpoints.restore_unsent(checkpoint_dir))
+    stopped = ray.get(notes.get.remote())
+    ray.kill(notes)
+    if stopped:
+        tracking.end_run_quietly(uri, run_id, "FAILED", stopped)
+        raise NonFiniteTrainingError(f"run {run_name}: {stopped}")
+    if checkpoint_dir is None:
+        tracking.end_run_quietly(uri, run_id, "FAILED", f"finished without a checkpoint ({result.error})")
+        raise RuntimeError(f"training run {run_name} finished without a checkpoint (error: {result.error})")
+    bad = checkpoints.nonfinite_parameters_in(checkpoint_dir)
+    if bad:  # never registered (the worker refuses to write these; this guards older checkpoints)
+        tracking.end_run_quietly(uri, run_id, "FAILED", f"non-finite weights in {', '.join(bad[:5])}")
+        raise NonFiniteTrainingError(f"run {run_name}: checkpoint {checkpoint_dir} holds non-finite weights "
+                                     f"({', '.join(bad[:5])}); not registered.")
     model_uri = tracking.finish_training(run_id, cfg, checkpoint_dir, metrics, register=register)
     return PretrainResult(run_id, run_name, checkpoint_dir, shard_dir, model_uri, metrics, time.time() - started)
