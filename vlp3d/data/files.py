@@ -80,6 +80,8 @@ def remove_temporaries(folder: str | Path) -> int:
 class FolderLockedError(RuntimeError):
     """Another live process holds the folder's lock; the message says who and what to do."""
 
+    exit_code = 2
+
 
 def _pid_alive(pid: int) -> bool:
     try:

@@ -56,6 +56,13 @@ def run_reporting_errors(run, args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (ArithmeticError, RuntimeError) as err:
+        # errors that explain themselves (a prepare folder in use, training stopped on NaNs) carry
+        # their exit code; any other is a bug, shown with its traceback
+        if getattr(err, "exit_code", None) is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 def run_main(build_parser, run, argv: list[str] | None = None) -> int:

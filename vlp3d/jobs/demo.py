@@ -57,7 +57,7 @@ def run_pipeline(cfg: ExperimentConfig, n: int, seed: int = 0) -> DemoResult:
     from vlp3d.jobs.evaluate import render
     from vlp3d.jobs.prepare import summary
     from vlp3d.platform.evaluate import evaluate
-    from vlp3d.platform.prepare import prepare
+    from vlp3d.platform.prepare import PrepareError, prepare
     from vlp3d.platform.runtime import tracking_uri
     from vlp3d.platform.tracking import promote
     from vlp3d.platform.train import pretrain
@@ -87,7 +87,11 @@ def run_pipeline(cfg: ExperimentConfig, n: int, seed: int = 0) -> DemoResult:
     timings.append(("synth", time.time() - t))
 
     t = _stage(2, "prepare", "Ray Data: NIfTI -> HU -> RAS -> resample -> window -> shards")
-    prepared = prepare(cfg, cfg.data.corpus, cfg.data.shards)
+    try:
+        prepared = prepare(cfg, cfg.data.corpus, cfg.data.shards)
+    except PrepareError as err:  # e.g. this workdir's shards are of a phantom corpus with another --n
+        raise PrepareError(f"{err}\nThe demo keeps one phantom corpus per --workdir: run it with a new "
+                           f"--workdir, or delete {cfg.data.shards} to prepare this corpus there.") from None
     print(summary(prepared))
     timings.append(("prepare", time.time() - t))
 

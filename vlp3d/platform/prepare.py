@@ -86,6 +86,8 @@ MISSING_SHOWN = 10  # row ids listed in the accounting error
 class PrepareError(RuntimeError):
     """The shard folder cannot be (safely) written; the message names the folder and the fix."""
 
+    exit_code = 2
+
 
 @dataclass
 class PrepareResult:

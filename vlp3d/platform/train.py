@@ -53,6 +53,8 @@ FLUSH_AT_CHECKPOINT_S = 2.0  # how long a checkpoint waits for unsent MLflow met
 class NonFiniteTrainingError(FloatingPointError):
     """Training stopped: too many consecutive non-finite steps, or non-finite weights."""
 
+    exit_code = 1
+
 
 @dataclass
 class PretrainResult:
