@@ -10,7 +10,7 @@ steady state: the time between the `--warmup`-th and the last step (from the loo
 and for Ray from the timestamps of the per-step MLflow metrics), so start-up (worker group,
 dataset, first-step FLOP counting) is left out and reported separately.
 
-    .venv/bin/python benchmarks/bench_train_overhead.py                  # ~6 min on 2 cores
+    .venv/bin/python benchmarks/bench_train_overhead.py                  # ~4 min on 2 cores, after the corpus is prepared
     .venv/bin/python benchmarks/bench_train_overhead.py --steps 60 model.size=small
 """
 
@@ -48,7 +48,8 @@ def plain_loop(cfg, shard_dir: Path, steps: int, warmup: int, threads: int) -> d
     torch.set_num_threads(threads)
     table = pq.read_table(shard_files(shard_dir, "ct"), columns=["image", "report_embedding", "split"])
     table = table.filter(np.asarray(table["split"]) == cfg.data.train_split)
-    images = torch.from_numpy(np.stack(table["image"].to_numpy(zero_copy_only=False)))
+    # Ray's tensor extension columns read back as flat lists: shape them as the shards' volumes
+    images = torch.from_numpy(np.stack(table["image"].to_numpy(zero_copy_only=False)).reshape(-1, *cfg.data.shape))
     texts = torch.from_numpy(np.stack(table["report_embedding"].to_numpy(zero_copy_only=False)))
     pretrainer, weights = build_pretrainer(cfg, text_dim=texts.shape[-1])
     optimizer = build_optimizer(pretrainer, cfg)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(ROOT / "benchmarks/results/train_overhead"), help="output folder")
     parser.add_argument("--n", type=int, default=96, help="phantom volumes (default 96)")
-    parser.add_argument("--steps", type=int, default=40, help="training steps per measurement (default 40)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per measurement (default 60)")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the steady state (default 10)")
     parser.add_argument("--checkpoint-every", type=int, default=20, help="Ray runs' checkpoint interval")
     parser.add_argument("overrides", nargs="*", help="section.key=value on top of configs/demo.toml")

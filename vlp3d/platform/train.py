@@ -283,7 +283,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                          state, cfg, loop_config["meta"])
                         ckpt = ray.train.Checkpoint.from_directory(tmp)
                     ray.train.report(metrics, checkpoint=ckpt)
-            else:
+            elif validate:
+                # Ray Train's report waits for its controller to collect the previous one (every
+                # ~2 s): reporting every logged step measured 2.0 s/step against 0.33 s without.
+                # MLflow gets every logged step from the rank-0 logger; Ray (and Tune's schedulers,
+                # which stop trials on val/loss) gets checkpoints and validations.
                 ray.train.report(metrics)
 
 
