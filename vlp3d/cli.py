@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import vlp3d
 from vlp3d.config import to_toml
 from vlp3d.jobs import demo, evaluate, export, models, prepare, pretrain, register, sweep, synth
 from vlp3d.jobs.common import (
@@ -27,6 +28,15 @@ JOBS = {
 }
 
 
+EPILOG = """Start with `vlp3d demo`. Each command has --help.
+
+exit codes:
+  0  ok
+  1  failure: training stopped on non-finite losses or weights, no sweep trial finished,
+     `register` left the alias where it was, or an unexpected error (with its traceback)
+  2  bad input: config, files, corpus, model URI, or a shard folder in use or holding other shards"""
+
+
 def _config_show(args: argparse.Namespace) -> int:
     print(to_toml(resolve_config(args)), end="")
     return 0
@@ -36,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlp3d", formatter_class=formatter(),
         description="Pretrain 3D medical vision-language models (CT + reports) on Ray, tracked in MLflow.",
-        epilog="Start with `vlp3d demo`. Each command has --help.",
+        epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {vlp3d.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (job, text) in JOBS.items():
         sub = commands.add_parser(name, help=text, formatter_class=formatter())

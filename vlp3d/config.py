@@ -55,7 +55,7 @@ class DataConfig:
         ("Impressions_EN",),
         "Report columns joined into the report text. With a frozen text encoder, impressions (which state "
         "what is present) align far better than findings (which list every absent finding as a negated "
-        "sentence); with a trainable one, METHODS.md's findings + impression is the usual choice.",
+        "sentence); with a trainable one, findings + impression (the papers' choice) is the usual one.",
     )
     max_tokens: int = _f(256, "Token ids kept per report (padded/truncated).")
     text_embeddings: bool = _f(True, "Store frozen text-encoder report and sentence embeddings in the shards (fast training).")
@@ -90,8 +90,8 @@ OBJECTIVES = ("clip", "mg3d", "t3d", "unimedi")
 class ObjectiveConfig:
     """Loss terms and heads of the pretraining method. Every `*_weight` scales one named term.
 
-    Setting `name` in a config file or override also applies that method's METHODS.md defaults
-    (`METHOD_DEFAULTS`) to the objective keys the file does not set itself.
+    Setting `name` in a config file or override also applies that method's defaults
+    (`METHOD_DEFAULTS`, docs/methods.md) to the objective keys the file does not set itself.
     """
 
     name: Literal["clip", "mg3d", "t3d", "unimedi"] = _f("clip", "Pretraining method: clip, mg3d, t3d or unimedi.")
@@ -141,7 +141,7 @@ class ObjectiveConfig:
     center_momentum: float = _f(0.9, "UniMedI: momentum of the teacher-output centre.")
 
 
-# METHODS.md defaults applied when `objective.name` selects a method (explicit keys win)
+# each method's defaults (docs/methods.md), applied when `objective.name` selects a method (explicit keys win)
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "clip": {},
     "mg3d": {"align_weight": 0.1, "temperature": 0.1, "learnable_temperature": False, "head_lr_mult": 5.0},
