@@ -1,45 +1,14 @@
-"""Building blocks shared by the objectives: distributed helpers, token grids, patch masks,
+"""Building blocks shared by the objectives: token grids, patch masks,
 a conv decoder (optionally FiLM-conditioned), bidirectional cross-attention fusion."""
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather [B, ...] into [G, ...] ordered by rank; gradients flow back to each worker's slice."""
-    _, world_size = world()
-    if world_size == 1:
-        return x
-    import torch.distributed.nn.functional as dist_fn
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(dist_fn.all_gather(x), 0)
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over workers (no gradient), e.g. for the DINO centre."""
-    _, world_size = world()
-    if world_size == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x / world_size
 
 
 def token_grid(encoder: nn.Module, input_shape: Sequence[int], num_tokens: int) -> tuple[int, ...]:

@@ -34,16 +34,14 @@ from torch.nn import functional as F
 from vlp3d.config import ExperimentConfig
 from vlp3d.encoders.text import TextEncoder, mean_pool
 from vlp3d.objectives.clip import ClipLoss
+from vlp3d.objectives.distributed import all_gather, all_reduce_mean, world
 from vlp3d.objectives.heads import (
     ConvDecoder,
     FusionModule,
-    all_reduce_mean,
-    gather_with_grad,
     masked_mse,
     patch_mask,
     probe_encoder,
     upsample_mask,
-    world,
     zero_like_graph,
 )
 
@@ -198,7 +196,7 @@ def sentence_match(features: torch.Tensor, report: torch.Tensor, low: float = 0.
     rank, world_size = world()
     features = F.normalize(features.float(), dim=-1)
     report = F.normalize(report.float(), dim=-1)
-    all_features, all_report = gather_with_grad(features), gather_with_grad(report).detach()
+    all_features, all_report = all_gather(features), all_gather(report).detach()
     predicted = features @ all_features.T
     similarity = report @ all_report.T
     b = features.shape[0]
@@ -221,8 +219,8 @@ def disentangled_infonce(aggregator: DisentangledAggregator, pooled: torch.Tenso
     reports) of the global logit matrix; the mean over workers is the full symmetric loss.
     """
     rank, _ = world()
-    all_pooled, all_image = gather_with_grad(pooled), gather_with_grad(image)
-    all_sentences, all_mask = gather_with_grad(sentences), gather_with_grad(mask.float()).bool()
+    all_pooled, all_image = all_gather(pooled), all_gather(image)
+    all_sentences, all_mask = all_gather(sentences), all_gather(mask.float()).bool()
     b = image.shape[0]
     labels = torch.arange(b, device=image.device) + rank * b
     rows = F.normalize(aggregator(pooled, all_sentences, all_mask), dim=-1)  # [B, G, e]

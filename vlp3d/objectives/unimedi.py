@@ -27,7 +27,8 @@ from torch.nn import functional as F
 
 from vlp3d.config import ExperimentConfig
 from vlp3d.objectives.clip import ClipLoss
-from vlp3d.objectives.heads import all_reduce_mean, patch_mask
+from vlp3d.objectives.distributed import all_reduce_mean
+from vlp3d.objectives.heads import patch_mask
 
 TERMS = ("vl_contrast", "distill_cls", "distill_patch")
 

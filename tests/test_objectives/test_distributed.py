@@ -1,0 +1,49 @@
+"""vlp3d.objectives.distributed: the one all-gather every objective uses (two gloo processes)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.multiprocessing as mp
+
+from tests.test_objectives import gloo
+from tests.test_objectives.gloo import WORLD
+from vlp3d.objectives.distributed import all_gather, world
+
+
+def _worker(rank, port, queue):
+    gloo.start_worker(rank, port)
+    torch.set_num_threads(1)
+    weight = torch.arange(2 * WORLD * 3, dtype=torch.float32).reshape(2 * WORLD, 3)
+    results = {}
+    for grad in (True, False):
+        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no deprecated collective underneath
+            gathered = all_gather(x, grad=grad)
+        (gathered * weight).sum().backward()
+        results[grad] = (gathered.detach().tolist(), x.grad.tolist())
+    if rank == 1:
+        queue.put((world(), results))
+    gloo.end_worker()
+
+
+def test_all_gather_orders_by_rank_and_routes_gradients():
+    queue = mp.get_context("spawn").SimpleQueue()
+    gloo.run(_worker, queue)
+    (rank, world_size), results = queue.get()
+    assert (rank, world_size) == (1, WORLD)
+    weight = torch.arange(2 * WORLD * 3, dtype=torch.float32).reshape(2 * WORLD, 3)
+    expected = [[1.0] * 3] * 2 + [[2.0] * 3] * 2
+    for grad in (True, False):
+        assert results[grad][0] == expected
+    # with gradient: rank 1's slice gets its rows' gradient from both workers (summed)
+    assert results[True][1] == (WORLD * weight[2:4]).tolist()
+    # without: only the local use
+    assert results[False][1] == weight[2:4].tolist()
+
+
+def test_single_process_is_the_identity():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert all_gather(x) is x and all_gather(x, grad=False) is x
