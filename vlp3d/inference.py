@@ -9,7 +9,7 @@ import torch
 
 from vlp3d import checkpoint as checkpoints
 from vlp3d.data.report import split_sentences
-from vlp3d.data.volume import PreprocessSpec, dequantise, load_volume_hu, preprocess_hu
+from vlp3d.data.volume import PreprocessSpec, body_level, dequantise, load_volume_hu, preprocess_hu
 from vlp3d.encoders.text import TextEncoder, embed_reports
 from vlp3d.engine import VisionLanguageModel, build_model
 
@@ -21,9 +21,7 @@ class Embedder:
         checkpoint_dir = Path(checkpoint_dir)
         self.cfg = checkpoints.read_config(checkpoint_dir)
         self.meta = checkpoints.read_meta(checkpoint_dir)
-        spec = dict(self.meta["spec"])
-        spec.pop("quantisation_error_hu", None)
-        self.spec = PreprocessSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+        self.spec = PreprocessSpec.from_dict(self.meta["spec"])
         self.label_names: list[str] = list(self.meta["label_names"])
         self.device = torch.device(device)
         self.model: VisionLanguageModel = build_model(self.cfg, text_dim=int(self.meta["text_dim"]))
@@ -58,8 +56,7 @@ class Embedder:
         from vlp3d.objectives.t3d import tile_corners
 
         shape = tuple(self.cfg.objective.crop_shape)
-        lo, hi = self.spec.hu_window
-        body = (self.cfg.data.body_threshold_hu - lo) / (hi - lo)
+        body = body_level(self.spec, dequantised=True)
         out = []
         for stored in volumes:
             volume = dequantise(torch.from_numpy(np.array(stored)))  # a copy: shard bytes are read-only

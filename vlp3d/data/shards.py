@@ -25,6 +25,7 @@ either kind into an array.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -52,14 +53,10 @@ _MODALITY_ALIASES = {"ct": "ct", "xray": "xray", "x-ray": "xray", "cxr": "xray",
 
 
 def spec_from_config(cfg: ExperimentConfig) -> PreprocessSpec:
-    d = cfg.data
-    return PreprocessSpec(
-        shape=d.shape, spacing_mm=d.spacing_mm, hu_window=d.hu_window, storage_dtype=d.storage_dtype,
-        report_sections=d.report_sections, text_encoder=cfg.model.text_encoder,
-        max_tokens=d.max_tokens, text_embeddings=d.text_embeddings, max_sentences=d.max_sentences,
-        storage=d.storage, foreground_crop=d.foreground_crop, body_threshold_hu=d.body_threshold_hu,
-        shape_2d=d.shape_2d,
-    )
+    """The spec of `cfg`: every spec field named like a `data.*` setting takes that setting, the text
+    encoder is `model.text_encoder`; the rest (orientation, interpolation, version) are fixed."""
+    names = {f.name for f in dataclasses.fields(PreprocessSpec)} & {f.name for f in dataclasses.fields(cfg.data)}
+    return PreprocessSpec(text_encoder=cfg.model.text_encoder, **{n: getattr(cfg.data, n) for n in names})
 
 
 def normalise_modality(value) -> str:

@@ -35,32 +35,47 @@ from monai.transforms import (
     SpatialPad,
 )
 
+from vlp3d.config import DataConfig, ModelConfig
+
 # Stored CT values that contain air below this are already HU (shifted storage has min >= 0).
 ALREADY_HU_MIN = -200.0
 PLAUSIBLE_HU = (-1100.0, 4100.0)
 
 
+_DATA, _MODEL = DataConfig(), ModelConfig()  # the spec's defaults are the config's: one source
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """Every parameter that changes the stored tensors; its hash names the shard folder."""
+    """Every parameter that changes the stored tensors; its hash names the shard folder.
 
-    shape: tuple[int, int, int] = (48, 48, 48)
-    spacing_mm: tuple[float, float, float] = (8.0, 8.0, 8.0)
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)
-    storage_dtype: str = "float16"
+    Defaults are `DataConfig`'s (and `ModelConfig.text_encoder`), so a spec built without a config
+    is the one the default config builds (`vlp3d.data.shards.spec_from_config`)."""
+
+    shape: tuple[int, int, int] = _DATA.shape
+    spacing_mm: tuple[float, float, float] = _DATA.spacing_mm
+    hu_window: tuple[float, float] = _DATA.hu_window
+    storage_dtype: str = _DATA.storage_dtype
     orientation: str = "RAS"
     interpolation: str = "bilinear"
-    report_sections: tuple[str, ...] = ("Findings_EN", "Impressions_EN")
-    text_encoder: str = "minilm"
-    max_tokens: int = 256
-    text_embeddings: bool = True
-    max_sentences: int = 16
-    storage: str = "fixed"
-    foreground_crop: bool = False
-    body_threshold_hu: float = -500.0
-    shape_2d: tuple[int, int] = (64, 64)
+    report_sections: tuple[str, ...] = _DATA.report_sections
+    text_encoder: str = _MODEL.text_encoder
+    max_tokens: int = _DATA.max_tokens
+    text_embeddings: bool = _DATA.text_embeddings
+    max_sentences: int = _DATA.max_sentences
+    storage: str = _DATA.storage
+    foreground_crop: bool = _DATA.foreground_crop
+    body_threshold_hu: float = _DATA.body_threshold_hu
+    shape_2d: tuple[int, int] = _DATA.shape_2d
     version: int = 1
     quantisation_error_hu: float = field(default=0.0)
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> PreprocessSpec:
+        """A spec as stored (a manifest's or checkpoint's `spec`, JSON lists for tuples); keys an
+        older spec lacks take today's defaults."""
+        spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "quantisation_error_hu"}
+        return cls(**spec)
 
     def __post_init__(self):
         width = self.hu_window[1] - self.hu_window[0]
@@ -271,6 +286,16 @@ def preprocess_hu(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec) -> n
         volume = CenterSpatialCrop(roi_size=roi.tolist())(volume)
     out = _resample(spec)(volume)[0].as_tensor().numpy()
     return quantise(out, spec.storage_dtype)
+
+
+def body_level(spec: PreprocessSpec, threshold_hu: float | None = None, *, dequantised: bool = False) -> float:
+    """The value a voxel at `threshold_hu` (default: the spec's `body_threshold_hu`) has in volumes
+    stored with `spec`: in stored units (uint8: 0..255, float16: 0..1), or with `dequantised` in
+    the [0, 1] of `dequantise`. Voxels above it are body (T3D's crops and tiles)."""
+    lo, hi = spec.hu_window
+    threshold = spec.body_threshold_hu if threshold_hu is None else threshold_hu
+    level = (threshold - lo) / (hi - lo)
+    return level * 255 if spec.storage_dtype == "uint8" and not dequantised else level
 
 
 def quantise(volume01: np.ndarray, storage_dtype: str) -> np.ndarray:

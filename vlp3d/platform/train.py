@@ -380,11 +380,11 @@ def crop_collate(cfg: ExperimentConfig, manifest_spec: dict):
     if cfg.objective.name != "t3d":
         return None
     from vlp3d.data.shards import decode_image
+    from vlp3d.data.volume import PreprocessSpec, body_level
     from vlp3d.objectives.t3d import sample_crops
 
-    dtype = manifest_spec["storage_dtype"]
-    lo, hi = manifest_spec["hu_window"]
-    body = (cfg.data.body_threshold_hu - lo) / (hi - lo) * (255 if dtype == "uint8" else 1)
+    spec = PreprocessSpec.from_dict(manifest_spec)
+    dtype, body = spec.storage_dtype, body_level(spec)
 
     def collate_for(seed: int):
         def collate(batch: dict) -> dict:
