@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from vlp3d.config import ConfigError, ExperimentConfig
 from vlp3d.data.volume import dequantise
 from vlp3d.encoders import build_image_encoder, resolve_text_encoder
-from vlp3d.objectives.clip import ClipLoss
+from vlp3d.objectives import objective_class
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -81,8 +81,8 @@ def text_dim_for(cfg: ExperimentConfig) -> int:
 
 
 def model_input_shape(cfg: ExperimentConfig) -> tuple[int, int, int]:
-    """Spatial input of the image encoder: T3D's crops, else the stored volume shape."""
-    return tuple(cfg.objective.crop_shape) if cfg.objective.name == "t3d" else tuple(cfg.data.shape)
+    """Spatial input of the image encoder, as the objective declares it (T3D: its crops)."""
+    return objective_class(cfg.objective.name).input_shape(cfg)
 
 
 def check_encoder_input(cfg: ExperimentConfig) -> None:
@@ -110,7 +110,7 @@ def check_encoder_input(cfg: ExperimentConfig) -> None:
     problem = fits(cfg.model.size)
     if problem:
         working = [size for size in SIZES if size != cfg.model.size and not fits(size)]
-        where = "objective.crop_shape" if cfg.objective.name == "t3d" else "data.shape"
+        where = objective_class(cfg.objective.name).input_setting
         raise ConfigError(
             f"model.size = {cfg.model.size!r} of model.image_encoder = {cfg.model.image_encoder!r} cannot take "
             f"{where} = {shape}: {problem} Presets that can: {working or 'none'}."
@@ -129,38 +129,6 @@ def build_model(cfg: ExperimentConfig, text_dim: int | None = None) -> VisionLan
         learnable_temperature=cfg.objective.learnable_temperature,
         text_head=cfg.model.text_head,
     )
-
-
-class ClipObjective(nn.Module):
-    """Objective `clip`: one term, `align`, the global-batch InfoNCE between volume and report."""
-
-    terms = ("align",)
-
-    def __init__(self, cfg: ExperimentConfig, model: nn.Module | None = None, text_dim: int | None = None):
-        super().__init__()
-        self.loss = ClipLoss(gather_with_grad=cfg.objective.gather_with_grad, local_loss=cfg.objective.local_loss)
-
-    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        image, text, scale = model(batch["volume"], batch["report_embedding"])
-        return {"align": self.loss(image, text, scale)}
-
-
-def objective_class(name: str) -> type[nn.Module]:
-    if name == "clip":
-        return ClipObjective
-    if name == "mg3d":
-        from vlp3d.objectives.mg3d import MG3DObjective
-
-        return MG3DObjective
-    if name == "t3d":
-        from vlp3d.objectives.t3d import T3DObjective
-
-        return T3DObjective
-    if name == "unimedi":
-        from vlp3d.objectives.unimedi import UniMedIObjective
-
-        return UniMedIObjective
-    raise KeyError(f"objective.name = {name!r} is not one of clip, mg3d, t3d, unimedi")
 
 
 def term_weights(cfg: ExperimentConfig) -> dict[str, float]:

@@ -12,6 +12,7 @@ from vlp3d.data.report import split_sentences
 from vlp3d.data.volume import PreprocessSpec, body_level, dequantise, load_volume_hu, preprocess_hu
 from vlp3d.encoders.text import TextEncoder, embed_reports
 from vlp3d.engine import VisionLanguageModel, build_model
+from vlp3d.objectives import objective_class
 
 
 class Embedder:
@@ -77,7 +78,7 @@ class Embedder:
             from vlp3d.data.shards import decode_image
 
             images = [decode_image(v, s, self.spec.storage_dtype) for v, s in zip(images, shapes, strict=True)]
-        if self.cfg.objective.name == "t3d":
+        if objective_class(self.cfg.objective.name).evaluation == "tiles":
             return self.embed_tiled(list(images), batch_size)
         return self.embed_volumes(torch.from_numpy(np.stack(list(images))), batch_size)
 

@@ -136,10 +136,10 @@ def main(workdir: str) -> int:
         train_rows = sorted(int(r) for r in table[table.split == cfg.data.train_split].row)
 
         # the real training dataset (same filter/materialise logic as pretrain), plus the row id
-        columns = train_module.TRAIN_COLUMNS  # a list, or a list per objective
-        train_module.TRAIN_COLUMNS = ({k: [*v, "row"] for k, v in columns.items()} if isinstance(columns, dict)
-                                      else [*columns, "row"])
-        dataset = train_module._training_dataset(cfg, result.shard_dir)
+        from vlp3d.objectives import objective_class
+
+        columns = [*dict.fromkeys([*objective_class(cfg.objective.name).columns, "row"])]
+        dataset = train_module._training_dataset(cfg, result.shard_dir, columns=columns)
         assert "row" in dataset.columns(), f"training dataset columns {dataset.columns()} lack the row id"
         # both parities of the training-row count: equal=True may drop up to world_size - 1 rows
         t0 = time.time()

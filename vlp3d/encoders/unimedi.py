@@ -94,6 +94,9 @@ class UniMedIViT(nn.Module):
     Returns pooled = final [CLS] [B, C] and tokens = final patch tokens [B, N, C], C = `out_dim`.
     """
 
+    # the 2D tokenizer idles on volumes and the 3D one on images: DDP must find unused parameters
+    input_specific_parameters = True
+
     def __init__(
         self,
         hidden_size: int = 768,

@@ -56,6 +56,7 @@ def run_pipeline(cfg: ExperimentConfig, n: int, seed: int = 0) -> DemoResult:
     from vlp3d.data.phantom import synthesize
     from vlp3d.jobs.evaluate import render
     from vlp3d.jobs.prepare import summary
+    from vlp3d.objectives import objective_class
     from vlp3d.platform.evaluate import evaluate
     from vlp3d.platform.prepare import PrepareError, prepare
     from vlp3d.platform.runtime import tracking_uri
@@ -73,7 +74,7 @@ def run_pipeline(cfg: ExperimentConfig, n: int, seed: int = 0) -> DemoResult:
     t = _stage(1, "synth", f"{n} phantom CTs -> {cfg.data.corpus}")
     stamp = Path(cfg.data.corpus) / "_synth.json"
     # UniMedI trains on 2D images too: the phantom's frontal projections
-    params = {"n": n, "seed": seed, "radiographs": cfg.objective.name == "unimedi"}
+    params = {"n": n, "seed": seed, "radiographs": objective_class(cfg.objective.name).uses_2d}
     existing = json.loads(stamp.read_text()) if stamp.is_file() else {}
     if existing and all(existing.get(k) == v for k, v in params.items() if k != "radiographs") and \
             (existing.get("radiographs") or not params["radiographs"]):

@@ -1,11 +1,16 @@
-"""InfoNCE (CLIP) loss with global-batch negatives across DDP workers (gather-with-grad, local loss)."""
+"""Objective `clip` and its InfoNCE loss with global-batch negatives across DDP workers (gather-with-grad,
+local loss); the loss also serves the other objectives' alignment terms."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlp3d.config import ExperimentConfig
+from vlp3d.objectives.base import Objective
 from vlp3d.objectives.distributed import all_gather, world
 
 
@@ -36,3 +41,19 @@ class ClipLoss(nn.Module):
             logits_text = logits_image.T
             labels = torch.arange(all_image.shape[0], device=image.device)
         return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
+
+
+class ClipObjective(Objective):
+    """Objective `clip`: one term, `align`, the global-batch InfoNCE between volume and report."""
+
+    name = "clip"
+    terms = ("align",)
+    projection_terms = frozenset(terms)
+
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module | None = None, text_dim: int | None = None):
+        super().__init__()
+        self.loss = ClipLoss(gather_with_grad=cfg.objective.gather_with_grad, local_loss=cfg.objective.local_loss)
+
+    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image, text, scale = model(batch["volume"], batch["report_embedding"])
+        return {"align": self.loss(image, text, scale)}

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from vlp3d.config import ExperimentConfig
 from vlp3d.encoders.text import TextEncoder, mean_pool
+from vlp3d.objectives.base import Objective
 from vlp3d.objectives.clip import ClipLoss
 from vlp3d.objectives.distributed import all_gather, all_reduce_mean, world
 from vlp3d.objectives.heads import (
@@ -97,8 +98,12 @@ class DisentangledAggregator(nn.Module):
         return self.out(aggregate)
 
 
-class MG3DObjective(nn.Module):
+class MG3DObjective(Objective):
+    name = "mg3d"
     terms = TERMS
+    projection_terms = frozenset({"align", "disentangled"})
+    shared_head_groups = (frozenset({"mim", "mlm", "sentence_consistency"}),)  # fusion, MLM and consistency heads
+    columns = ("image", "report_embedding", "input_ids", "attention_mask", "sentence_embeddings", "sentence_mask")
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, text_dim: int):
         super().__init__()

@@ -15,7 +15,8 @@ Terms:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp3d.config import ExperimentConfig
+from vlp3d.objectives.base import Objective
 from vlp3d.objectives.clip import ClipLoss
 from vlp3d.objectives.heads import ConvDecoder, probe_encoder
 
@@ -55,8 +57,50 @@ def corrupt(crop: torch.Tensor, patch: int, mask_ratio: float, shuffle_ratio: fl
     return out + noise.to(out.dtype)
 
 
-class T3DObjective(nn.Module):
+class T3DObjective(Objective):
+    name = "t3d"
     terms = TERMS
+    projection_terms = frozenset({"text_contrast"})
+    columns = ("image", "image_shape", "report_embedding", "row")  # row: seeds each volume's crops
+    storage = "highres"
+    evaluation = "tiles"  # Embedder.embed_tiled: the mean over crop-sized tiles inside the body
+    input_setting = "objective.crop_shape"
+
+    @classmethod
+    def input_shape(cls, cfg: ExperimentConfig) -> tuple[int, int, int]:
+        return tuple(cfg.objective.crop_shape)
+
+    @classmethod
+    def check_shards(cls, cfg: ExperimentConfig, spec: Mapping, shard_dir: Path) -> None:
+        super().check_shards(cfg, spec, shard_dir)
+        if any(c > s for c, s in zip(cfg.objective.crop_shape, cfg.data.shape, strict=True)):
+            raise ValueError(f"objective.crop_shape {cfg.objective.crop_shape} exceeds data.shape {cfg.data.shape}, "
+                             "the minimum stored size; make data.shape at least the crop shape.")
+
+    @classmethod
+    def collate(cls, cfg: ExperimentConfig, spec: Mapping) -> Callable[[int], Callable]:
+        """`seed -> collate`, the collate function sampling `objective.num_crops` crops of
+        `objective.crop_shape` per high-resolution volume, centred inside the body, from a generator
+        seeded by (seed, row id): the crops depend on the data, never on the order in which Ray's
+        threads collate batches."""
+        from vlp3d.data.shards import decode_image
+        from vlp3d.data.volume import PreprocessSpec, body_level
+
+        stored = PreprocessSpec.from_dict(spec)
+        dtype, body = stored.storage_dtype, body_level(stored)
+
+        def collate_for(seed: int):
+            def collate(batch: dict) -> dict:
+                crops = np.stack([
+                    sample_crops(decode_image(v, s, dtype), cfg.objective.crop_shape, cfg.objective.num_crops,
+                                 np.random.default_rng([seed, int(row)]), body)
+                    for v, s, row in zip(batch["image"], batch["image_shape"], batch["row"], strict=True)])
+                embeddings = np.stack(list(batch["report_embedding"])).astype(np.float32)
+                return {"crops": torch.from_numpy(crops), "report_embedding": torch.from_numpy(embeddings)}
+
+            return collate
+
+        return collate_for
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, text_dim: int):
         super().__init__()

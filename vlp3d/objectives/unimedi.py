@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp3d.config import ExperimentConfig
+from vlp3d.objectives.base import Objective
 from vlp3d.objectives.clip import ClipLoss
 from vlp3d.objectives.distributed import all_reduce_mean
 from vlp3d.objectives.heads import patch_mask
@@ -104,9 +105,11 @@ def forward_with_attention(encoder: nn.Module, image: torch.Tensor):
     return x[:, 0], x[:, 1:], attention / len(encoder.blocks)
 
 
-class UniMedIObjective(nn.Module):
+class UniMedIObjective(Objective):
+    name = "unimedi"
     terms = TERMS
-    has_unused_parameters = True  # the 2D tokenizer idles in 3D-only steps
+    projection_terms = frozenset({"vl_contrast"})
+    uses_2d = True  # radiographs (the shards' xray/ rows) as a second dataset
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, text_dim: int):
         super().__init__()

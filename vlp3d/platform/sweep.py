@@ -29,7 +29,7 @@ from vlp3d.config import (
     to_toml,
 )
 from vlp3d.data.shards import count_rows, resolve_shard_dir, spec_from_config
-from vlp3d.engine import objective_class
+from vlp3d.objectives import objective_class
 from vlp3d.platform import tracking
 from vlp3d.platform.runtime import init_ray
 from vlp3d.search_space import VARIANT, SearchSpace, apply_params, parse_space, trial_label

@@ -32,15 +32,10 @@ from vlp3d.engine import (
     to_model_batch,
     train_step,
 )
+from vlp3d.objectives import objective_class
 from vlp3d.platform import tracking
 from vlp3d.platform.runtime import init_ray, storage_path
 
-TRAIN_COLUMNS = {
-    "clip": ["image", "report_embedding"],
-    "mg3d": ["image", "report_embedding", "input_ids", "attention_mask", "sentence_embeddings", "sentence_mask"],
-    "t3d": ["image", "image_shape", "report_embedding", "row"],  # row: seeds each volume's crops
-    "unimedi": ["image", "report_embedding"],
-}
 # fault drills and tests: "STEP[:RANK[:raise|kill|nan]]", comma-separated (RANK default: the last
 # worker). raise and
 # kill (SIGKILL of the worker process) fire once per run and rank (a marker file in the temp dir);
@@ -178,7 +173,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         checkpoints.seed_everything(cfg.train.seed * 1000 + rank + state.step, generator)
     step = resumed_from = state.step
     # e.g. UniMedI's 2D tokenizer gets no gradient in a 3D-only batch (and vice versa)
-    unused = getattr(pretrainer.objective, "has_unused_parameters", False) or cfg.model.image_encoder == "unimedi_vit"
+    unused = pretrainer.objective.find_unused_parameters(weights, pretrainer.model.image_encoder)
     module = ray.train.torch.prepare_model(pretrainer, parallel_strategy_kwargs={"find_unused_parameters": unused})
     unwrapped = module.module if hasattr(module, "module") else module
 
@@ -197,7 +192,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     spec = loop_config["meta"]["spec"]
     position = state.position
     batches = epoch_batches(ray.train.get_dataset_shard("train"), position, "train", local_batch, cfg.train.seed,
-                            rank, collate_for=crop_collate(cfg, spec))
+                            rank, collate_for=pretrainer.objective.collate(cfg, spec))
     batches_2d = (epoch_batches(ray.train.get_dataset_shard("train_2d"), position, "train_2d", local_batch,
                                 cfg.train.seed, rank) if loop_config.get("has_2d") else None)
     valid = ray.train.get_dataset_shard("valid") if loop_config.get("has_valid") else None
@@ -343,7 +338,7 @@ def validation_loss(module, weights: dict[str, float], shard, cfg: ExperimentCon
     module.eval()
     names = list(weights)
     sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # weighted loss, terms, volumes
-    collate_for = crop_collate(cfg, manifest_spec)
+    collate_for = objective_class(cfg.objective.name).collate(cfg, manifest_spec)
     collate = collate_for(VALIDATION_SEED) if collate_for else None
     devices = [device] if device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
@@ -372,37 +367,11 @@ def validation_loss(module, weights: dict[str, float], shard, cfg: ExperimentCon
     return out
 
 
-def crop_collate(cfg: ExperimentConfig, manifest_spec: dict):
-    """T3D: a factory `seed -> collate`, the collate function sampling `objective.num_crops`
-    crops of `objective.crop_shape` per high-resolution volume, centred inside the body, from a
-    generator seeded by (seed, row id): the crops depend on the data, never on the order in which
-    Ray's threads collate batches. None for the other objectives."""
-    if cfg.objective.name != "t3d":
-        return None
-    from vlp3d.data.shards import decode_image
-    from vlp3d.data.volume import PreprocessSpec, body_level
-    from vlp3d.objectives.t3d import sample_crops
-
-    spec = PreprocessSpec.from_dict(manifest_spec)
-    dtype, body = spec.storage_dtype, body_level(spec)
-
-    def collate_for(seed: int):
-        def collate(batch: dict) -> dict:
-            crops = np.stack([
-                sample_crops(decode_image(v, s, dtype), cfg.objective.crop_shape, cfg.objective.num_crops,
-                             np.random.default_rng([seed, int(row)]), body)
-                for v, s, row in zip(batch["image"], batch["image_shape"], batch["row"], strict=True)])
-            embeddings = np.stack(list(batch["report_embedding"])).astype(np.float32)
-            return {"crops": torch.from_numpy(crops), "report_embedding": torch.from_numpy(embeddings)}
-
-        return collate
-
-    return collate_for
-
-
-def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "ct", held_out: bool = False):
-    """The columns the objective reads: the training split's `data.fraction` subset, or (`held_out`)
-    the first `train.val_volumes` rows of `data.eval_split` for the validation loss."""
+def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "ct", held_out: bool = False,
+                      columns: Sequence[str] | None = None):
+    """The columns the objective reads (`Objective.columns`, or `columns`): the training split's
+    `data.fraction` subset, or (`held_out`) the first `train.val_volumes` rows of `data.eval_split`
+    for the validation loss."""
     import ray
     from ray.data.expressions import col
 
@@ -411,7 +380,9 @@ def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "c
     files = shard_files(shard_dir, modality)
     if not files:
         return None
-    columns = TRAIN_COLUMNS[cfg.objective.name] if modality == "ct" else ["image", "report_embedding"]
+    if columns is None:
+        columns = objective_class(cfg.objective.name).columns if modality == "ct" else ("image", "report_embedding")
+    columns = list(columns)
     ds = ray.data.read_parquet(files, columns=columns + ["split", "fraction_rank"])
     if held_out:
         ds = ds.filter(expr=col("split") == cfg.data.eval_split)
@@ -431,22 +402,6 @@ def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "c
     return ds
 
 
-def check_shards_for(cfg: ExperimentConfig, manifest: dict, shard_dir: Path) -> None:
-    """The shards must hold what the objective reads; say which data.* setting fixes it."""
-    spec = manifest["spec"]
-    if cfg.objective.name == "t3d" and spec.get("storage") != "highres":
-        raise ValueError(f"{shard_dir}: objective 't3d' samples crops from high-resolution volumes; prepare the "
-                         "corpus with data.storage = \"highres\" (see configs/t3d_demo.toml).")
-    if cfg.objective.name != "t3d" and spec.get("storage", "fixed") != "fixed":
-        raise ValueError(f"{shard_dir}: objective '{cfg.objective.name}' needs fixed-shape volumes; prepare with "
-                         "data.storage = \"fixed\".")
-    if cfg.objective.name == "t3d":
-        small = [c for c, s in zip(cfg.objective.crop_shape, cfg.data.shape, strict=True) if c > s]
-        if small:
-            raise ValueError(f"objective.crop_shape {cfg.objective.crop_shape} exceeds data.shape {cfg.data.shape}, "
-                             "the minimum stored size; make data.shape at least the crop shape.")
-
-
 def preflight(cfg: ExperimentConfig) -> tuple[Path, dict]:
     """Every check a run can fail before Ray starts (shards for this preprocessing spec, what the
     objective reads, batch split, encoder input, loss weights); returns (shard folder, manifest)."""
@@ -460,7 +415,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[Path, dict]:
     if cfg.train.global_batch % cfg.cluster.num_workers:
         raise ValueError(f"train.global_batch={cfg.train.global_batch} must be divisible by "
                          f"cluster.num_workers={cfg.cluster.num_workers}.")
-    check_shards_for(cfg, manifest, shard_dir)
+    objective_class(cfg.objective.name).check_shards(cfg, manifest["spec"], shard_dir)
     check_encoder_input(cfg)
     term_weights(cfg)
     return shard_dir, manifest
@@ -495,7 +450,7 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print,
     # the validation loss needs at least two held-out volumes per worker (a negative for InfoNCE)
     if manifest["counts"]["by_split"].get(cfg.data.eval_split, 0) >= 2 * cfg.cluster.num_workers:
         datasets["valid"] = _training_dataset(cfg, shard_dir, held_out=True)
-    if cfg.objective.name == "unimedi":
+    if objective_class(cfg.objective.name).uses_2d:
         xray = _training_dataset(cfg, shard_dir, "xray")
         if xray is not None:
             datasets["train_2d"] = xray

@@ -1,0 +1,71 @@
+"""What a pretraining objective declares about itself, so that training, the shard checks,
+evaluation and the demo read one contract instead of testing the method's name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from vlp3d.config import ExperimentConfig
+
+
+class Objective(nn.Module):
+    """A pretraining method: `forward(model, batch)` returns its named, unweighted loss terms.
+
+    Subclasses set the class attributes and override the class methods where they differ.
+    """
+
+    name: ClassVar[str]
+    terms: ClassVar[tuple[str, ...]]
+    # shard columns the CT training dataset reads
+    columns: ClassVar[tuple[str, ...]] = ("image", "report_embedding")
+    # storage mode the shards must have been prepared with (data.storage)
+    storage: ClassVar[Literal["fixed", "highres"]] = "fixed"
+    # trains on 2D radiographs (the shards' xray/ rows) besides the CTs
+    uses_2d: ClassVar[bool] = False
+    # how evaluation embeds a stored volume: the whole volume, or the mean over tiles of the model input
+    evaluation: ClassVar[Literal["volume", "tiles"]] = "volume"
+    # the setting that gives the image encoder's spatial input (`input_shape`)
+    input_setting: ClassVar[str] = "data.shape"
+    # terms that contrast volume with report through the model's projections and logit scale
+    projection_terms: ClassVar[frozenset[str]] = frozenset()
+    # terms sharing heads: with only some of a group active, some of its heads get no gradient
+    shared_head_groups: ClassVar[tuple[frozenset[str], ...]] = ()
+
+    @classmethod
+    def input_shape(cls, cfg: ExperimentConfig) -> tuple[int, int, int]:
+        """Spatial input [X, Y, Z] of the image encoder."""
+        return tuple(cfg.data.shape)
+
+    @classmethod
+    def check_shards(cls, cfg: ExperimentConfig, spec: Mapping, shard_dir: Path) -> None:
+        """Raise ValueError, naming the data.* setting that fixes it, unless shards prepared with
+        `spec` (a manifest's) hold what this objective reads."""
+        if spec.get("storage", "fixed") != cls.storage:
+            why = ("samples crops from high-resolution volumes" if cls.storage == "highres"
+                   else "needs fixed-shape volumes")
+            raise ValueError(f"{shard_dir}: objective '{cls.name}' {why}; prepare the corpus with "
+                             f"data.storage = \"{cls.storage}\".")
+
+    @classmethod
+    def collate(cls, cfg: ExperimentConfig, spec: Mapping) -> Callable[[int], Callable] | None:
+        """A factory `seed -> collate function` for batches of `columns` (None: Ray's default)."""
+        return None
+
+    @classmethod
+    def find_unused_parameters(cls, active: Collection[str], image_encoder: nn.Module) -> bool:
+        """Whether DDP must look for parameters without a gradient in a step, given the active terms
+        (heads are built for active terms only): an image encoder with input-specific parameters
+        (UniMedI's 2D and 3D tokenizers) leaves some idle in every step; without a projection term the
+        model's projections and logit scale idle; a partly active group leaves shared heads idle."""
+        active = set(active)
+        return (bool(getattr(image_encoder, "input_specific_parameters", False))
+                or not active & cls.projection_terms
+                or any(0 < len(active & group) < len(group) for group in cls.shared_head_groups))
+
+    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
