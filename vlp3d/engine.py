@@ -132,14 +132,8 @@ def build_model(cfg: ExperimentConfig, text_dim: int | None = None) -> VisionLan
 
 
 def term_weights(cfg: ExperimentConfig) -> dict[str, float]:
-    """{term: weight} of the configured method's terms with a weight > 0 (the others are not computed)."""
-    terms = objective_class(cfg.objective.name).terms
-    weights = {term: float(getattr(cfg.objective, f"{term}_weight")) for term in terms}
-    active = {term: w for term, w in weights.items() if w > 0}
-    if not active:
-        raise ValueError(f"every loss term of objective '{cfg.objective.name}' has weight 0 "
-                         f"({', '.join(f'objective.{t}_weight' for t in terms)}); set at least one > 0.")
-    return active
+    """{term: weight} of the configured method's terms with a weight > 0 (`Objective.term_weights`)."""
+    return objective_class(cfg.objective.name).term_weights(cfg)
 
 
 class Pretrainer(nn.Module):

@@ -37,6 +37,16 @@ class Objective(nn.Module):
     shared_head_groups: ClassVar[tuple[frozenset[str], ...]] = ()
 
     @classmethod
+    def term_weights(cls, cfg: ExperimentConfig) -> dict[str, float]:
+        """{term: weight} of the terms with `objective.<term>_weight` > 0 (the others are not computed)."""
+        weights = {term: float(getattr(cfg.objective, f"{term}_weight")) for term in cls.terms}
+        active = {term: w for term, w in weights.items() if w > 0}
+        if not active:
+            raise ValueError(f"every loss term of objective '{cls.name}' has weight 0 "
+                             f"({', '.join(f'objective.{t}_weight' for t in cls.terms)}); set at least one > 0.")
+        return active
+
+    @classmethod
     def input_shape(cls, cfg: ExperimentConfig) -> tuple[int, int, int]:
         """Spatial input [X, Y, Z] of the image encoder."""
         return tuple(cfg.data.shape)

@@ -109,7 +109,7 @@ class MG3DObjective(Objective):
         super().__init__()
         o = cfg.objective
         self.cfg = o
-        self.active = {t for t in TERMS if getattr(o, f"{t}_weight") > 0}
+        self.active = set(self.term_weights(cfg))
         self.clip = ClipLoss(o.gather_with_grad, o.local_loss)
         self.shape = tuple(cfg.data.shape)
         self.grid, width = probe_encoder(model.image_encoder, self.shape)

@@ -109,7 +109,7 @@ class T3DObjective(Objective):
         if o.num_crops < 1 or (o.crop_contrast_weight > 0 and o.num_crops < 2):
             raise ValueError(f"objective.num_crops={o.num_crops}: `crop_contrast` needs at least 2 crops per "
                              "volume (or set objective.crop_contrast_weight = 0).")
-        self.active = {t for t in TERMS if getattr(o, f"{t}_weight") > 0}
+        self.active = set(self.term_weights(cfg))
         self.clip = ClipLoss(o.gather_with_grad, o.local_loss)
         self.crop_scale = 1.0 / o.crop_temperature
         grid, width = probe_encoder(model.image_encoder, o.crop_shape)

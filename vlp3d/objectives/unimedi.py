@@ -119,7 +119,7 @@ class UniMedIObjective(Objective):
         o = cfg.objective
         self.cfg = o
         self.max_steps = cfg.train.max_steps
-        self.active = {t for t in TERMS if getattr(o, f"{t}_weight") > 0}
+        self.active = set(self.term_weights(cfg))
         self.clip = ClipLoss(o.gather_with_grad, o.local_loss)
         width = model.image_encoder.out_dim
         self.head = DINOHead(width, o.dino_dim)
