@@ -175,7 +175,7 @@ def build_optimizer(module: nn.Module, cfg: ExperimentConfig) -> torch.optim.Opt
             groups.setdefault((is_encoder, _no_decay(name, param)), []).append(param)
     param_groups = [
         {"params": params, "lr": cfg.train.lr * (1.0 if is_encoder else cfg.objective.head_lr_mult),
-         "weight_decay": 0.0 if no_decay else cfg.train.weight_decay}
+         "weight_decay": 0.0 if no_decay else cfg.train.weight_decay, "name": "encoder" if is_encoder else "heads"}
         for (is_encoder, no_decay), params in sorted(groups.items())
     ]
     return torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -225,6 +225,12 @@ def to_model_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> d
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _encoder_lr(optimizer: torch.optim.Optimizer, scheduler) -> float:
+    """The image encoder's learning rate (`train.lr` on the schedule); heads run at a multiple."""
+    names = [group.get("name") for group in optimizer.param_groups]
+    return scheduler.get_last_lr()[names.index("encoder") if "encoder" in names else 0]
+
+
 def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[str, torch.Tensor],
                optimizer: torch.optim.Optimizer, scheduler, precision: str = "fp32",
                scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0,
@@ -269,7 +275,7 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
     scheduler.step()
     if after_step is not None:
         after_step()
-    metrics = {"loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+    metrics = {"loss": float(loss.detach()), "lr": _encoder_lr(optimizer, scheduler), "grad_norm": float(grad_norm),
                "skipped": 0.0}
     metrics.update({f"loss/{name}": float(value.detach()) for name, value in terms.items()})
     return metrics

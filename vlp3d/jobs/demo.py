@@ -52,7 +52,20 @@ class DemoResult:
 
 
 def run_pipeline(cfg: ExperimentConfig, n: int, seed: int = 0) -> DemoResult:
-    """synth (reused when already written) -> prepare -> pretrain -> evaluate -> register, in `cfg.tracking.workdir`."""
+    """synth (reused when already written) -> prepare -> pretrain -> evaluate -> register, in `cfg.tracking.workdir`.
+    $MLFLOW_TRACKING_URI points at the demo's store while it runs and is put back afterwards (a
+    second pipeline in the same process, e.g. bench_methods.py or a test, must not inherit it)."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        return _run_pipeline(cfg, n, seed)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int) -> DemoResult:
     from vlp3d.data.phantom import synthesize
     from vlp3d.jobs.evaluate import render
     from vlp3d.jobs.prepare import summary
