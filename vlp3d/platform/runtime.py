@@ -28,6 +28,8 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool = True) -> None:
         else:
             store_mb = int(os.environ.get("VLP3D_OBJECT_STORE_MB", "0"))
             ray.init(
+                # a Ray of its own: never join (or trip over) another local instance left running
+                address="local",
                 # quiet: Ray's own INFO lines (every epoch of every dataset) would bury vlp3d's progress
                 logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
                 # the dashboard process also serves the state API that Ray Train's controller polls

@@ -42,6 +42,7 @@ from vlp3d.platform.runtime import init_ray, storage_path
 # nan makes that rank's image input NaN from STEP on.
 FAULT_ENV = "VLP3D_INJECT_FAULT"
 VALIDATION_SEED = 20_251_129  # same masks, crops and corruptions at every validation: comparable curves
+SHUFFLE_BUFFER_BYTES = 256 * 2**20  # per worker, of stored rows
 FLUSH_AT_CHECKPOINT_S = 2.0  # how long a checkpoint waits for unsent MLflow metrics (they are saved with it)
 
 
@@ -69,17 +70,19 @@ def data_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def epoch_batches(shard, position: dict[str, list[int]], name: str, batch_size: int, seed: int, rank: int,
-                  collate_for=None):
+                  collate_for=None, shuffle_rows: int = 0):
     """Endless batches of a Ray Train dataset shard, epoch after epoch. `position[name]` =
     [epoch, batches of it consumed] always names the next batch, so the checkpoint a resumed
     run starts from says where to continue: the epoch is replayed with its seed and the batches
-    already trained on are skipped."""
+    already trained on are skipped. Rows are shuffled in a buffer of `shuffle_rows` (at least 4
+    batches): Ray Data hands each worker the same blocks in the same order every epoch (the price
+    of determinism), so the buffer is what mixes an epoch's batches."""
     while True:
         epoch, done = position.setdefault(name, [0, 0])
         epoch_seed = data_seed(seed, rank, epoch)
         found = 0
         for index, batch in enumerate(shard.iter_torch_batches(
-                batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size,
+                batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=max(4 * batch_size, shuffle_rows),
                 local_shuffle_seed=epoch_seed, collate_fn=collate_for(epoch_seed) if collate_for else None)):
             found += 1
             if index < done:
@@ -90,6 +93,17 @@ def epoch_batches(shard, position: dict[str, list[int]], name: str, batch_size: 
             raise ValueError(f"dataset '{name}': rank {rank} holds fewer rows than its batch of {batch_size}; "
                              "lower train.global_batch or cluster.num_workers, or add data.")
         position[name] = [epoch + 1, 0]
+
+
+def shuffle_rows(shard_dir: Path, manifest: dict) -> int:
+    """Rows of the training shuffle buffer per worker: as many as fit in SHUFFLE_BUFFER_BYTES at the
+    shards' average row size (every row of a small corpus: a full shuffle each epoch)."""
+    from vlp3d.data.shards import shard_files
+
+    files = shard_files(shard_dir, "ct")
+    rows = max(1, int(manifest["counts"].get("by_modality", {}).get("ct", manifest["counts"]["written"])))
+    row_bytes = max(1.0, sum(Path(f).stat().st_size for f in files) / rows)
+    return int(SHUFFLE_BUFFER_BYTES // row_bytes)
 
 
 def parse_faults(spec: str, world_size: int) -> list[tuple[int, int, str]]:
@@ -192,7 +206,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     spec = loop_config["meta"]["spec"]
     position = state.position
     batches = epoch_batches(ray.train.get_dataset_shard("train"), position, "train", local_batch, cfg.train.seed,
-                            rank, collate_for=pretrainer.objective.collate(cfg, spec))
+                            rank, collate_for=pretrainer.objective.collate(cfg, spec),
+                            shuffle_rows=loop_config.get("shuffle_rows", 0))
     batches_2d = (epoch_batches(ray.train.get_dataset_shard("train_2d"), position, "train_2d", local_batch,
                                 cfg.train.seed, rank) if loop_config.get("has_2d") else None)
     valid = ray.train.get_dataset_shard("valid") if loop_config.get("has_valid") else None
@@ -464,7 +479,8 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
                            "text_dim": text_dim, "meta": meta, "has_2d": "train_2d" in datasets,
                            "has_valid": "valid" in datasets, "print_progress": progress is not None,
-                           "inject_fault": os.environ.get(FAULT_ENV, ""), "notes": notes},
+                           "inject_fault": os.environ.get(FAULT_ENV, ""), "notes": notes,
+                           "shuffle_rows": shuffle_rows(shard_dir, manifest)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
