@@ -44,6 +44,9 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool = True) -> None:
     from ray.data import DataContext
 
     context = DataContext.get_current()
+    # every pipeline in a fixed order: prepare writes the same rows to the same files, training
+    # materialises and splits them the same way, so the same corpus, config and seed give the same run
+    context.execution_options.preserve_order = True
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Dataset ... execution finished" per read
         context.enable_progress_bars = False
