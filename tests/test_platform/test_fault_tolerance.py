@@ -79,9 +79,9 @@ def _assert_same_losses(losses: dict[int, list[float]], reference: dict[int, flo
 
 @pytest.fixture(scope="module")
 def reference(tiny_demo, tmp_path_factory):
-    """The uninterrupted run. The server goes down once the driver has described the run (before
-    the workers log anything) and comes back after the first checkpoint: steps 1-2 are logged
-    into an outage."""
+    """The uninterrupted run. The server goes down once Ray Train starts the run (the driver has
+    described it in MLflow; no worker has logged yet) and comes back after the first checkpoint:
+    steps 1-2 are logged into an outage."""
     from vlp3d.platform.train import pretrain
 
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -95,7 +95,9 @@ def reference(tiny_demo, tmp_path_factory):
 
     def take_down_and_restore():
         deadline = time.time() + 600
-        while time.time() < deadline and not list((root / "artifacts").rglob("data/_manifest.json")):
+        # Ray Train creates the run's storage folder once the driver is done describing the run in
+        # MLflow (a file the server wrote is not yet an answered request) and before any worker starts
+        while time.time() < deadline and not storage.is_dir():
             time.sleep(0.1)
         server.stop()
         outage["down"] = time.time()
