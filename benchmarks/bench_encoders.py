@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from vlp3d.encoders import IMAGE_ENCODERS, SIZES, build_image_encoder
 from vlp3d.encoders.export import count_parameters, measure_memory
-from vlp3d.encoders.image import IMAGE_ENCODERS, SIZES, build_image_encoder
 
 MIB = 2**20
 

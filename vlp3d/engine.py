@@ -89,7 +89,7 @@ def check_encoder_input(cfg: ExperimentConfig) -> None:
     """Raise ConfigError unless `model.image_encoder` at `model.size` takes the model input shape;
     the message lists the presets that do. Builds on the meta device where the encoder allows it
     (no memory; MONAI's Swin reads a tensor value while building, so it is built on the CPU)."""
-    from vlp3d.encoders.image import SIZES
+    from vlp3d.encoders import SIZES
 
     shape = model_input_shape(cfg)
 

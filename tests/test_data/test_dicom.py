@@ -208,8 +208,8 @@ def test_shard_row_from_dicom_series_folder():
 
 def test_non_ct_dicom_loads_but_is_rejected_as_a_shard_row():
     """MR_small.dcm (pydicom): Modality MR, stored 127..2145 without rescale."""
+    from vlp3d.data.hounsfield import NotCTError
     from vlp3d.data.shards import preprocess_row
-    from vlp3d.data.volume import NotCTError
 
     path = PYDICOM_FILES / "MR_small.dcm"
     hu, _, decision = load_volume_hu(path)

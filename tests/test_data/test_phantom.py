@@ -79,7 +79,8 @@ def test_phrasing_varies_and_splits_are_by_patient(corpus):
 def test_phantom_volumes_pass_the_not_ct_rule(corpus):
     """Every storage variant (header / metadata rescale, already HU) loads as CT in HU."""
     from vlp3d.data.corpus import metadata_scaling
-    from vlp3d.data.volume import load_volume_hu, not_ct_reason
+    from vlp3d.data.hounsfield import not_ct_reason
+    from vlp3d.data.volume import load_volume_hu
 
     root, cases = corpus
     table = read_ctrate(root)

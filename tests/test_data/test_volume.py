@@ -2,15 +2,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from vlp3d.data.hounsfield import HUDecision, not_ct_reason, to_hounsfield
 from vlp3d.data.phantom import axcodes_affine, nifti_gz_bytes
-from vlp3d.data.volume import (
-    HUDecision,
-    PreprocessSpec,
-    load_nifti_hu,
-    not_ct_reason,
-    preprocess_hu,
-    to_hounsfield,
-)
+from vlp3d.data.volume import PreprocessSpec, load_nifti_hu, preprocess_hu
 
 
 def _write(path, raw, affine, slope=None, inter=None):

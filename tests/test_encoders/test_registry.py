@@ -1,7 +1,6 @@
 import pytest
 
-from vlp3d.encoders import IMAGE_ENCODERS, build_image_encoder
-from vlp3d.encoders.image import SIZES
+from vlp3d.encoders import IMAGE_ENCODERS, SIZES, build_image_encoder
 
 
 def test_all_encoders_registered():
@@ -47,3 +46,29 @@ def test_vit3d_rejects_other_input_shape():
 
 def test_sizes_constant_matches_presets():
     assert SIZES == ("tiny", "small", "base", "large")
+
+
+def _vlp3d_imports(module: str) -> set[str]:
+    """The vlp3d modules `module` imports anywhere in its source (top level or inside functions)."""
+    import ast
+    import importlib.util
+
+    tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {n for n in names if n.startswith("vlp3d")}
+
+
+def test_no_import_circles_between_registry_encoders_and_hu():
+    """Encoder modules import the registry, never the reverse; the DICOM and NIfTI readers share
+    `vlp3d.data.hounsfield` instead of importing each other."""
+    assert _vlp3d_imports("vlp3d.encoders.registry") == set()
+    for module in ("resnet", "swin", "vit", "unimedi"):
+        assert "vlp3d.encoders.registry" in _vlp3d_imports(f"vlp3d.encoders.{module}")
+    assert sorted(IMAGE_ENCODERS) == ["resnet3d", "swin3d", "unimedi_vit", "vit3d"]
+    assert _vlp3d_imports("vlp3d.data.hounsfield") == set()
+    assert "vlp3d.data.volume" not in _vlp3d_imports("vlp3d.data.dicom")

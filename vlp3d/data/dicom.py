@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlp3d.data.volume import HUDecision, to_hounsfield
+from vlp3d.data.hounsfield import HUDecision, to_hounsfield
 
 INSTALL_HINT = 'pip install "vlp3d[dicom]"'
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")

@@ -34,16 +34,10 @@ import numpy as np
 
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.corpus import metadata_scaling, metadata_spacing
+from vlp3d.data.hounsfield import NotCTError, not_ct_reason
 from vlp3d.data.radiograph import load_radiograph, resize_2d
 from vlp3d.data.report import report_text
-from vlp3d.data.volume import (
-    NotCTError,
-    PreprocessSpec,
-    load_volume_hu,
-    not_ct_reason,
-    preprocess_hu,
-    quantise,
-)
+from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_hu, quantise
 
 MANIFEST = "_manifest.json"
 SPACING_TOLERANCE = 0.01
@@ -147,7 +141,7 @@ def count_rows(shard_dir: str | Path, split: str, fraction: float = 1.0, modalit
 
 def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> dict:
     """One manifest row -> one shard row (without token ids / text embeddings). Raises on bad input,
-    and with `NotCTError` on a CT row whose volume is not CT (`vlp3d.data.volume.not_ct_reason`)."""
+    and with `NotCTError` on a CT row whose volume is not CT (`vlp3d.data.hounsfield.not_ct_reason`)."""
     text, sentences = report_text(row, spec.report_sections)
     if not sentences:
         raise ValueError(f"empty report (sections {list(spec.report_sections)} are all missing or blank)")

@@ -9,7 +9,7 @@ from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformer, SwinTr
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
-from vlp3d.encoders.image import check_size, require_einops
+from vlp3d.encoders.registry import check_size, register, require_einops
 
 # feature_size per preset (METHODS.md: 48 is "Swin-B", 96 is "Swin-L"); SwinUNETR needs a multiple of 12
 SWIN_PRESETS: dict[str, int] = {"tiny": 12, "small": 24, "base": 48, "large": 96}
@@ -130,6 +130,7 @@ class SwinEncoder3d(nn.Module):
         return tokens.mean(dim=1), tokens
 
 
+@register("swin3d")
 def build_swin3d(
     size: str = "tiny",
     img_size: Sequence[int] | None = None,

@@ -9,7 +9,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
-from vlp3d.encoders.image import check_size
+from vlp3d.encoders.registry import check_size, register
 
 # (hidden_size, depth, num_heads): ViT-Ti, ViT-S, ViT-B, ViT-L
 UNIMEDI_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -261,6 +261,7 @@ def _prod(values: Sequence[int]) -> int:
     return out
 
 
+@register("unimedi_vit")
 def build_unimedi_vit(
     size: str = "tiny",
     img_size: Sequence[int] | None = None,

@@ -9,7 +9,7 @@ import torch.utils.checkpoint
 from monai.networks.nets import ViT
 from torch import nn
 
-from vlp3d.encoders.image import check_size, require_einops
+from vlp3d.encoders.registry import check_size, register, require_einops
 
 # (hidden_size, mlp_dim, num_heads). MONAI UNETR hard-codes 12 transformer blocks and reads
 # blocks 3, 6 and 9 as skips, so every preset keeps depth 12 and scales width: tiny and small
@@ -100,6 +100,7 @@ class ViTEncoder3d(nn.Module):
         return tokens.mean(dim=1), tokens
 
 
+@register("vit3d")
 def build_vit3d(
     size: str = "tiny",
     img_size: Sequence[int] | None = None,

@@ -23,7 +23,7 @@ Safety rules (docs/prepare.md):
   with `RETRY_BACKOFF_S` doubling between them. Anything else (decoding errors, a missing file,
   a non-CT volume) fails the row at once. A failed row is recorded with its reason and attempts.
 - Non-CT rows fail with their reason: a `modality` value other than CT or a radiograph alias
-  (`normalise_modality`), or a volume that `vlp3d.data.volume.not_ct_reason` rejects (DICOM
+  (`normalise_modality`), or a volume that `vlp3d.data.hounsfield.not_ct_reason` rejects (DICOM
   Modality not CT, a label mask, no value below 0 HU).
 - Accounting: before `_manifest.json` is written, written rows + failed rows must be exactly the
   input rows; otherwise `PrepareError` lists the missing row ids (a rerun resumes them).

@@ -1,0 +1,73 @@
+"""The registry of 3D image encoders. Each encoder returns (pooled [B, C], tokens [B, N, C]).
+
+Each encoder module registers its builder with `@register(name)`; `vlp3d.encoders` imports
+them all, so `IMAGE_ENCODERS` is complete once `vlp3d.encoders` is imported. This module
+imports no encoder, so encoder modules import it without a circle.
+
+Registered names (`model.image_encoder`), each with size presets tiny/small/base/large
+(`model.size`):
+
+- `resnet3d`     3D ResNet (vlp3d.encoders.resnet), any input shape.
+- `swin3d`       MONAI Swin Transformer, the `swinViT` of SwinUNETR (vlp3d.encoders.swin).
+- `vit3d`        MONAI ViT, the `vit` of UNETR (vlp3d.encoders.vit).
+- `unimedi_vit`  one ViT shared by 2D images and 3D volumes (vlp3d.encoders.unimedi).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+IMAGE_ENCODERS: dict[str, Callable[..., nn.Module]] = {}
+SIZES = ("tiny", "small", "base", "large")
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: add a builder `builder(size=..., **kwargs) -> nn.Module` under `name`."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        IMAGE_ENCODERS[name] = builder
+        return builder
+
+    return wrap
+
+
+def build_image_encoder(name: str, size: str = "tiny", **kwargs) -> nn.Module:
+    """Build the encoder registered as `name` (config `model.image_encoder`) at preset `size`.
+
+    Keyword arguments go to the builder; every builder accepts `img_size` (the input volume
+    shape (X, Y, Z), i.e. `data.shape`; only `vit3d` and `unimedi_vit` need it, for their
+    positional embeddings) and `gradient_checkpointing`.
+    """
+    if name not in IMAGE_ENCODERS:
+        raise KeyError(
+            f"model.image_encoder = {name!r} is not registered; choose one of {sorted(IMAGE_ENCODERS)}."
+        )
+    builder = IMAGE_ENCODERS[name]
+    params = inspect.signature(builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown and not takes_any:
+        valid = sorted(k for k in params if k != "size")
+        raise TypeError(
+            f"model.image_encoder = {name!r} does not take {unknown}; it takes {valid}."
+        )
+    return builder(size=size, **kwargs)
+
+
+def check_size(name: str, size: str, presets: Sequence[str]) -> None:
+    """Raise a KeyError naming `model.size` when `size` is not one of `presets`."""
+    if size not in presets:
+        raise KeyError(f"model.size = {size!r}: {name} presets are {sorted(presets)}.")
+
+
+def require_einops(name: str) -> None:
+    """MONAI's Swin and ViT blocks need the optional package einops; fail early with the fix."""
+    if importlib.util.find_spec("einops") is None:
+        raise ImportError(
+            f"model.image_encoder = {name!r} uses MONAI blocks that need the package 'einops' "
+            "(a MONAI optional dependency): pip install einops."
+        )
