@@ -13,11 +13,11 @@ def _space(space=None, variants=None):
 def test_lists_are_grids_and_tables_are_distributions():
     space = _space({"data.fraction": [0.25, 0.5, 1.0], "model.size": ["tiny", "small"],
                     "train.lr": {"loguniform": [1e-4, 1e-2]}, "train.seed": {"randint": [0, 3]},
-                    "objective.mim_weight": {"choice": [0, 1]}})
+                    "objective.mg3d.mim_weight": {"choice": [0, 1]}})
     kinds = {d.key: (d.kind, d.values) for d in space.dimensions}
     assert kinds["data.fraction"] == ("grid", (0.25, 0.5, 1.0))
     assert kinds["train.lr"] == ("loguniform", (1e-4, 1e-2))
-    assert kinds["objective.mim_weight"] == ("choice", (0.0, 1.0))  # ints become floats, as in the config
+    assert kinds["objective.mg3d.mim_weight"] == ("choice", (0.0, 1.0))  # ints become floats, as in the config
     assert space.grid_size() == 6
     combos = list(space.representative_params())
     assert len(combos) == 3 * 2 * 2 * 2 * 2  # grid values x sampled bounds (randint: 0 and 2)
@@ -28,6 +28,10 @@ def test_lists_are_grids_and_tables_are_distributions():
     ({"data.fracton": [0.5]}, "unknown key 'data.fracton'. Did you mean 'data.fraction'?"),
     ({"modle.size": ["tiny"]}, "unknown section 'modle'. Did you mean 'model'?"),
     ({"lr": [1e-3]}, "'lr' is not a config key; use section.key"),
+    ({"objective.mim_weight": [0.0, 1.0]},
+     "'objective.mim_weight': objective.mim_weight moved to objective.mg3d.mim_weight (a [objective.mg3d] table"),
+    ({"objective.mg3d.mim_wieght": [0.0]}, "Did you mean 'objective.mg3d.mim_weight'?"),
+    ({"objective.mg3d": [0.0]}, "'objective.mg3d' is a table; name one of its keys"),
     ({"tracking.workdir": ["a", "b"]}, "[tracking] settings are the sweep's own"),
     ({"data.fraction": [0.5, 1.5]}, "data.fraction = 1.5 must be in (0, 1]"),
     ({"data.fraction": [0.0, 0.5]}, "data.fraction = 0.0 must be in (0, 1]"),
@@ -50,14 +54,17 @@ def test_empty_space_says_how_to_fill_it():
 
 
 def test_variants_are_one_more_grid_axis_and_may_not_clash_with_the_space():
-    variants = {"full": {}, "no_mim": {"objective.mim_weight": 0.0, "objective.mlm_weight": 0}}
+    variants = {"full": {}, "no_mim": {"objective.mg3d.mim_weight": 0.0, "objective.mg3d.mlm_weight": 0}}
     space = _space({"train.seed": [0, 1]}, variants)
     assert space.grid_size() == 4
-    assert space.keys == ["train.seed", "objective.mim_weight", "objective.mlm_weight"]
-    cfg = replace(ExperimentConfig(), objective={"name": "mg3d"})
+    assert space.keys == ["train.seed", "objective.mg3d.mim_weight", "objective.mg3d.mlm_weight"]
+    cfg = replace(ExperimentConfig(), objective={"name": "mg3d", "mg3d": {"fusion_dim": 64}})
     trial = apply_params(cfg, {"train.seed": 1, VARIANT: "no_mim"}, space)
-    assert (trial.train.seed, trial.objective.mim_weight, trial.objective.mlm_weight) == (1, 0.0, 0.0)
-    assert apply_params(cfg, {"train.seed": 0, VARIANT: "full"}, space).objective.mim_weight == 1.0
+    assert (trial.train.seed, trial.objective.mg3d.mim_weight, trial.objective.mg3d.mlm_weight) == (1, 0.0, 0.0)
+    assert trial.objective.mg3d.fusion_dim == 64  # the table's other keys stay
+    assert apply_params(cfg, {"train.seed": 0, VARIANT: "full"}, space).objective.mg3d.mim_weight == 1.0
+    with pytest.raises(ConfigError, match=r"objective\.mlm_weight moved to objective\.mg3d\.mlm_weight"):
+        _space({}, {"old": {"objective.mlm_weight": 0.0}})
     with pytest.raises(ConfigError, match="sets 'train.seed', which tune.space also varies"):
         _space({"train.seed": [0, 1]}, {"a": {"train.seed": 3}})
     with pytest.raises(ConfigError, match="tune.variants.a must be a table"):

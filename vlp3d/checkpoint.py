@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlp3d.config import ExperimentConfig, load_config, public_config, to_toml
+from vlp3d.config import ExperimentConfig, load_stored_config, public_config, to_toml
 
 MODEL = "model.pt"
 OBJECTIVE = "objective.pt"
@@ -122,7 +122,8 @@ def read_meta(directory: str | Path) -> dict:
 
 
 def read_config(directory: str | Path) -> ExperimentConfig:
-    return load_config(Path(directory) / CONFIG)
+    """The checkpoint's config (one stored before the `[objective.<method>]` tables loads too)."""
+    return load_stored_config(Path(directory) / CONFIG)
 
 
 def load_model_state(directory: str | Path, map_location: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

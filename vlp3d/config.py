@@ -87,22 +87,9 @@ OBJECTIVES = ("clip", "mg3d", "t3d", "unimedi")
 
 
 @dataclass(frozen=True)
-class ObjectiveConfig:
-    """Loss terms and heads of the pretraining method. Every `*_weight` scales one named term.
+class MG3DConfig:
+    """MG-3D's own settings, read when `objective.name = "mg3d"`: term weights, masking, fusion, heads."""
 
-    Setting `name` in a config file or override also applies that method's defaults
-    (`METHOD_DEFAULTS`, docs/methods.md) to the objective keys the file does not set itself.
-    """
-
-    name: Literal["clip", "mg3d", "t3d", "unimedi"] = _f("clip", "Pretraining method: clip, mg3d, t3d or unimedi.")
-    temperature: float = _f(0.07, "Initial softmax temperature tau of the volume-report InfoNCE logits.")
-    learnable_temperature: bool = _f(True, "Learn log(1/tau), clamped at 100 (false: tau stays fixed).")
-    gather_with_grad: bool = _f(True, "All-gather embeddings with gradients so negatives are the global batch.")
-    local_loss: bool = _f(False, "Compute only the local rows (B x G) of the global logits.")
-    head_lr_mult: float = _f(1.0, "Learning rate of every non-encoder parameter = train.lr x this (MG-3D: 5).")
-    # clip / mg3d
-    align_weight: float = _f(1.0, "Weight of `align`, the volume-report InfoNCE (MG-3D: 0.1).")
-    # mg3d
     mim_weight: float = _f(1.0, "MG-3D `mim`: text-guided masked image reconstruction (MSE on masked voxels).")
     mlm_weight: float = _f(1.0, "MG-3D `mlm`: image-guided masked language modelling (CE on masked tokens).")
     sentence_consistency_weight: float = _f(0.1, "MG-3D `sentence_consistency`: fused masked report stays close (cosine) to the unmasked one.")
@@ -112,11 +99,16 @@ class ObjectiveConfig:
     mlm_mask_prob: float = _f(0.15, "MG-3D: share of words masked (whole-word) for `mlm`.")
     fusion_layers: int = _f(2, "MG-3D: bidirectional cross-attention layers of the fusion module.")
     fusion_dim: int = _f(256, "MG-3D: width of the fusion module.")
-    decoder_dim: int = _f(128, "MG-3D/T3D: channels of the first conv-decoder stage (halved each upsampling).")
+    decoder_dim: int = _f(128, "MG-3D `mim`: channels of the first conv-decoder stage (halved each upsampling).")
     disentangled_layers: int = _f(2, "MG-3D: layers of sigmoid-gated sentence aggregation.")
     match_thresholds: tuple[float, float] = _f((0.6, 0.9), "MG-3D `sentence_match`: report similarity <= low is target 0, >= high is 1, between ignored.")
     match_dim: int = _f(128, "MG-3D `sentence_match`: dimension of the image features compared across patients.")
-    # t3d
+
+
+@dataclass(frozen=True)
+class T3DConfig:
+    """T3D's own settings, read when `objective.name = "t3d"`: term weights, crops, corruption, heads."""
+
     text_contrast_weight: float = _f(1.0, "T3D `text_contrast`: InfoNCE between each crop and its report.")
     crop_contrast_weight: float = _f(1.0, "T3D `crop_contrast`: InfoNCE between crops of the same volume (positives).")
     restore_weight: float = _f(1.0, "T3D `restore`: L1 of the report-conditioned restoration of a corrupted crop.")
@@ -124,11 +116,17 @@ class ObjectiveConfig:
     num_crops: int = _f(2, "T3D: crops per volume per step (>= 2 for `crop_contrast`).")
     crop_temperature: float = _f(0.1, "T3D: fixed temperature of `crop_contrast` (ours).")
     crop_dim: int = _f(128, "T3D: projection dimension of `crop_contrast`.")
+    decoder_dim: int = _f(128, "T3D `restore`: channels of the first conv-decoder stage (halved each upsampling).")
     corrupt_patch: int = _f(8, "T3D `restore`: side of the local patches that are masked or shuffled (voxels, ours).")
     corrupt_mask_ratio: float = _f(0.25, "T3D `restore`: share of local patches blanked (ours).")
     corrupt_shuffle_ratio: float = _f(0.25, "T3D `restore`: share of local patches whose voxels are shuffled (ours).")
     corrupt_noise_std: float = _f(0.05, "T3D `restore`: std of the Gaussian noise added to the crop (ours).")
-    # unimedi
+
+
+@dataclass(frozen=True)
+class UniMedIConfig:
+    """UniMedI's own settings, read when `objective.name = "unimedi"`: term weights, EMA teacher, DINO/iBOT."""
+
     vl_contrast_weight: float = _f(1.0, "UniMedI `vl_contrast`: InfoNCE of image [CLS] and report for 3D, pseudo-2D and 2D.")
     distill_cls_weight: float = _f(1.0, "UniMedI `distill_cls`: DINO self-distillation on [CLS].")
     distill_patch_weight: float = _f(1.0, "UniMedI `distill_patch`: iBOT self-distillation on masked patch tokens.")
@@ -140,6 +138,50 @@ class ObjectiveConfig:
     student_temperature: float = _f(0.1, "UniMedI: student temperature.")
     center_momentum: float = _f(0.9, "UniMedI: momentum of the teacher-output centre.")
 
+
+def _method(cls: type, method: str) -> Any:
+    """A sub-table of method settings (the method's defaults when the config does not set it)."""
+    return field(default_factory=cls, metadata={"help": f"Settings of the {method} method."})
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Loss terms and heads of the pretraining method. Every `*_weight` scales one named term.
+
+    Setting `name` in a config file or override also applies that method's defaults
+    (`METHOD_DEFAULTS`, docs/methods.md) to the objective keys the file does not set itself.
+    Each method's own settings are in a sub-table: `[objective.mg3d]`, `[objective.t3d]`,
+    `[objective.unimedi]` (override: `objective.mg3d.mim_weight=0`).
+    """
+
+    name: Literal["clip", "mg3d", "t3d", "unimedi"] = _f("clip", "Pretraining method: clip, mg3d, t3d or unimedi.")
+    temperature: float = _f(0.07, "Initial softmax temperature tau of the volume-report InfoNCE logits.")
+    learnable_temperature: bool = _f(True, "Learn log(1/tau), clamped at 100 (false: tau stays fixed).")
+    gather_with_grad: bool = _f(True, "All-gather embeddings with gradients so negatives are the global batch.")
+    local_loss: bool = _f(False, "Compute only the local rows (B x G) of the global logits.")
+    head_lr_mult: float = _f(1.0, "Learning rate of every non-encoder parameter = train.lr x this (MG-3D: 5).")
+    # clip / mg3d
+    align_weight: float = _f(1.0, "Weight of `align`, the volume-report InfoNCE (MG-3D: 0.1).")
+    mg3d: MG3DConfig = _method(MG3DConfig, "MG-3D")
+    t3d: T3DConfig = _method(T3DConfig, "T3D")
+    unimedi: UniMedIConfig = _method(UniMedIConfig, "UniMedI")
+
+
+# `objective.<method>` sub-tables: each method's own settings
+METHOD_SECTIONS: dict[str, type] = {"mg3d": MG3DConfig, "t3d": T3DConfig, "unimedi": UniMedIConfig}
+
+
+def _moved_keys() -> dict[str, tuple[str, ...]]:
+    moved: dict[str, tuple[str, ...]] = {}
+    for method, cls in METHOD_SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            moved[f.name] = (*moved.get(f.name, ()), method)
+    return moved
+
+
+# keys that were flat `objective.<key>` before the sub-tables -> the methods whose tables hold them now
+# (decoder_dim: mg3d and t3d)
+MOVED_OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = _moved_keys()
 
 # each method's defaults (docs/methods.md), applied when `objective.name` selects a method (explicit keys win)
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -199,7 +241,7 @@ class TuneConfig:
     )
     variants: dict[str, Any] = _table(
         "Named groups of keys set together, tried as one more grid axis (column 'variant'), e.g. "
-        "[tune.variants.no_mim] \"objective.mim_weight\" = 0.0; an empty table keeps the base config.",
+        "[tune.variants.no_mim] \"objective.mg3d.mim_weight\" = 0.0; an empty table keeps the base config.",
     )
     search: Literal["grid", "random", "optuna"] = _f(
         "grid", "'grid': every grid value (sampled keys drawn per grid point); 'random': every key sampled, "
@@ -301,17 +343,98 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def sub_tables(cls: type) -> dict[str, type]:
+    """{name: dataclass} of the fields of `cls` that are sub-tables (ExperimentConfig: its sections;
+    ObjectiveConfig: the methods' `objective.<method>` tables)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def leaf_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every key of `cls`, in the dataclasses' order, sub-tables walked."""
+    tables = sub_tables(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in tables:
+            yield from leaf_fields(tables[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def moved_key_message(key: str) -> str | None:
+    """The error for a flat `objective.<key>` that moved into a method's sub-table (naming the new
+    key or keys); None for any other key."""
+    section, _, name = key.partition(".")
+    if section != "objective" or name not in MOVED_OBJECTIVE_KEYS:
+        return None
+    methods = MOVED_OBJECTIVE_KEYS[name]
+    if len(methods) == 1:
+        return (f"objective.{name} moved to objective.{methods[0]}.{name} "
+                f"(a [objective.{methods[0]}] table in a config file).")
+    return (f"objective.{name} moved to {' and '.join(f'objective.{m}.{name}' for m in methods)} (one per "
+            f"method: {' and '.join(f'[objective.{m}]' for m in methods)} tables in a config file).")
+
+
+def _unknown_key(cls: type, key: str, where: str) -> str:
+    """The error for `key`, not a field of `cls` (at `where`, e.g. 'objective.'): moved, another
+    method's setting, or the closest valid key (sub-tables' keys included)."""
+    full = f"{where}{key}"
+    moved = moved_key_message(full)
+    if moved:
+        return moved
+    if cls in METHOD_SECTIONS.values() and key in MOVED_OBJECTIVE_KEYS:
+        homes = " and ".join(f"objective.{m}.{key}" for m in MOVED_OBJECTIVE_KEYS[key])
+        return f"unknown key '{full}': {key} is a setting of another method ({homes})."
+    names = [f.name for f in dataclasses.fields(cls)]
+    candidates = {name: name for name in names}
+    for table, table_cls in sub_tables(cls).items():
+        for f in dataclasses.fields(table_cls):
+            candidates.setdefault(f.name, f"{table}.{f.name}")
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    if close:
+        return f"unknown key '{full}'. Did you mean '{where}{candidates[close[0]]}'?"
+    return f"unknown key '{full}'. Valid keys: {', '.join(where + v for v in sorted(names))}."
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    tables = sub_tables(cls)
     kwargs = {}
     for key, value in values.items():
-        if key not in names:
-            raise ConfigError(
-                f"unknown key '{where}{key}'.{did_you_mean(key, names, where)}"
-            )
-        kwargs[key] = coerce_value(value, hints[key], f"{where}{key}")
+        if key not in hints:
+            raise ConfigError(_unknown_key(cls, key, where))
+        if key in tables:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: expected a table ([{where}{key}] in a config file, or "
+                                  f"{where}{key}.KEY=VALUE overrides), got {value!r}.")
+            kwargs[key] = _build(tables[key], value, f"{where}{key}.")
+        else:
+            kwargs[key] = coerce_value(value, hints[key], f"{where}{key}")
     return cls(**kwargs)
+
+
+def key_annotation(key: str) -> Any:
+    """The annotation of config key `key` ('train.lr', 'objective.mg3d.mim_weight'); a ConfigError
+    naming the key otherwise (unknown: the closest valid one; moved: its new name; a table)."""
+    section, *names = key.split(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section '{section}'.{did_you_mean(section, SECTIONS)}")
+    cls, where = SECTIONS[section], f"{section}."
+    if not names:
+        raise ConfigError(f"'{key}' is a section; name one of its keys, e.g. '{next(leaf_fields(cls, where))[0]}'.")
+    for i, name in enumerate(names):
+        hints, tables = typing.get_type_hints(cls), sub_tables(cls)
+        if name not in hints:
+            raise ConfigError(_unknown_key(cls, name, where))
+        last = i == len(names) - 1
+        if name in tables:
+            cls, where = tables[name], f"{where}{name}."
+            if last:
+                raise ConfigError(f"'{key}' is a table; name one of its keys, e.g. '{next(leaf_fields(cls, where))[0]}'.")
+        elif not last:
+            raise ConfigError(f"'{where}{name}' is a key, not a table: '{key}' does not exist.")
+        else:
+            return hints[name]
+    raise AssertionError("unreachable")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -326,6 +449,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _merge(cls: type, base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `updates` applied: sub-tables of `cls` merged key by key, other values replaced
+    (a table-valued key such as tune.space is replaced whole)."""
+    tables = sub_tables(cls)
+    out = dict(base)
+    for key, value in updates.items():
+        if key in tables and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(tables[key], out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     top = [f.name for f in dataclasses.fields(ExperimentConfig)]
     kwargs: dict[str, Any] = {}
@@ -337,8 +473,8 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         else:
             if not isinstance(value, dict):
                 raise ConfigError(f"'{key}' must be a table ([{key}]), got {value!r}.")
-            if key == "objective" and value.get("name") in METHOD_DEFAULTS:
-                value = {**METHOD_DEFAULTS[value["name"]], **value}
+            if key == "objective" and isinstance(value.get("name"), str) and value["name"] in METHOD_DEFAULTS:
+                value = _merge(ObjectiveConfig, METHOD_DEFAULTS[value["name"]], value)
             kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
     cfg = ExperimentConfig(**kwargs)
     check_ranges(cfg)
@@ -363,10 +499,17 @@ def check_value_range(key: str, value: float) -> None:
         raise ConfigError(f"{key} = {value!r} must be in {bracket}{low:g}, {high:g}] ({meaning}).")
 
 
+def get_key(cfg: Any, key: str) -> Any:
+    """The value of the dotted config key `key` in `cfg` (e.g. 'objective.mg3d.mim_weight')."""
+    value = cfg
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
 def check_ranges(cfg: ExperimentConfig) -> None:
     for key in RANGES:
-        section, name = key.split(".")
-        check_value_range(key, getattr(getattr(cfg, section), name))
+        check_value_range(key, get_key(cfg, key))
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
@@ -386,12 +529,18 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if len(keys) == 1 and keys[0] == "name":
             raw["name"] = value
             continue
-        if len(keys) != 2:
-            raise ConfigError(f"override '{text}': use section.key=value, e.g. train.lr=1e-3.")
-        section, key = keys
+        if len(keys) < 2:
+            raise ConfigError(f"override '{text}': use section.key=value, e.g. train.lr=1e-3 "
+                              "(objective.mg3d.mim_weight=0 for a method's table).")
+        section = keys[0]
         if section not in SECTIONS:
             raise ConfigError(f"override '{text}': unknown section '{section}'.{did_you_mean(section, SECTIONS)}")
-        raw.setdefault(section, {})[key] = value
+        table = raw
+        for depth, name in enumerate(keys[:-1]):
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"override '{text}': '{'.'.join(keys[:depth + 1])}' is not a table.")
+        table[keys[-1]] = value
     try:
         return from_dict(raw)
     except ConfigError as err:
@@ -400,26 +549,87 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
-    """A copy with some keys of some sections changed, validated like an override."""
+    """A copy with some keys of some sections changed, validated like an override. A method's keys
+    go in a nested dict: `replace(cfg, objective={"mg3d": {"mim_weight": 0.0}})` (its other keys stay)."""
     raw = to_dict(cfg)
     for section, values in sections.items():
-        raw[section].update(values)
+        raw[section] = _merge(SECTIONS[section], raw[section], values)
     return from_dict(raw)
+
+
+def migrate_stored(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (`raw`, parsed TOML) written before the methods' settings moved into
+    `[objective.<method>]` tables, with its flat method keys moved there (decoder_dim into both
+    MG-3D's and T3D's), and flat `objective.<key>` keys of tune.space / tune.variants renamed (to
+    the configured method's table where two hold the key). Other configs are returned unchanged."""
+    objective = raw.get("objective")
+    if not isinstance(objective, dict):
+        return raw
+    method = objective.get("name")
+
+    def new_key(key: Any) -> Any:
+        section, _, name = str(key).partition(".")
+        if section != "objective" or name not in MOVED_OBJECTIVE_KEYS:
+            return key
+        homes = MOVED_OBJECTIVE_KEYS[name]
+        return f"objective.{method if method in homes else homes[0]}.{name}"
+
+    objective = {k: dict(v) if isinstance(v, dict) else v for k, v in objective.items()}
+    for name in [k for k in objective if k in MOVED_OBJECTIVE_KEYS]:
+        value = objective.pop(name)
+        for home in MOVED_OBJECTIVE_KEYS[name]:
+            table = objective.setdefault(home, {})
+            if isinstance(table, dict):
+                table.setdefault(name, value)
+    out = {**raw, "objective": objective}
+    tune = raw.get("tune")
+    if isinstance(tune, dict):
+        tune = dict(tune)
+        if isinstance(tune.get("space"), dict):
+            tune["space"] = {new_key(k): v for k, v in tune["space"].items()}
+        if isinstance(tune.get("variants"), dict):
+            tune["variants"] = {n: {new_key(k): v for k, v in keys.items()} if isinstance(keys, dict) else keys
+                                for n, keys in tune["variants"].items()}
+        out["tune"] = tune
+    return out
+
+
+def load_stored_config(path: str | Path) -> ExperimentConfig:
+    """A config vlp3d stored itself (`to_toml`: a checkpoint's or model's config.toml, a sweep's
+    sweep.toml). Flat method keys of configs stored before the `[objective.<method>]` tables are
+    moved there silently (`migrate_stored`); files people write get `load_config`'s error instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"stored config '{path}' not found.")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from err
+    raw.setdefault("name", path.stem)
+    try:
+        return from_dict(migrate_stored(raw))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def _lookup(raw: dict[str, Any], key: str) -> Any:
+    for name in key.split("."):
+        raw = raw[name]
+    return raw
+
+
 def flatten(cfg: ExperimentConfig) -> dict[str, str]:
-    """`{"train.lr": "0.002", ...}`: every key (MLflow receives `logged_params`)."""
+    """`{"train.lr": "0.002", "objective.mg3d.mim_weight": "1.0", ...}`: every key (MLflow
+    receives `logged_params`)."""
+    raw = to_dict(cfg)
     out = {}
-    for section, values in to_dict(cfg).items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                out[f"{section}.{key}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
-        else:
-            out[section] = str(values)
+    for key, _field in leaf_fields(ExperimentConfig):
+        value = _lookup(raw, key)
+        out[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     return out
 
 
@@ -433,29 +643,29 @@ def redact_userinfo(text: str) -> str:
     return _USERINFO.sub(r"\1", text)
 
 
-def _locations(section: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(SECTIONS[section]) if f.metadata.get("location")}
-
-
 def logged_params(cfg: ExperimentConfig) -> dict[str, str]:
     """The allow-list of MLflow params: `name` and the keys of LOGGED_SECTIONS except locations
     (corpus, shard and work folders, tracking and Ray addresses), URIs without user-info."""
     flat = flatten(cfg)
-    allowed = {"name"} | {f"{s}.{f.name}" for s in LOGGED_SECTIONS for f in dataclasses.fields(SECTIONS[s])
-                          if not f.metadata.get("location")}
+    allowed = {"name"} | {key for key, f in leaf_fields(ExperimentConfig)
+                          if key.split(".", 1)[0] in LOGGED_SECTIONS and not f.metadata.get("location")}
     return {k: redact_userinfo(v) for k, v in flat.items() if k in allowed}
 
 
 def public_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """`cfg` as it may be stored with a run or a model: locations emptied, URIs without user-info."""
-    changes = {}
-    for section in SECTIONS:
-        values = to_dict(getattr(cfg, section))
-        cleared = {k: "" for k in _locations(section)}
-        cleaned = {k: redact_userinfo(v) for k, v in values.items() if isinstance(v, str) and k not in cleared}
-        if cleared or cleaned:
-            changes[section] = {**cleared, **cleaned}
-    return replace(cfg, **changes) if changes else cfg
+    raw = to_dict(cfg)
+    changed = False
+    for key, f in leaf_fields(ExperimentConfig):
+        if "." not in key:  # the top-level name
+            continue
+        *path, name = key.split(".")
+        table = _lookup(raw, ".".join(path))
+        value = table[name]
+        new = "" if f.metadata.get("location") else redact_userinfo(value) if isinstance(value, str) else value
+        if new != value:
+            table[name], changed = new, True
+    return from_dict(raw) if changed else cfg
 
 
 def to_toml(cfg: ExperimentConfig) -> str:
@@ -469,11 +679,18 @@ def to_toml(cfg: ExperimentConfig) -> str:
             return f"{{ {items} }}" if items else "{}"
         return json.dumps(value)
 
+    def table(header: str, cls: type, values: dict[str, Any]) -> None:
+        """`[header]` with its keys, then its sub-tables (`[objective.mg3d]`, ...)."""
+        tables = sub_tables(cls)
+        lines.append(f"\n[{header}]")
+        lines.extend(f"{key} = {fmt(value)}" for key, value in values.items() if key not in tables)
+        for key, table_cls in tables.items():
+            table(f"{header}.{key}", table_cls, values[key])
+
     raw = to_dict(cfg)
     lines = [f"name = {fmt(raw.pop('name'))}"]
     for section, values in raw.items():
-        lines.append(f"\n[{section}]")
-        lines.extend(f"{key} = {fmt(value)}" for key, value in values.items())
+        table(section, SECTIONS[section], values)
     return "\n".join(lines) + "\n"
 
 
@@ -484,10 +701,11 @@ def config_hash(obj: Any) -> str:
 
 
 def describe() -> list[tuple[str, str, str]]:
-    """(key, default, help) for every config key, for `--help` texts."""
+    """(key, default, help) for every config key (`objective.mg3d.mim_weight`: a method's table), for
+    `--help` texts."""
     rows = []
     for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
+        for key, f in leaf_fields(cls, f"{section}."):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            rows.append((f"{section}.{f.name}", repr(default), f.metadata.get("help", "")))
+            rows.append((key, repr(default), f.metadata.get("help", "")))
     return rows

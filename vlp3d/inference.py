@@ -52,11 +52,11 @@ class Embedder:
     @torch.no_grad()
     def embed_tiled(self, volumes: list[np.ndarray], batch_size: int = 16, min_body: float = 0.1) -> torch.Tensor:
         """High-resolution volumes of any shape (T3D) -> [N, d]: the volume is tiled into crops of
-        `objective.crop_shape` (zero-padded at the edges), crops with at least `min_body` of their
+        `objective.t3d.crop_shape` (zero-padded at the edges), crops with at least `min_body` of their
         voxels inside the body are embedded, and their embeddings averaged (all crops if none is)."""
         from vlp3d.objectives.t3d import tile_corners
 
-        shape = tuple(self.cfg.objective.crop_shape)
+        shape = tuple(self.cfg.objective.t3d.crop_shape)
         body = body_level(self.spec, dequantised=True)
         out = []
         for stored in volumes:

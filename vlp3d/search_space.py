@@ -8,7 +8,6 @@ Everything a sweep could get wrong about its space fails here, before any trial 
 from __future__ import annotations
 
 import itertools
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from vlp3d.config import (
     check_value_range,
     coerce_value,
     did_you_mean,
+    key_annotation,
     replace,
 )
 
@@ -50,23 +50,25 @@ class Dimension:
 
 
 def _field(key: str) -> tuple[str, str, Any]:
-    """'data.fraction' -> ('data', 'fraction', annotation); unknown or fixed keys raise ConfigError."""
+    """'data.fraction' -> ('data', 'fraction', annotation), 'objective.mg3d.mim_weight' ->
+    ('objective', 'mg3d.mim_weight', annotation); unknown, moved or fixed keys raise ConfigError."""
     where = f"tune.space: '{key}'"
     parts = key.split(".")
     sweepable = [s for s in SECTIONS if s not in FIXED_SECTIONS]
-    if len(parts) != 2:
+    if len(parts) < 2:
         raise ConfigError(f"{where} is not a config key; use section.key, e.g. \"data.fraction\" "
                           f"(sections: {', '.join(sweepable)}).")
-    section, name = parts
+    section = parts[0]
     if section in FIXED_SECTIONS:
         raise ConfigError(f"{where}: [{section}] settings are the sweep's own and cannot vary between trials; "
                           f"sweepable sections: {', '.join(sweepable)}.")
     if section not in SECTIONS:
         raise ConfigError(f"{where}: unknown section '{section}'.{did_you_mean(section, sweepable)}")
-    hints = typing.get_type_hints(SECTIONS[section])
-    if name not in hints:
-        raise ConfigError(f"{where}: unknown key '{key}'.{did_you_mean(name, list(hints), section + '.')}")
-    return section, name, hints[name]
+    try:
+        annotation = key_annotation(key)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return section, key.split(".", 1)[1], annotation
 
 
 def _value(key: str, annotation: Any, value: Any) -> Any:
@@ -147,7 +149,7 @@ def parse_space(space: dict[str, Any], variants: dict[str, Any]) -> SearchSpace:
     for name, overrides in variants.items():
         if not isinstance(overrides, dict):
             raise ConfigError(f"tune.variants.{name} must be a table of config keys, e.g. "
-                              f"[tune.variants.{name}] \"objective.mim_weight\" = 0.0; got {overrides!r}.")
+                              f"[tune.variants.{name}] \"objective.mg3d.mim_weight\" = 0.0; got {overrides!r}.")
         parsed = {}
         for key, value in overrides.items():
             if key in space:
@@ -165,12 +167,15 @@ def parse_space(space: dict[str, Any], variants: dict[str, Any]) -> SearchSpace:
 
 def apply_params(cfg: ExperimentConfig, params: dict[str, Any], space: SearchSpace) -> ExperimentConfig:
     """The config of one trial: its variant's keys, then its space values (checked like overrides)."""
-    updates: dict[str, dict[str, Any]] = {}
+    updates: dict[str, Any] = {}
     values = dict(space.variants.get(params.get(VARIANT, ""), {}))
     values.update({k: v for k, v in params.items() if k != VARIANT})
-    for key, value in values.items():
-        section, name = key.split(".")
-        updates.setdefault(section, {})[name] = value
+    for key, value in values.items():  # 'objective.mg3d.mim_weight' -> {'objective': {'mg3d': {'mim_weight': v}}}
+        *tables, name = key.split(".")
+        table = updates
+        for part in tables:
+            table = table.setdefault(part, {})
+        table[name] = value
     return replace(cfg, **updates)
 
 

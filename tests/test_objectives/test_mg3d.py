@@ -13,6 +13,7 @@ from vlp3d.engine import build_pretrainer, term_weights
 from vlp3d.objectives.heads import masked_mse, patch_mask, upsample_mask
 from vlp3d.objectives.mg3d import (
     DisentangledAggregator,
+    MG3DObjective,
     disentangled_infonce,
     sentence_match,
     whole_word_mask,
@@ -127,11 +128,11 @@ def test_mg3d_objective_terms_and_ablations():
     assert set(terms) == set(weights) and all(torch.isfinite(v) for v in terms.values())
     sum(weights[k] * v for k, v in terms.items()).backward()
     assert pre.model.image_encoder.stem[0].weight.grad.abs().sum() > 0
-    no_inter = load_config(None, ["objective.name=mg3d", "objective.disentangled_weight=0",
-                                  "objective.sentence_match_weight=0"])
+    no_inter = load_config(None, ["objective.name=mg3d", "objective.mg3d.disentangled_weight=0",
+                                  "objective.mg3d.sentence_match_weight=0"])
     assert set(term_weights(no_inter)) == {"align", "mim", "mlm", "sentence_consistency"}
     with pytest.raises(ValueError, match="weight 0"):
-        term_weights(load_config(None, ["objective.name=mg3d", *[f"objective.{t}_weight=0" for t in weights]]))
+        term_weights(load_config(None, ["objective.name=mg3d", *[f"{MG3DObjective.weight_key(t)}=0" for t in weights]]))
 
 
 # --- 2-process parity of the gathered inter-patient terms ---------------------------------------

@@ -73,7 +73,7 @@ def test_slice_mosaic_tiles_the_chosen_axial_slices():
 
 def test_unimedi_objective_mixed_2d_3d_and_teacher_follows_student():
     cfg = load_config(None, ["objective.name=unimedi", 'model.image_encoder="unimedi_vit"', "data.shape=[32,32,16]",
-                             "objective.dino_dim=64", "train.max_steps=10"])
+                             "objective.unimedi.dino_dim=64", "train.max_steps=10"])
     pre, weights = build_pretrainer(cfg, text_dim=384)
     assert set(weights) == {"vl_contrast", "distill_cls", "distill_patch"}
     assert not any(p.requires_grad for p in pre.objective.teacher_encoder.parameters())
@@ -131,11 +131,11 @@ def test_crops_are_centred_in_the_body_and_tiles_cover_the_volume():
 
 
 def test_t3d_objective_terms():
-    cfg = load_config(None, ["objective.name=t3d", "objective.crop_shape=[16,16,16]", "objective.corrupt_patch=4"])
+    cfg = load_config(None, ["objective.name=t3d", "objective.t3d.crop_shape=[16,16,16]", "objective.t3d.corrupt_patch=4"])
     pre, weights = build_pretrainer(cfg, text_dim=384)
     terms = pre({"crops": torch.rand(3, 2, 1, 16, 16, 16), "report_embedding": F.normalize(torch.randn(3, 384), dim=-1)})
     assert set(terms) == {"text_contrast", "crop_contrast", "restore"} == set(weights)
     sum(terms.values()).backward()
     assert not [n for n, p in pre.named_parameters() if p.requires_grad and p.grad is None]  # DDP-safe
     with pytest.raises(ValueError, match="num_crops"):
-        build_pretrainer(load_config(None, ["objective.name=t3d", "objective.num_crops=1"]), text_dim=384)
+        build_pretrainer(load_config(None, ["objective.name=t3d", "objective.t3d.num_crops=1"]), text_dim=384)

@@ -7,7 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 TINY = ["train.max_steps=2", "train.global_batch=4", "train.checkpoint_every=2", "train.log_every=1",
-        "eval.bootstrap=0", "objective.dino_dim=32"]
+        "eval.bootstrap=0", "objective.unimedi.dino_dim=32"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlp3d.config import SECTIONS, ExperimentConfig, describe
+from vlp3d.config import SECTIONS, ExperimentConfig, describe, leaf_fields, sub_tables
 
 COMMAND = "python -m vlp3d.jobs.config_docs --out docs/configuration.md"
 
@@ -43,13 +43,33 @@ def _cell(text: str) -> str:
 def _defaults() -> dict[str, Any]:
     out = {}
     for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            out[f"{section}.{f.name}"] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        for key, f in leaf_fields(cls, f"{section}."):
+            out[key] = f.default_factory() if f.default is dataclasses.MISSING else f.default
     return out
 
 
+def _table(header: str, cls: type, helps: dict[str, str], defaults: dict[str, Any], level: str) -> list[str]:
+    """`## [header]`: the class's doc and its own keys, then one `###` table per sub-table."""
+    lines = ["", f"{level} `[{header}]`", ""]
+    doc = inspect.getdoc(cls) or ""
+    if doc and not doc.startswith(cls.__name__ + "("):  # dataclasses invent a signature docstring
+        lines += [" ".join(doc.split()), ""]
+    tables = sub_tables(cls)
+    lines += ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if f.name in tables:
+            continue
+        key = f"{header}.{f.name}"
+        note = " *(location)*" if f.metadata.get("location") else ""
+        lines.append(f"| `{key}` | `{toml_value(defaults[key])}` | {_cell(helps[key])}{note} |")
+    for name, table_cls in tables.items():
+        lines += _table(f"{header}.{name}", table_cls, helps, defaults, "###")
+    return lines
+
+
 def render() -> str:
-    """The Markdown page: one table per section (key, default, meaning), in the dataclasses' order."""
+    """The Markdown page: one table per section (key, default, meaning), in the dataclasses' order;
+    a section's sub-tables (`[objective.mg3d]`, ...) follow it, one table each."""
     defaults = _defaults()
     name_field = next(f for f in dataclasses.fields(ExperimentConfig) if f.name == "name")
     lines = [
@@ -67,6 +87,11 @@ def render() -> str:
         "Setting `objective.name` also applies that method's defaults (`METHOD_DEFAULTS` in vlp3d/config.py) "
         "to the objective keys the file does not set itself: see [methods.md](methods.md).",
         "",
+        "Each method's own settings live in a sub-table of `[objective]`: `[objective.mg3d]`, `[objective.t3d]` "
+        "and `[objective.unimedi]` in a file, `objective.mg3d.mim_weight=0` as an override or a sweep key. "
+        "They used to be flat `[objective]` keys: a flat one (`objective.mim_weight`) is an error naming "
+        "its new key (configs stored with checkpoints before the change still load).",
+        "",
         "Keys marked *location* (paths and addresses) are never logged to MLflow; see [mlflow.md](mlflow.md).",
         "",
         "## Top level",
@@ -75,20 +100,9 @@ def render() -> str:
         "|---|---|---|",
         f"| `name` | `{toml_value(name_field.default)}` | {_cell(name_field.metadata['help'])} |",
     ]
-    by_section: dict[str, list[tuple[str, str]]] = {}
-    for key, _default, text in describe():
-        by_section.setdefault(key.split(".", 1)[0], []).append((key, text))
+    helps = {key: text for key, _default, text in describe()}
     for section, cls in SECTIONS.items():
-        lines += ["", f"## `[{section}]`", ""]
-        doc = inspect.getdoc(cls) or ""
-        if doc and not doc.startswith(cls.__name__ + "("):  # dataclasses invent a signature docstring
-            lines += [" ".join(doc.split()), ""]
-        lines += ["| key | default | meaning |", "|---|---|---|"]
-        locations = {f.name for f in dataclasses.fields(cls) if f.metadata.get("location")}
-        for key, text in by_section.get(section, []):
-            field_name = key.split(".", 1)[1]
-            note = " *(location)*" if field_name in locations else ""
-            lines.append(f"| `{key}` | `{toml_value(defaults[key])}` | {_cell(text)}{note} |")
+        lines += _table(section, cls, helps, defaults, "##")
     return "\n".join(lines) + "\n"
 
 

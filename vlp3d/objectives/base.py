@@ -3,6 +3,7 @@ evaluation and the demo read one contract instead of testing the method's name."
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -10,7 +11,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from vlp3d.config import ExperimentConfig
+from vlp3d.config import ExperimentConfig, ObjectiveConfig, get_key
 
 
 class Objective(nn.Module):
@@ -37,13 +38,21 @@ class Objective(nn.Module):
     shared_head_groups: ClassVar[tuple[frozenset[str], ...]] = ()
 
     @classmethod
+    def weight_key(cls, term: str) -> str:
+        """The config key of a term's weight: `objective.<term>_weight` for a general one (align),
+        else `objective.<name>.<term>_weight` in the method's table (`objective.mg3d.mim_weight`)."""
+        key = f"{term}_weight"
+        general = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+        return f"objective.{key}" if key in general else f"objective.{cls.name}.{key}"
+
+    @classmethod
     def term_weights(cls, cfg: ExperimentConfig) -> dict[str, float]:
-        """{term: weight} of the terms with `objective.<term>_weight` > 0 (the others are not computed)."""
-        weights = {term: float(getattr(cfg.objective, f"{term}_weight")) for term in cls.terms}
+        """{term: weight} of the terms whose weight (`weight_key`) is > 0 (the others are not computed)."""
+        weights = {term: float(get_key(cfg, cls.weight_key(term))) for term in cls.terms}
         active = {term: w for term, w in weights.items() if w > 0}
         if not active:
             raise ValueError(f"every loss term of objective '{cls.name}' has weight 0 "
-                             f"({', '.join(f'objective.{t}_weight' for t in cls.terms)}); set at least one > 0.")
+                             f"({', '.join(cls.weight_key(t) for t in cls.terms)}); set at least one > 0.")
         return active
 
     @classmethod

@@ -1,7 +1,7 @@
 """MG-3D: multi-grained alignment, text-guided image and image-guided text reconstruction,
 inter-patient disentangled aggregation and sentence-based similarity matching (METHODS.md).
 
-Terms (unweighted; weights come from `objective.*_weight`):
+Terms (unweighted; weights come from `objective.align_weight` and `objective.mg3d.*_weight`):
 - `align`: InfoNCE of pooled volume and report embeddings (global batch, tau 0.1 fixed by default).
 - `mim`: 50% of the image tokens are masked *in input space* — each token's receptive cell of
   the volume (its cell on the encoder's token grid) is zeroed, which works for every encoder
@@ -107,10 +107,10 @@ class MG3DObjective(Objective):
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, text_dim: int):
         super().__init__()
-        o = cfg.objective
+        o = cfg.objective.mg3d  # the method's own settings ([objective.mg3d])
         self.cfg = o
         self.active = set(self.term_weights(cfg))
-        self.clip = ClipLoss(o.gather_with_grad, o.local_loss)
+        self.clip = ClipLoss(cfg.objective.gather_with_grad, cfg.objective.local_loss)
         self.shape = tuple(cfg.data.shape)
         self.grid, width = probe_encoder(model.image_encoder, self.shape)
         self.embed_dim = cfg.model.embed_dim

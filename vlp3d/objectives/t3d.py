@@ -41,7 +41,7 @@ def corrupt(crop: torch.Tensor, patch: int, mask_ratio: float, shuffle_ratio: fl
     b, c, *size = crop.shape
     grid = [s // patch for s in size]
     if any(s % patch for s in size):
-        raise ValueError(f"objective.crop_shape {tuple(size)} must be a multiple of objective.corrupt_patch={patch}")
+        raise ValueError(f"objective.t3d.crop_shape {tuple(size)} must be a multiple of objective.t3d.corrupt_patch={patch}")
     n, voxels = int(np.prod(grid)), patch**3
     cells = crop.reshape(b, c, grid[0], patch, grid[1], patch, grid[2], patch)
     cells = cells.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, c, n, voxels)
@@ -64,23 +64,23 @@ class T3DObjective(Objective):
     columns = ("image", "image_shape", "report_embedding", "row")  # row: seeds each volume's crops
     storage = "highres"
     evaluation = "tiles"  # Embedder.embed_tiled: the mean over crop-sized tiles inside the body
-    input_setting = "objective.crop_shape"
+    input_setting = "objective.t3d.crop_shape"
 
     @classmethod
     def input_shape(cls, cfg: ExperimentConfig) -> tuple[int, int, int]:
-        return tuple(cfg.objective.crop_shape)
+        return tuple(cfg.objective.t3d.crop_shape)
 
     @classmethod
     def check_shards(cls, cfg: ExperimentConfig, spec: Mapping, shard_dir: Path) -> None:
         super().check_shards(cfg, spec, shard_dir)
-        if any(c > s for c, s in zip(cfg.objective.crop_shape, cfg.data.shape, strict=True)):
-            raise ValueError(f"objective.crop_shape {cfg.objective.crop_shape} exceeds data.shape {cfg.data.shape}, "
+        if any(c > s for c, s in zip(cfg.objective.t3d.crop_shape, cfg.data.shape, strict=True)):
+            raise ValueError(f"objective.t3d.crop_shape {cfg.objective.t3d.crop_shape} exceeds data.shape {cfg.data.shape}, "
                              "the minimum stored size; make data.shape at least the crop shape.")
 
     @classmethod
     def collate(cls, cfg: ExperimentConfig, spec: Mapping) -> Callable[[int], Callable]:
-        """`seed -> collate`, the collate function sampling `objective.num_crops` crops of
-        `objective.crop_shape` per high-resolution volume, centred inside the body, from a generator
+        """`seed -> collate`, the collate function sampling `objective.t3d.num_crops` crops of
+        `objective.t3d.crop_shape` per high-resolution volume, centred inside the body, from a generator
         seeded by (seed, row id): the crops depend on the data, never on the order in which Ray's
         threads collate batches."""
         from vlp3d.data.shards import decode_image
@@ -92,7 +92,7 @@ class T3DObjective(Objective):
         def collate_for(seed: int):
             def collate(batch: dict) -> dict:
                 crops = np.stack([
-                    sample_crops(decode_image(v, s, dtype), cfg.objective.crop_shape, cfg.objective.num_crops,
+                    sample_crops(decode_image(v, s, dtype), cfg.objective.t3d.crop_shape, cfg.objective.t3d.num_crops,
                                  np.random.default_rng([seed, int(row)]), body)
                     for v, s, row in zip(batch["image"], batch["image_shape"], batch["row"], strict=True)])
                 embeddings = np.stack(list(batch["report_embedding"])).astype(np.float32)
@@ -104,13 +104,13 @@ class T3DObjective(Objective):
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, text_dim: int):
         super().__init__()
-        o = cfg.objective
+        o = cfg.objective.t3d  # the method's own settings ([objective.t3d])
         self.cfg = o
         if o.num_crops < 1 or (o.crop_contrast_weight > 0 and o.num_crops < 2):
-            raise ValueError(f"objective.num_crops={o.num_crops}: `crop_contrast` needs at least 2 crops per "
-                             "volume (or set objective.crop_contrast_weight = 0).")
+            raise ValueError(f"objective.t3d.num_crops={o.num_crops}: `crop_contrast` needs at least 2 crops per "
+                             "volume (or set objective.t3d.crop_contrast_weight = 0).")
         self.active = set(self.term_weights(cfg))
-        self.clip = ClipLoss(o.gather_with_grad, o.local_loss)
+        self.clip = ClipLoss(cfg.objective.gather_with_grad, cfg.objective.local_loss)
         self.crop_scale = 1.0 / o.crop_temperature
         grid, width = probe_encoder(model.image_encoder, o.crop_shape)
         if "crop_contrast" in self.active:

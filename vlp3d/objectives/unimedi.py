@@ -116,11 +116,11 @@ class UniMedIObjective(Objective):
         if not hasattr(model.image_encoder, "patch_embed_2d"):
             raise ValueError(f"objective.name = 'unimedi' needs model.image_encoder = 'unimedi_vit' "
                              f"(one ViT for 2D and 3D), got {cfg.model.image_encoder!r}.")
-        o = cfg.objective
+        o = cfg.objective.unimedi  # the method's own settings ([objective.unimedi])
         self.cfg = o
         self.max_steps = cfg.train.max_steps
         self.active = set(self.term_weights(cfg))
-        self.clip = ClipLoss(o.gather_with_grad, o.local_loss)
+        self.clip = ClipLoss(cfg.objective.gather_with_grad, cfg.objective.local_loss)
         width = model.image_encoder.out_dim
         self.head = DINOHead(width, o.dino_dim)
         self.teacher_encoder = copy.deepcopy(model.image_encoder).requires_grad_(False)

@@ -23,7 +23,8 @@ from vlp3d.config import (
     ConfigError,
     ExperimentConfig,
     from_dict,
-    load_config,
+    get_key,
+    load_stored_config,
     replace,
     to_dict,
     to_toml,
@@ -72,7 +73,7 @@ def stored_config(workdir: str | Path, name: str) -> tuple[ExperimentConfig, str
     """(the config a sweep was started with, its name), to resume it: `name` is a sweep name in
     `<workdir>/sweeps/`, or the sweep's folder itself."""
     if (Path(name) / CONFIG_FILE).is_file():
-        return load_config(Path(name) / CONFIG_FILE), Path(name).resolve().name
+        return load_stored_config(Path(name) / CONFIG_FILE), Path(name).resolve().name
     path = Path(workdir).resolve() / SWEEPS_DIR / name / CONFIG_FILE
     if not path.is_file():
         folder = path.parent.parent
@@ -80,7 +81,7 @@ def stored_config(workdir: str | Path, name: str) -> tuple[ExperimentConfig, str
         raise FileNotFoundError(f"no sweep '{name}' under {folder} (sweeps there: {known or 'none'}); pass the "
                                 "sweep's folder (--resume vlp3d-runs/demo/sweeps/NAME) or the tracking.workdir "
                                 "it ran in (tracking.workdir=vlp3d-runs/demo).")
-    return load_config(path), name
+    return load_stored_config(path), name
 
 
 def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -373,9 +374,9 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
             row[VARIANT] = params[VARIANT]
         terms = objective_class(trial_cfg.objective.name).terms
         for key in [*config_columns, *(k for k in ALWAYS_COLUMNS if k not in config_columns)]:
-            section, name = key.split(".")
+            section, name = key.split(".", 1)[0], key.rsplit(".", 1)[-1]
             unused_weight = section == "objective" and name.endswith("_weight") and name[:-7] not in terms
-            row[key] = math.nan if unused_weight else _cell(getattr(getattr(trial_cfg, section), name))
+            row[key] = math.nan if unused_weight else _cell(get_key(trial_cfg, key))
         row.update({
             "n_train": counts[fraction_key], "encoder_params": metrics.get("encoder_params", math.nan),
             "flops_per_step": flops_per_step, "steps": steps, "train_flops": flops_per_step * steps,
