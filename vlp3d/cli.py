@@ -9,6 +9,7 @@ from vlp3d.config import to_toml
 from vlp3d.jobs import demo, evaluate, export, models, prepare, pretrain, register, sweep, synth
 from vlp3d.jobs.common import (
     add_config_arguments,
+    add_logging_arguments,
     config_keys_epilog,
     formatter,
     resolve_config,
@@ -49,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {vlp3d.__version__}")
+    add_logging_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (job, text) in JOBS.items():
         sub = commands.add_parser(name, help=text, formatter_class=formatter())
         job.add_arguments(sub)
+        add_logging_arguments(sub, top_level=False)
         sub.set_defaults(run=job.run)
     config = commands.add_parser("config", help="show the resolved config", formatter_class=formatter())
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")

@@ -7,6 +7,7 @@ import os
 import sys
 import textwrap
 
+from vlp3d import logs
 from vlp3d.config import ConfigError, ExperimentConfig, describe, load_config
 
 CONFIG_HELP = "TOML experiment config (see configs/). Omit for the built-in CPU demo defaults."
@@ -49,8 +50,19 @@ def formatter() -> type[argparse.HelpFormatter]:
     return _HelpFormatter
 
 
+def add_logging_arguments(parser: argparse.ArgumentParser, top_level: bool = True) -> None:
+    """`--log-level` and `-v` (= debug), accepted before or after the command name."""
+    default = "info" if top_level else argparse.SUPPRESS
+    parser.add_argument("--log-level", choices=logs.LEVELS, default=default,
+                        help="what reaches the terminal (default info: progress lines and warnings; debug adds "
+                             "Ray's and MLflow's own lines, with times and logger names)")
+    parser.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                        default=default, help="same as --log-level debug")
+
+
 def run_reporting_errors(run, args: argparse.Namespace) -> int:
     """Run a job; bad input (config, files, corpus, unreachable model) becomes one error line and exit 2."""
+    logs.configure(getattr(args, "log_level", None))
     try:
         return run(args) or 0
     except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as err:
@@ -67,4 +79,5 @@ def run_reporting_errors(run, args: argparse.Namespace) -> int:
 
 def run_main(build_parser, run, argv: list[str] | None = None) -> int:
     parser = build_parser(argparse.ArgumentParser(formatter_class=formatter()))
+    add_logging_arguments(parser)
     return run_reporting_errors(run, parser.parse_args(argv))

@@ -93,9 +93,9 @@ def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int) -> DemoResult:
             (existing.get("radiographs") or not params["radiographs"]):
         print("corpus already written with these parameters; reusing it")
     else:
-        from tqdm import tqdm
+        from vlp3d import logs
 
-        with tqdm(total=n, unit="vol", disable=None) as bar:
+        with logs.progress_bar(n, "synth", unit="vol") as bar:
             synthesize(cfg.data.corpus, n, seed=seed, progress=bar.update, radiographs=params["radiographs"])
         stamp.write_text(json.dumps(params))
     timings.append(("synth", time.time() - t))

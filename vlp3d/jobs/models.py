@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
 
+    from vlp3d import logs
     from vlp3d.encoders import IMAGE_ENCODERS, build_image_encoder
     from vlp3d.encoders.export import count_parameters, measure_memory
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     shape = tuple(cfg.data.shape)
     sizes = ("tiny", "small", "base", "large")
     rows = []
-    for name in tqdm(sorted(IMAGE_ENCODERS), desc="encoders", disable=None):
+    for name in logs.progress_bar(None, "encoders", iterable=sorted(IMAGE_ENCODERS)):
         for size in sizes:
             try:
                 encoder = build_image_encoder(name, size, img_size=shape).to(args.device)

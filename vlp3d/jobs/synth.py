@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from tqdm import tqdm
-
+from vlp3d import logs
 from vlp3d.data.labels import PHANTOM_FINDINGS
 from vlp3d.data.phantom import synthesize
 from vlp3d.jobs.common import run_main
@@ -34,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
-    with tqdm(total=args.n, desc="synth", unit="vol", disable=None) as bar:
+    with logs.progress_bar(args.n, "synth", unit="vol") as bar:
         cases = synthesize(args.out, args.n, seed=args.seed, valid_fraction=args.valid_fraction,
                            prevalence=args.prevalence, progress=bar.update, full_size=args.full_size,
                            radiographs=args.radiographs)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlp3d import logs
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files
 from vlp3d.evaluation.zeroshot import EvaluationResult, evaluate_embeddings
 from vlp3d.platform import tracking
@@ -45,11 +46,16 @@ def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid
     shard_dir = resolve_shard_dir(shards, embedder.spec.hash)
     manifest = read_manifest(shard_dir)
     images, reports, label_rows = [], [], []
-    for batch in read_split(shard_dir, split, batch_size):
-        highres = embedder.spec.storage == "highres"
-        images.append(embedder.embed_stored(batch["image"], batch["image_shape"] if highres else None, batch_size))
-        reports.append(embedder.embed_report_embeddings(batch["report_embedding"]))
-        label_rows.append(batch["labels"])
+    counts = manifest["counts"]
+    # by_split counts every modality; evaluation embeds the CT rows
+    total = counts["by_split"].get(split) if not counts.get("by_modality", {}).get("xray") else None
+    with logs.progress_bar(total, f"embed {split}", unit="vol") as bar:
+        for batch in read_split(shard_dir, split, batch_size):
+            highres = embedder.spec.storage == "highres"
+            images.append(embedder.embed_stored(batch["image"], batch["image_shape"] if highres else None, batch_size))
+            reports.append(embedder.embed_report_embeddings(batch["report_embedding"]))
+            label_rows.append(batch["labels"])
+            bar.update(len(batch["labels"]))
     if not images:
         raise ValueError(f"{shard_dir}: split '{split}' has no rows (splits: {manifest['counts']['by_split']}).")
     result = evaluate_embeddings(

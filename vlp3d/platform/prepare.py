@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 import vlp3d
+from vlp3d import logs
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.corpus import fraction_ranks, manifest_hash, manifest_rows, read_corpus
 from vlp3d.data.files import FolderLock, remove_temporaries, write_json_atomic
@@ -81,6 +84,8 @@ _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, N
 _PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG,
                      errno.ELOOP, errno.EINVAL}
 MISSING_SHOWN = 10  # row ids listed in the accounting error
+
+log = logging.getLogger(__name__)
 
 
 class PrepareError(RuntimeError):
@@ -158,20 +163,26 @@ def failure_records(shard_dir: str | Path) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in folder.glob("*.json")), key=lambda r: r["row"])
 
 
-def _preprocess_batch(batch: dict, spec: PreprocessSpec, label_names: list[str], failed_dir: str) -> dict:
+def _preprocess_batch(batch: dict, spec: PreprocessSpec, label_names: list[str], failed_dir: str,
+                      counter=None) -> dict:
     """Ray Data UDF: preprocess each row (transient read errors retried); a row that fails is
-    written to `failed_dir` and dropped."""
+    written to `failed_dir` and dropped. `counter` (a `_RowCounter` actor) is told how many rows
+    were done and failed, for the driver's progress bar."""
     rows = [dict(zip(batch.keys(), values, strict=True)) for values in zip(*batch.values(), strict=True)]
     out: dict[str, list] = {}
+    failed = 0
     for row in rows:
         row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
         try:
             shard_row = call_with_retries(lambda row=row: preprocess_row(row, spec, label_names))
         except RowFailed as failure:
             _record_failure(failed_dir, row, failure.reason, failure.attempts)
+            failed += 1
             continue
         for key, value in shard_row.items():
             out.setdefault(key, []).append(value)
+    if counter is not None:
+        counter.add.remote(len(rows) - failed, failed)
     if not out:
         return {}
     tensors = ("labels", "spacing_mm_source", "image_shape")
@@ -217,7 +228,7 @@ class ReportEncoder:
         return batch
 
 
-def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=print,
+def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=log.info,
             rows_per_file: int | None = None) -> PrepareResult:
     """Preprocess `corpus` into `out/<spec_hash>/`; unchanged input and spec is a no-op, a run that
     stopped halfway is resumed, a folder in use or holding another corpus raises (see the module
@@ -389,10 +400,11 @@ def _run_pipeline(ray, cfg: ExperimentConfig, spec: PreprocessSpec, rows: list[d
     """The Ray Data pipeline for rows of one modality: preprocess -> tokenize/embed -> Parquet."""
     n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(4 * n_cpus, len(rows) // 8)))
+    counter = _row_counter(ray)
     ds = ds.map_batches(
         _preprocess_batch,
         batch_size=4,
-        fn_kwargs={"spec": spec, "label_names": label_names, "failed_dir": str(failed_dir)},
+        fn_kwargs={"spec": spec, "label_names": label_names, "failed_dir": str(failed_dir), "counter": counter},
     )
     ds = ds.map_batches(
         ReportEncoder,
@@ -404,7 +416,74 @@ def _run_pipeline(ray, cfg: ExperimentConfig, spec: PreprocessSpec, rows: list[d
         # fractional CPU: keeps Ray Data from fusing the volume tasks into this single actor
         num_cpus=0.5,
     )
-    ds.write_parquet(str(target), min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file)
+    with _RowProgress(ray, counter, len(rows), f"prepare {target.name if target.name == 'xray' else 'ct'}"):
+        ds.write_parquet(str(target), min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file)
+    ray.kill(counter)
+
+
+def _row_counter(ray):
+    @ray.remote(num_cpus=0)
+    class RowCounter:
+        """Rows preprocessed and failed so far, told by the pipeline's tasks."""
+
+        def __init__(self):
+            self.done, self.failed = 0, 0
+
+        def add(self, done: int, failed: int) -> None:
+            self.done += done
+            self.failed += failed
+
+        def get(self) -> tuple[int, int]:
+            return self.done, self.failed
+
+    return RowCounter.remote()
+
+
+class _RowProgress:
+    """While the pipeline runs: a progress bar (rows done, failed, rate, ETA) on a terminal, else a
+    log line every `LOG_EVERY_S` (a job's log on a cluster)."""
+
+    POLL_S = 0.5
+    LOG_EVERY_S = 30.0
+
+    def __init__(self, ray, counter, total: int, desc: str):
+        self.ray, self.counter, self.total, self.desc = ray, counter, total, desc
+        self.stop = threading.Event()
+        self.bar = logs.progress_bar(total, desc, unit="row")
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.started = time.time()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._update(final=True)
+        self.bar.close()
+
+    def _poll(self) -> None:
+        last_log = time.time()
+        while not self.stop.wait(self.POLL_S):
+            done, failed = self._update()
+            if self.bar.disable and time.time() - last_log >= self.LOG_EVERY_S:
+                last_log = time.time()
+                rate = (done + failed) / max(1e-9, time.time() - self.started)
+                left = (self.total - done - failed) / rate if rate else float("nan")
+                log.info(f"{self.desc}: {done + failed}/{self.total} rows ({failed} failed), {rate:.1f} rows/s"
+                         + (f", ~{left / 60:.0f} min left" if left == left else ""))
+
+    def _update(self, final: bool = False) -> tuple[int, int]:
+        try:
+            done, failed = self.ray.get(self.counter.get.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a progress bar never fails the pipeline
+            return 0, 0
+        if not self.bar.disable:
+            self.bar.n = min(self.total, done + failed)
+            self.bar.set_postfix(failed=failed, refresh=False)
+            self.bar.refresh()
+        return done, failed
 
 
 def _readable_rows(path: Path) -> list[int] | None:

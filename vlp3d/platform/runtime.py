@@ -6,12 +6,18 @@ import logging
 import os
 from pathlib import Path
 
+from vlp3d import logs
 from vlp3d.config import ExperimentConfig
 
 
-def init_ray(cfg: ExperimentConfig | None = None, quiet: bool = True) -> None:
-    """Start a local Ray, or join the cluster named by cluster.address / $RAY_ADDRESS."""
+def init_ray(cfg: ExperimentConfig | None = None, quiet: bool | None = None) -> None:
+    """Start a local Ray, or join the cluster named by cluster.address / $RAY_ADDRESS. `quiet`
+    (default: unless logging at debug level, `vlp3d --log-level debug`) keeps Ray's INFO lines,
+    Ray Data's per-dataset lines and its progress bars off the terminal."""
     import ray
+
+    if quiet is None:
+        quiet = not logs.is_debug()
 
     if quiet:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -20,8 +26,14 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool = True) -> None:
         if quiet and not address:  # a path on this machine: only for the Ray started here
             os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
         # workers find vlp3d through the driver's environment; on a cluster it is installed
-        env_vars = {k: os.environ[k] for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOGGING_CONFIG")
+        # and log at the driver's level (vlp3d.logs), with MLflow as quiet as in the driver
+        env_vars = {k: os.environ[k] for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOGGING_CONFIG",
+                                               logs.LEVEL_ENV, "MLFLOW_LOGGING_LEVEL",
+                                               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
                     if k in os.environ and not (address and k == "RAY_DATA_LOGGING_CONFIG")}
+        if not logs.is_debug():  # the local Ray has token auth on by default: good, and nothing to act on
+            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+                logs.DropMessages("Token authentication is enabled"))
         env = {"env_vars": env_vars} if env_vars else None
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=True)

@@ -35,6 +35,8 @@ from vlp3d.platform import tracking
 from vlp3d.platform.runtime import init_ray
 from vlp3d.search_space import VARIANT, SearchSpace, apply_params, parse_space, trial_label
 
+log = logging.getLogger(__name__)
+
 SWEEPS_DIR = "sweeps"
 CONFIG_FILE = "sweep.toml"
 # what a trial reports (besides its train metrics), for checking tune.metric before the sweep
@@ -230,10 +232,6 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
     tune.report(_final_metrics(result.metrics, report.result.metrics, result.run_id))
 
 
-def _print(line: str) -> None:
-    print(line, flush=True)
-
-
 class SweepProgress(Callback):
     """A Tune callback printing one line per trial event and validation (Tune's own tables are off)."""
 
@@ -249,26 +247,26 @@ class SweepProgress(Callback):
         return f"[{done}/{self.planned} done, {time.time() - self.started:.0f} s]"
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        _print(f"{self._done(trials)} trial {trial.trial_id} started: {self._label(trial)}")
+        log.info(f"{self._done(trials)} trial {trial.trial_id} started: {self._label(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "val/loss" in result and "eval/macro_auroc" not in result:
-            _print(f"{self._done(trials)} trial {trial.trial_id} step {result.get('step', '?')}/{self.max_steps} "
+            log.info(f"{self._done(trials)} trial {trial.trial_id} step {result.get('step', '?')}/{self.max_steps} "
                    f"val/loss {result['val/loss']:.4f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         if "eval/macro_auroc" in result:
-            _print(f"{self._done(trials)} trial {trial.trial_id} finished: AUROC {result['eval/macro_auroc']:.3f} "
+            log.info(f"{self._done(trials)} trial {trial.trial_id} finished: AUROC {result['eval/macro_auroc']:.3f} "
                    f"[{result.get('eval/macro_auroc_ci_low', math.nan):.3f}, "
                    f"{result.get('eval/macro_auroc_ci_high', math.nan):.3f}]  val/loss "
                    f"{result.get('val/loss', math.nan):.4f}  ({result.get('time_total_s', 0):.0f} s)")
         else:
-            _print(f"{self._done(trials)} trial {trial.trial_id} stopped early at step {result.get('step', '?')} "
+            log.info(f"{self._done(trials)} trial {trial.trial_id} stopped early at step {result.get('step', '?')} "
                    "(scheduler)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        _print(f"{self._done(trials)} trial {trial.trial_id} FAILED: {self._label(trial)} (error in {trial.path})")
+        log.info(f"{self._done(trials)} trial {trial.trial_id} FAILED: {self._label(trial)} (error in {trial.path})")
 
 
 def search_algorithm(cfg: ExperimentConfig, space: SearchSpace):
@@ -420,7 +418,7 @@ def _figures(table: pd.DataFrame, series, varied: list[str], folder: Path) -> li
 
 
 def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = False,
-              progress=_print) -> SweepResult:
+              progress=log.info) -> SweepResult:
     """Run (or, with `resume`, continue) the sweep `cfg.tune` describes; returns its table and fits."""
     from ray import tune
 

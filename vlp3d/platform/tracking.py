@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -16,6 +17,8 @@ from mlflow.tracking import MlflowClient
 import vlp3d
 from vlp3d.config import ExperimentConfig, logged_params, public_config, redact_userinfo, to_toml
 from vlp3d.platform.runtime import artifact_location, tracking_uri
+
+log = logging.getLogger(__name__)
 
 uri = tracking_uri
 RUN_NAME_TAG = "vlp3d.run_name"
@@ -262,8 +265,8 @@ def deliver(uri_: str, run_id: str, items: list, timeout_s: float = 300.0) -> No
     logger = RankZeroLogger(uri_, run_id)
     logger.requeue(items)
     if not logger.flush(timeout_s):
-        print(f"MLflow at {redact_userinfo(uri_)} still unreachable: {len(items)} tracking calls of run {run_id} "
-              "were not delivered (they stay in the run's last checkpoint, train_state.pt)", flush=True)
+        log.warning(f"MLflow at {redact_userinfo(uri_)} still unreachable: {len(items)} tracking calls of run "
+                    f"{run_id} were not delivered (they stay in the run's last checkpoint, train_state.pt)")
 
 
 def end_run_quietly(uri_: str, run_id: str, status: str, reason: str) -> None:
@@ -272,7 +275,7 @@ def end_run_quietly(uri_: str, run_id: str, status: str, reason: str) -> None:
     try:
         end_run(uri_, run_id, status, {"vlp3d.failure": scrub(reason)[:5000]})
     except Exception as err:  # noqa: BLE001 - the original error matters more
-        print(f"could not mark MLflow run {run_id} {status}: {type(err).__name__}: {err}", flush=True)
+        log.warning(f"could not mark MLflow run {run_id} {status}: {type(err).__name__}: {err}")
 
 
 class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):

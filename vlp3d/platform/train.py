@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import tempfile
@@ -18,6 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlp3d import checkpoint as checkpoints
+from vlp3d import logs
 from vlp3d.config import ExperimentConfig, from_dict, to_dict
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, spec_from_config
 from vlp3d.encoders.export import count_parameters
@@ -44,6 +46,8 @@ FAULT_ENV = "VLP3D_INJECT_FAULT"
 VALIDATION_SEED = 20_251_129  # same masks, crops and corruptions at every validation: comparable curves
 SHUFFLE_BUFFER_BYTES = 256 * 2**20  # per worker, of stored rows
 FLUSH_AT_CHECKPOINT_S = 2.0  # how long a checkpoint waits for unsent MLflow metrics (they are saved with it)
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -158,7 +162,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    _quiet_train_reports()
+    logs.configure(loop_config.get("log_level"))
+    if not logs.is_debug():
+        _quiet_train_reports()
     cfg = from_dict(loop_config["experiment"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -182,8 +188,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         checkpoints.restore_rng(state.rng[rank], generator)
     else:
         if state.rng and rank == 0:
-            print(f"checkpoint of step {state.step} was written by {len(state.rng)} workers, this run has "
-                  f"{world_size}: random streams re-seeded (the run continues, not bit-exactly)", flush=True)
+            log.warning(f"checkpoint of step {state.step} was written by {len(state.rng)} workers, this run has "
+                        f"{world_size}: random streams re-seeded (the run continues, not bit-exactly)")
         checkpoints.seed_everything(cfg.train.seed * 1000 + rank + state.step, generator)
     step = resumed_from = state.step
     # e.g. UniMedI's 2D tokenizer gets no gradient in a 3D-only batch (and vice versa)
@@ -215,12 +221,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window: list[dict] = []
     in_a_row = 0
     started, samples = time.time(), 0
+    window_started, data_wait = time.perf_counter(), 0.0  # data wait: time in next(batches) this window
     while step < cfg.train.max_steps:
+        waited = time.perf_counter()
         batch = to_model_batch(next(batches), device)
         if batches_2d is not None:
             raw_2d = next(batches_2d)
             batch.update(to_model_batch({"image_2d": raw_2d["image"], "report_embedding_2d": raw_2d["report_embedding"]},
                                         device))
+        data_wait += time.perf_counter() - waited
         if cfg.train.augment and "volume" in batch:
             batch["volume"] = augment(batch["volume"], generator)
         if any(mode == "nan" and rank == target and step + 1 >= at for at, target, mode in faults):
@@ -244,8 +253,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             in_a_row += 1
             what = ", ".join(metrics["nonfinite"])
             if logger:
-                print(f"step {step}: non-finite {what}; step skipped on every worker ({in_a_row} in a row, "
-                      f"{state.skipped_steps} in all)", flush=True)
+                log.warning(f"step {step}: non-finite {what}; step skipped on every worker ({in_a_row} in a row, "
+                            f"{state.skipped_steps} in all)")
             if in_a_row >= cfg.train.max_skipped_steps:
                 _stop(loop_config, logger, f"training stopped at step {step}: {in_a_row} consecutive steps had a non-finite "
                       f"loss or gradient (train.max_skipped_steps = {cfg.train.max_skipped_steps}); non-finite at "
@@ -264,17 +273,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics["skipped_steps"] = state.skipped_steps
             metrics["temperature"] = 1.0 / unwrapped.model.scale().item()
             metrics["samples_per_s"] = samples / max(1e-9, time.time() - started)
+            window_s = max(1e-9, time.perf_counter() - window_started)
+            metrics["data_wait_share"] = min(1.0, data_wait / window_s)  # of this window's wall time
+            metrics["step_time_s"] = window_s / max(1, len(window))
             window.clear()
+            window_started, data_wait = time.perf_counter(), 0.0
             if validate:
                 metrics.update(validation_loss(module, weights, valid, cfg, spec, local_batch, device))
             if logger:
                 logger.log_metrics({(k if k.startswith("val/") else f"train/{k}"): v
                                     for k, v in metrics.items()}, step)
                 if loop_config.get("print_progress", True) and (step % print_every == 0 or last) and "loss" in metrics:
-                    val = f"  val/loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""
-                    print(f"step {step:>6}/{cfg.train.max_steps}  loss {metrics['loss']:.4f}{val}  "
-                          f"lr {metrics['lr']:.2e}  tau {metrics['temperature']:.4f}  "
-                          f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+                    log.info(progress_line(step, cfg.train.max_steps, metrics, weights,
+                                           eta_s=(time.time() - started) / (step - resumed_from) * (cfg.train.max_steps - step)))
             metrics.update(compute, step=step)
             if step % cfg.train.checkpoint_every == 0 or last:
                 bad = checkpoints.nonfinite_parameters(unwrapped)  # the same on every rank (DDP)
@@ -301,6 +312,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(metrics)
 
 
+def progress_line(step: int, max_steps: int, metrics: dict, weights: dict[str, float], eta_s: float) -> str:
+    """One line of training progress: step, loss and its terms, validation loss, learning rate,
+    throughput, the share of wall time spent waiting for data, and the time left."""
+    terms = " ".join(f"{t} {metrics[f'loss/{t}']:.3g}" for t in weights if f"loss/{t}" in metrics)
+    parts = [f"step {step:>{len(str(max_steps))}}/{max_steps}",
+             f"loss {metrics['loss']:.4f}" + (f" ({terms})" if terms and len(weights) > 1 else "")]
+    if "val/loss" in metrics:
+        parts.append(f"val {metrics['val/loss']:.4f}")
+    parts += [f"lr {metrics['lr']:.1e}", f"{metrics['samples_per_s']:.1f} samples/s"]
+    if "data_wait_share" in metrics:
+        parts.append(f"data wait {metrics['data_wait_share']:.0%}")
+    if step < max_steps and math.isfinite(eta_s):
+        parts.append(f"ETA {_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def _stop(loop_config: dict, logger, message: str) -> None:
     """Every rank ends its loop together (the decision is the same on all of them); rank 0 leaves
     `message` with the run's notes, from which the driver fails the run. (A raise would make Ray
@@ -308,7 +341,7 @@ def _stop(loop_config: dict, logger, message: str) -> None:
     if logger:
         import ray
 
-        print(message, flush=True)
+        log.error(message)
         logger.log_text(message + "\n", "stopped.txt")
         logger.flush(30.0)
         ray.get(loop_config["notes"].stop.remote(message))
@@ -436,7 +469,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[Path, dict]:
     return shard_dir, manifest
 
 
-def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print, callbacks: Sequence = (),
+def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=log.info, callbacks: Sequence = (),
              parent_run_id: str | None = None, register: bool = True, tags: dict[str, str] | None = None
              ) -> PretrainResult:
     """Train `cfg` on Ray; re-running with the same `run_name` resumes from its last checkpoint.
@@ -479,6 +512,7 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
                            "text_dim": text_dim, "meta": meta, "has_2d": "train_2d" in datasets,
                            "has_valid": "valid" in datasets, "print_progress": progress is not None,
+                           "log_level": logs.level_name(),
                            "inject_fault": os.environ.get(FAULT_ENV, ""), "notes": notes,
                            "shuffle_rows": shuffle_rows(shard_dir, manifest)},
         scaling_config=ray.train.ScalingConfig(
@@ -492,7 +526,7 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=print,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=list(callbacks),
             # Train's INFO lines (one per report and worker) would bury vlp3d's progress lines
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if logs.is_debug() else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
