@@ -8,7 +8,13 @@ import sys
 import textwrap
 
 from vlp3d import logs
-from vlp3d.config import ConfigError, ExperimentConfig, describe, load_config
+from vlp3d.config import (
+    ConfigError,
+    ExperimentConfig,
+    TrackingConfig,
+    describe,
+    load_config,
+)
 
 CONFIG_HELP = "TOML experiment config (see configs/). Omit for the built-in CPU demo defaults."
 OVERRIDES_HELP = "config overrides as section.key=value (TOML values), e.g. train.max_steps=200 data.shape=[32,32,32]"
@@ -48,6 +54,25 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def formatter() -> type[argparse.HelpFormatter]:
     return _HelpFormatter
+
+
+def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--workdir` and `--tracking-uri` of jobs that read an MLflow store without a config; the
+    defaults are `tracking.workdir` / `tracking.tracking_uri`'s."""
+    workdir = TrackingConfig().workdir
+    parser.add_argument("--workdir", default=workdir,
+                        help=f"workdir of the local MLflow store (default: tracking.workdir = {workdir})")
+    parser.add_argument("--tracking-uri", default=TrackingConfig().tracking_uri,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db)")
+
+
+def tracking_uri_from(args: argparse.Namespace) -> str:
+    """The MLflow store named by `--tracking-uri` / `--workdir` (as `tracking.*` would name it)."""
+    from vlp3d.config import replace
+    from vlp3d.platform.runtime import tracking_uri
+
+    cfg = replace(ExperimentConfig(), tracking={"workdir": args.workdir, "tracking_uri": args.tracking_uri or ""})
+    return tracking_uri(cfg)
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser, top_level: bool = True) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from vlp3d.jobs.common import run_main
+from vlp3d.config import DataConfig, EvalConfig
+from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_from
 from vlp3d.table import format_table
 
 
@@ -17,21 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/vlp3d-clip@champion or runs:/ID/model")
     parser.add_argument("--shards", required=True, help="shards root written by `vlp3d prepare`")
-    parser.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
-    parser.add_argument("--workdir", default="vlp3d-runs/default", help="workdir of the local MLflow store (default: vlp3d-runs/default)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db)")
-    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for CIs (default 200; 0 disables)")
-    parser.add_argument("--labels", nargs="*", default=(), help="labels to evaluate (default: all with both classes)")
+    data, evaluation = DataConfig(), EvalConfig()
+    parser.add_argument("--split", default=data.eval_split,
+                        help=f"split to evaluate (default: data.eval_split = {data.eval_split})")
+    add_tracking_arguments(parser)
+    parser.add_argument("--bootstrap", type=int, default=evaluation.bootstrap,
+                        help=f"bootstrap resamples for CIs (default: eval.bootstrap = {evaluation.bootstrap}; 0 disables)")
+    parser.add_argument("--labels", nargs="*", default=evaluation.labels,
+                        help="labels to evaluate (default: eval.labels, empty = all with both classes)")
     parser.add_argument("--no-log", action="store_true", help="do not log to MLflow")
     return parser
-
-
-def tracking_uri_from(args: argparse.Namespace) -> str:
-    from vlp3d.config import ExperimentConfig, replace
-    from vlp3d.platform.runtime import tracking_uri
-
-    cfg = replace(ExperimentConfig(), tracking={"workdir": args.workdir, "tracking_uri": args.tracking_uri or ""})
-    return tracking_uri(cfg)
 
 
 def render(report) -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlp3d.jobs.common import run_main
-from vlp3d.jobs.evaluate import tracking_uri_from
+from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_from
 
 FORMATS = ("swinunetr", "unetr")
 
@@ -20,8 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/vlp3d-clip@champion")
     parser.add_argument("--format", required=True, choices=FORMATS, help="target MONAI network")
     parser.add_argument("--out", required=True, help="output .pt file")
-    parser.add_argument("--workdir", default="vlp3d-runs/default", help="workdir of the local MLflow store")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the workdir store)")
+    add_tracking_arguments(parser)
     return parser
 
 

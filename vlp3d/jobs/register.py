@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from vlp3d.jobs.common import run_main
-from vlp3d.jobs.evaluate import tracking_uri_from
+from vlp3d.config import DataConfig
+from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -15,10 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="registered version, models:/NAME/VERSION")
     parser.add_argument("--alias", default="champion", help="alias to set (default: champion)")
-    parser.add_argument("--metric", default="eval/valid/macro_auroc", help="run metric compared with the current holder")
+    metric = f"eval/{DataConfig().eval_split}/macro_auroc"
+    parser.add_argument("--metric", default=metric,
+                        help=f"run metric compared with the current holder, higher is better (default: {metric}, "
+                             "i.e. data.eval_split's zero-shot macro AUROC as `vlp3d evaluate` logs it)")
     parser.add_argument("--force", action="store_true", help="set the alias whatever the metric says")
-    parser.add_argument("--workdir", default="vlp3d-runs/default", help="workdir of the local MLflow store")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the workdir store)")
+    add_tracking_arguments(parser)
     return parser
 
 
