@@ -100,9 +100,13 @@ def test_cls_attention_is_uniform_when_queries_and_keys_are_zero():
 
 def test_attention_by_slice_follows_the_z_axis(unimedi):
     # tokens in (x, y, z) raster order: z fastest, so token index % 2 is the slab for a 2x2x2 grid
-    attention = torch.tensor([[1.0, 0.0] * 4])
+    attention = torch.tensor([[1.0, 0.0] * 4])  # slab 0 (slices 0-3) holds all of it: 4 per slab
     per_slice = unimedi.attention_by_slice(attention, (1, 1, 32, 32, 8))
-    torch.testing.assert_close(per_slice, torch.tensor([[1.0] * 4 + [0.0] * 4]))
+    # slab centres at z = 1.5 and 5.5: constant 4 up to 1.5, linear down to 0 at 5.5, then 0;
+    # scaled to the total (4)
+    ramp = torch.tensor([4.0, 4.0, 3.5, 2.5, 1.5, 0.5, 0.0, 0.0])
+    torch.testing.assert_close(per_slice, (ramp * 4 / ramp.sum())[None])
+    assert per_slice[0, :4].sum() > per_slice[0, 4:].sum()
 
 
 def test_token_mask_replaces_tokens_with_mask_token(unimedi):

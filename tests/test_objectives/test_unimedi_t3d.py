@@ -56,9 +56,25 @@ def test_slice_selection_returns_the_slices_where_the_attention_is():
     attention[..., 4] = 1.0  # slab 4 = slices 16..19
     attention[..., 1] += 0.2  # slab 1 = slices 4..7 (second)
     scores = encoder.attention_by_slice(attention.flatten(1), (1, 1, 32, 32, 24))
-    assert select_slices(scores, 4).tolist() == [[16, 17, 18, 19]]
-    assert select_slices(scores, 6).tolist() == [[4, 5, 16, 17, 18, 19]] or \
-        set(select_slices(scores, 6)[0, :2].tolist()) <= {4, 5, 6, 7}
+    # the best slab's centre first, then the other attended slab, each slice >= 4 (a slab) apart
+    chosen = select_slices(scores, 2, min_gap=4)[0].tolist()
+    assert chosen[1] in (17, 18) and chosen[0] in (5, 6)
+    four = select_slices(scores, 4, min_gap=4)[0].tolist()
+    assert len(set(four)) == 4 and min(b - a for a, b in zip(four, four[1:])) >= 4
+    assert {s // 4 for s in four} >= {1, 4}  # both attended slabs, never four slices of one slab
+
+
+def test_slice_selection_ranks_by_score_with_a_gap_and_fills_up_short_volumes():
+    scores = torch.tensor([[0.0, 0.1, 0.9, 1.0, 0.95, 0.2, 0.3, 0.0, 0.5, 0.0]])
+    assert select_slices(scores, 1).tolist() == [[3]]
+    assert select_slices(scores, 3, min_gap=1).tolist() == [[2, 3, 4]]  # plain top-k
+    # 3 (1.0) rules out 1-5, 8 (0.5) rules out 6-7 and 9: only 0 is left
+    assert select_slices(scores, 3, min_gap=3).tolist() == [[0, 3, 8]]
+    # 10 slices cannot hold 5 slices 4 apart: the best remaining ones fill up, all distinct
+    five = select_slices(scores, 5, min_gap=4)[0].tolist()
+    assert len(set(five)) == 5 and {3, 8} <= set(five)
+    batch = torch.stack([scores[0], scores[0].flip(0)])
+    assert select_slices(batch, 1).tolist() == [[3], [6]]
 
 
 def test_slice_mosaic_tiles_the_chosen_axial_slices():

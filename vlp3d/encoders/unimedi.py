@@ -240,9 +240,11 @@ class UniMedIViT(nn.Module):
     ) -> torch.Tensor:
         """Per-slice attention [B, Z] from a 3D volume's [CLS] attention [B, N] (`cls_attention`).
 
-        Sums over the in-plane tokens of each tubelet slab; a slab spans `tubelet_size[2]` (4)
-        slices along z, which share its score equally (slice z gets slab z // 4's sum / 4), so the
-        result sums to the same total as `attention`.
+        Sums over the in-plane tokens of each tubelet slab (a slab spans `tubelet_size[2]` = 4
+        slices along z), places each slab's sum at its centre slice and interpolates linearly
+        between slab centres (constant beyond the outer ones), scaled so the result sums to the
+        same total as `attention`. Slices between two attended slabs score high; a slice's score
+        is its own, not a copy of its slab's.
         """
         grid = self.token_grid(volume_shape)
         if len(grid) != 3:
@@ -250,8 +252,10 @@ class UniMedIViT(nn.Module):
                 f"attention_by_slice needs a 3D volume shape [B, C, X, Y, Z]; got {tuple(volume_shape)}."
             )
         depth = self.tubelet_size[2]
-        per_slab = attention.reshape(attention.shape[0], *grid).sum(dim=(1, 2))
-        return per_slab.repeat_interleave(depth, dim=1) / depth
+        per_slab = attention.reshape(attention.shape[0], *grid).sum(dim=(1, 2)).float()
+        per_slice = F.interpolate(per_slab[:, None], size=grid[2] * depth, mode="linear", align_corners=False)[:, 0]
+        total = per_slice.sum(1, keepdim=True)
+        return per_slice * (per_slab.sum(1, keepdim=True) / total.clamp_min(torch.finfo(total.dtype).tiny))
 
 
 def _prod(values: Sequence[int]) -> int:

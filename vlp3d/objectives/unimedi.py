@@ -73,10 +73,28 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
     center.mul_(momentum).add_(batch_mean[None], alpha=1 - momentum)
 
 
-def select_slices(slice_scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [B, k] of the k highest-scoring slices, in ascending slice order."""
-    k = min(k, slice_scores.shape[1])
-    return slice_scores.topk(k, dim=1).indices.sort(dim=1).values
+def select_slices(slice_scores: torch.Tensor, k: int, min_gap: int = 1) -> torch.Tensor:
+    """Indices [B, k] of k distinct slices ranked by score, at least `min_gap` apart, in ascending
+    slice order.
+
+    Greedy: take the best slice, drop those closer than `min_gap` to it, repeat. With `min_gap` =
+    the tubelet depth, the k slices come from k different tubelet slabs (top-k alone would return
+    the adjacent slices of the best slab, which share its attention). When fewer than k slices
+    keep the gap (a short volume), the best remaining ones fill up."""
+    b, depth = slice_scores.shape
+    k = min(k, depth)
+    scores = slice_scores.detach().float()
+    positions = torch.arange(depth, device=scores.device)[None]
+    unchosen = torch.ones_like(scores, dtype=torch.bool)
+    apart = unchosen.clone()
+    chosen = []
+    for _ in range(k):
+        candidates = torch.where(apart.any(1, keepdim=True), apart, unchosen)
+        index = scores.masked_fill(~candidates, -math.inf).argmax(1)
+        chosen.append(index)
+        unchosen[torch.arange(b), index] = False
+        apart &= (positions - index[:, None]).abs() >= min_gap
+    return torch.stack(chosen, 1).sort(dim=1).values
 
 
 def slice_mosaic(volume: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -139,7 +157,8 @@ class UniMedIObjective(Objective):
             self.teacher_encoder.eval()
             t_cls3, t_patch3, attention = forward_with_attention(self.teacher_encoder, volume)
             scores = self.teacher_encoder.attention_by_slice(attention, volume.shape)
-            pseudo = slice_mosaic(volume, select_slices(scores, o.top_k_slices))
+            slab = self.teacher_encoder.tubelet_size[2]  # slices per tubelet: one slice per slab at most
+            pseudo = slice_mosaic(volume, select_slices(scores, o.top_k_slices, min_gap=slab))
         views = [("3d", volume, report), ("pseudo2d", pseudo, report)]
         if "image_2d" in batch:
             views.append(("2d", batch["image_2d"], batch["report_embedding_2d"]))
