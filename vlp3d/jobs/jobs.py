@@ -1,0 +1,67 @@
+"""Job: list, read and stop the Ray jobs of a cluster (`vlp3d jobs list|logs|stop`)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+from vlp3d.jobs.common import add_logging_arguments, formatter, run_main
+from vlp3d.jobs.submit import AUTH_EPILOG, add_address_argument, resolve_address
+from vlp3d.table import format_table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.description = "The Ray jobs of a cluster (submitted with `vlp3d submit` or `ray job submit`)."
+    parser.epilog = AUTH_EPILOG
+    sub = parser.add_subparsers(dest="jobs_command", required=True, metavar="SUBCOMMAND")
+    listing = sub.add_parser("list", help="every job: id, status, start, entrypoint", formatter_class=formatter())
+    logs = sub.add_parser("logs", help="a job's logs so far, or --follow until it ends", formatter_class=formatter())
+    logs.add_argument("job_id", metavar="JOB_ID")
+    logs.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
+    stop = sub.add_parser("stop", help="stop a running job", formatter_class=formatter())
+    stop.add_argument("job_id", metavar="JOB_ID")
+    for each in (listing, logs, stop):
+        add_address_argument(each)
+        add_logging_arguments(each, top_level=False)
+        each.epilog = AUTH_EPILOG
+    return parser
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short(text: str, width: int = 70) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlp3d.platform import jobs
+
+    address = resolve_address(args)
+    if args.jobs_command == "list":
+        rows = [[job.submission_id or job.job_id or "-", str(job.status.value), _when(job.start_time),
+                 _short(job.entrypoint or "")]
+                for job in sorted(jobs.list_jobs(address), key=lambda j: j.start_time or 0)]
+        print(format_table(rows, ["job", "status", "started", "entrypoint"], title=f"jobs at {address}"))
+        return 0
+    if args.jobs_command == "logs":
+        if args.follow:
+            status = jobs.follow(address, args.job_id)
+            print(f"job {args.job_id} {status}")
+            return jobs.exit_code(status)
+        print(jobs.logs(address, args.job_id), end="")
+        return 0
+    stopped = jobs.stop(address, args.job_id)
+    print(f"job {args.job_id}: {'stop requested' if stopped else 'not running (nothing to stop)'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

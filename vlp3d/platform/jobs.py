@@ -1,0 +1,321 @@
+"""Ray job submission: run a vlp3d command on a Ray cluster through its Jobs API.
+
+How the job finds vlp3d: the submitting checkout is uploaded as the job's `working_dir`
+(Ray zips it, stores it in the cluster's GCS and unpacks it on every node that runs a task of
+the job). Ray puts that folder first on PYTHONPATH of the job's driver and of every worker, and
+the driver starts in it, so `python -m vlp3d.cli <command>` runs the code you submitted and
+relative paths (`configs/...`) resolve inside the upload. The cluster only needs vlp3d's
+dependencies installed (cluster.yaml's setup_commands do `pip install -e` of the synced
+checkout, which also installs them); nothing is built per job. The alternative, a runtime-env
+`pip` install of the uploaded folder, would build a fresh virtualenv on every node for every
+job (minutes, torch included) and needs a package index reachable from the cluster.
+
+What is not uploaded (`WORKING_DIR_EXCLUDES`, on top of the folder's .gitignore, which Ray also
+reads): data and shards (they hold report text and patient ids), runs and MLflow stores, virtual
+environments, .git, caches and benchmark results, and files that usually hold credentials.
+
+Token authentication (Ray >= 2.59): a client sends `Authorization: Bearer <token>` only when
+RAY_AUTH_MODE=token is set in its environment; the token comes from $RAY_AUTH_TOKEN, the file
+named by $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. A cluster started with token auth answers
+401 without a token and 403 with a wrong one; both become `ClusterAuthError` (exit 2) saying
+what to set. Token values are never printed or logged, nor are the values of the environment
+variables handed to the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+TOKEN_ENV, TOKEN_PATH_ENV, AUTH_MODE_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"
+TOKEN_FILE = "~/.ray/auth_token"
+CLUSTER_TOKEN_COPY = "~/.ray/vlp3d-cluster-token"  # where the docs put a copy of the cluster's token
+
+# gitwildmatch patterns relative to the working dir ("/x/" only at the top, "x/" at any depth)
+WORKING_DIR_EXCLUDES = [
+    # data: corpora, shards (report text, patient ids), runs, MLflow stores
+    "/data/", "/shards/", "/vlp3d-runs/", "mlruns/", "mlartifacts/", "ray_results/", "*.db",
+    "*.nii", "*.nii.gz", "*.dcm", "*.parquet",
+    # environments, version control, caches, build outputs
+    ".venv/", "venv/", ".conda/", ".git/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
+    ".ruff_cache/", ".mypy_cache/", "/build/", "/dist/", "/benchmarks/results/",
+    # files that usually hold credentials
+    ".env", ".env.*", "*.pem", "*.key", ".netrc", ".ray/",
+]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class ClusterAuthError(RuntimeError):
+    """The Jobs API refused the request (401/403): what to set is in the message. Exit 2."""
+
+    exit_code = 2
+
+
+def token_source() -> str | None:
+    """Where a client on this machine would read its token from (never the token itself)."""
+    if os.environ.get(TOKEN_ENV):
+        return f"${TOKEN_ENV}"
+    if os.environ.get(TOKEN_PATH_ENV):
+        path = Path(os.environ[TOKEN_PATH_ENV]).expanduser()
+        return f"{path} (${TOKEN_PATH_ENV})" if path.is_file() and path.stat().st_size else None
+    path = Path(TOKEN_FILE).expanduser()
+    return str(path) if path.is_file() and path.stat().st_size else None
+
+
+def auth_help(address: str, status: int | None) -> str:
+    """The error text for a refused request: why, and exactly what to set."""
+    mode = os.environ.get(AUTH_MODE_ENV, "")
+    source = token_source()
+    if status == 403:
+        why = (f"the Ray cluster at {address} refused the token read from {source or 'this environment'} "
+               "(HTTP 403: wrong token, e.g. one from another cluster or from a local `ray.init()`)")
+    elif mode.lower() != "token":
+        why = (f"the Ray cluster at {address} requires a token (HTTP 401) and none was sent: "
+               f"{AUTH_MODE_ENV} is {mode or 'unset'} here, so Ray sends no token"
+               + (f" (one is available in {source})" if source else ""))
+    else:
+        why = (f"the Ray cluster at {address} requires a token (HTTP 401) and none was found: "
+               f"{TOKEN_ENV} and {TOKEN_PATH_ENV} are unset and {TOKEN_FILE} does not exist")
+    return (
+        f"{why}.\n"
+        f"  Set {AUTH_MODE_ENV}=token and give the cluster's token in a file named by {TOKEN_PATH_ENV} "
+        f"(default {TOKEN_FILE}) or in {TOKEN_ENV}. For a cluster from cluster.yaml, copy the head's "
+        "token over SSH:\n"
+        f"    export {AUTH_MODE_ENV}=token\n"
+        f"    ray rsync-down cluster.yaml '{TOKEN_FILE}' {CLUSTER_TOKEN_COPY}\n"
+        f"    export {TOKEN_PATH_ENV}={CLUSTER_TOKEN_COPY}\n"
+        "  (on the head node `ray get-auth-token` prints it; keep it out of shell history, the "
+        "repository and job arguments)."
+    )
+
+
+def client(address: str):
+    """A JobSubmissionClient for `address`; a refused token becomes `ClusterAuthError`."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return _AuthCheckingClient(JobSubmissionClient(address))
+    except AuthenticationError as err:
+        raise ClusterAuthError(auth_help(address, _status(err))) from None
+    except ConnectionError as err:
+        raise ConnectionError(f"{err} Is the cluster up and its dashboard reachable (for a cluster "
+                              "from cluster.yaml: `ray dashboard cluster.yaml` keeps a tunnel to "
+                              "127.0.0.1:8265 open)?") from None
+
+
+def _status(err: Exception) -> int | None:
+    text = str(err)
+    if text.startswith("Authentication failed"):
+        return 403
+    if text.startswith("Authentication required"):
+        return 401
+    return None
+
+
+class _AuthCheckingClient:
+    """Forwards to the JobSubmissionClient; auth errors of any call become `ClusterAuthError`."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        attr = getattr(self._inner, name)
+        if not callable(attr) or name == "tail_job_logs":
+            return attr
+
+        def call(*args, **kwargs):
+            from ray.exceptions import AuthenticationError
+
+            try:
+                return attr(*args, **kwargs)
+            except AuthenticationError as err:
+                raise ClusterAuthError(auth_help(self._inner._address, _status(err))) from None
+            except RuntimeError as err:
+                if "status code 404" in str(err):  # an unknown job id
+                    raise ValueError(str(err).removeprefix("Request failed with status code 404: ")) from None
+                raise
+
+        return call
+
+
+def default_working_dir() -> Path:
+    """The vlp3d checkout this command runs from (the folder holding pyproject.toml and vlp3d/)."""
+    import vlp3d
+
+    checkout = Path(vlp3d.__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout
+    raise ValueError("vlp3d is not running from a source checkout: pass --working-dir DIR "
+                     "(the folder uploaded as the job's working directory)")
+
+
+def virtualenv_excludes(working_dir: Path) -> list[str]:
+    """Virtual environments and conda envs under any name (a pyvenv.cfg or conda-meta/ inside),
+    up to two levels down."""
+    found = []
+    for candidate in [*working_dir.glob("*/"), *working_dir.glob("*/*/")]:
+        if (candidate / "pyvenv.cfg").is_file() or (candidate / "conda-meta").is_dir():
+            found.append("/" + candidate.relative_to(working_dir).as_posix() + "/")
+    return found
+
+
+def excludes_for(working_dir: Path, extra: Iterable[str] = ()) -> list[str]:
+    return [*dict.fromkeys([*WORKING_DIR_EXCLUDES, *virtualenv_excludes(working_dir), *extra])]
+
+
+def upload_listing(working_dir: Path, excludes: Sequence[str]) -> tuple[list[str], int]:
+    """The files Ray will upload for this working dir (its own packaging code, .gitignore
+    included) and the zipped size in bytes."""
+    from ray._private.runtime_env.packaging import _zip_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "package.zip"
+        _zip_files(str(working_dir), list(excludes), str(target), include_gitignore=_include_gitignore(),
+                   logger=log)
+        with zipfile.ZipFile(target) as archive:
+            names = sorted(n for n in archive.namelist() if not n.endswith("/"))
+        return names, target.stat().st_size
+
+
+def _include_gitignore() -> bool:
+    return os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+
+
+def load_runtime_env(value: str | None) -> dict:
+    """`--runtime-env`: a YAML/JSON file or a JSON object."""
+    if not value:
+        return {}
+    path = Path(value).expanduser()
+    if path.is_file():
+        import yaml
+
+        loaded = yaml.safe_load(path.read_text())
+    else:
+        try:
+            loaded = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--runtime-env {value!r}: neither a file nor a JSON object") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--runtime-env {value!r}: expected a mapping (working_dir, env_vars, pip, ...)")
+    return loaded
+
+
+def passed_env(names: Sequence[str], environ: dict | None = None) -> dict[str, str]:
+    """MLFLOW_TRACKING_URI (when set) and each `--env NAME` from the submitting environment."""
+    environ = os.environ if environ is None else environ
+    missing = [n for n in names if n not in environ]
+    if missing:
+        raise ValueError(f"--env {', '.join(missing)}: not set in this environment")
+    wanted = [*([TRACKING_ENV] if TRACKING_ENV in environ else []), *names]
+    return {name: environ[name] for name in dict.fromkeys(wanted)}
+
+
+@dataclass(frozen=True)
+class Submission:
+    entrypoint: str
+    runtime_env: dict
+    files: int
+    zipped_bytes: int
+
+    @property
+    def env_names(self) -> list[str]:
+        return sorted(self.runtime_env.get("env_vars", {}))
+
+
+def entrypoint(command: Sequence[str], cli_commands: Iterable[str]) -> str:
+    """`pretrain cfg.toml ...` -> `python -m vlp3d.cli pretrain cfg.toml ...`; any other command
+    (`python script.py`, `bash -c ...`) runs as given."""
+    if not command:
+        raise ValueError("nothing to run: give the command after --, e.g. `vlp3d submit -- pretrain configs/demo.toml`")
+    command = list(command)
+    if command[0] in set(cli_commands):
+        command = ["python", "-m", "vlp3d.cli", *command]
+    return shlex.join(command)
+
+
+def build_submission(command: Sequence[str], cli_commands: Iterable[str], working_dir: Path | None = None,
+                     runtime_env: dict | None = None, env_names: Sequence[str] = ()) -> Submission:
+    """The job's entrypoint and runtime environment: the working dir (with excludes), its env vars."""
+    env = dict(runtime_env or {})
+    if working_dir is None:
+        working_dir = Path(env["working_dir"]) if "working_dir" in env else default_working_dir()
+    working_dir = Path(working_dir).expanduser().resolve()
+    if not working_dir.is_dir():
+        raise FileNotFoundError(f"--working-dir {working_dir}: no such folder")
+    excludes = excludes_for(working_dir, env.get("excludes", ()))
+    files, size = upload_listing(working_dir, excludes)
+    env_vars = {**env.get("env_vars", {}), **passed_env(env_names)}
+    env.update(working_dir=str(working_dir), excludes=excludes)
+    if env_vars:
+        env["env_vars"] = env_vars
+    return Submission(entrypoint(command, cli_commands), env, len(files), size)
+
+
+def submit(address: str, submission: Submission) -> str:
+    """Submit; returns the job id (its submission id)."""
+    jobs = client(address)
+    return jobs.submit_job(entrypoint=submission.entrypoint, runtime_env=submission.runtime_env)
+
+
+def follow(address: str, job_id: str, out=None, poll_s: float = 1.0) -> str:
+    """Stream the job's logs to `out` (stdout) until it ends; returns its final status."""
+    out = out or sys.stdout
+    jobs = client(address)
+
+    async def tail():
+        async for chunk in jobs.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception as err:  # noqa: BLE001 - the connection may drop; the status below decides
+        from ray.exceptions import AuthenticationError
+
+        if isinstance(err, AuthenticationError):
+            raise ClusterAuthError(auth_help(address, _status(err))) from None
+        log.warning("log stream of %s ended early (%s); waiting for the job to finish", job_id, err)
+    return wait(jobs, job_id, poll_s)
+
+
+def wait(jobs, job_id: str, poll_s: float = 1.0) -> str:
+    while True:
+        status = str(jobs.get_job_status(job_id).value)
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+def exit_code(status: str) -> int:
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def list_jobs(address: str) -> list:
+    return client(address).list_jobs()
+
+
+def logs(address: str, job_id: str) -> str:
+    return client(address).get_job_logs(job_id)
+
+
+def status(address: str, job_id: str) -> str:
+    return str(client(address).get_job_status(job_id).value)
+
+
+def stop(address: str, job_id: str) -> bool:
+    return client(address).stop_job(job_id)
