@@ -115,6 +115,38 @@ def test_every_shipped_config_loads_and_method_defaults_apply():
     assert load_config(None, ["objective.name=mg3d", "objective.align_weight=1.0"]).objective.align_weight == 1.0
 
 
+def test_method_defaults_apply_from_file_override_and_replace_and_are_marked(tmp_path, capsys):
+    from vlp3d.cli import main
+    from vlp3d.config import METHOD_DEFAULTS, flatten
+
+    # an override or a file choosing the method: its whole set-up, except what the user set
+    cfg = load_config(None, ["objective.name=t3d", "model.size=small"])
+    assert (cfg.model.image_encoder, cfg.model.size, cfg.data.storage, cfg.data.spacing_mm, cfg.train.weight_decay) == \
+        ("swin3d", "small", "highres", (1.0, 1.0, 1.0), 0.05)
+    # replace() changing the method applies its defaults too (every key is present in a built config)
+    mg3d = replace(ExperimentConfig(), objective={"name": "mg3d"})
+    assert mg3d == load_config(None, ["objective.name=mg3d"])
+    # ...keeps what the user chose, and takes what this call sets
+    custom = replace(ExperimentConfig(), model={"size": "small"}, train={"lr": 0.5})
+    switched = replace(custom, objective={"name": "unimedi"}, data={"shape_2d": [32, 32]})
+    assert (switched.model.image_encoder, switched.model.size, switched.train.lr, switched.data.shape_2d) == \
+        ("unimedi_vit", "small", 0.5, (32, 32))
+    assert switched.train.weight_decay == 0.05
+    # and switching back restores the plain defaults the method had replaced
+    assert replace(mg3d, objective={"name": "clip"}) == ExperimentConfig()
+    for method, defaults in METHOD_DEFAULTS.items():  # every key of the table is a real key
+        flat = flatten(load_config(None, [f"objective.name={method}"]))
+        assert set(defaults) <= set(flat), method
+
+    assert main(["config", "show", "objective.name=mg3d", "model.size=small"]) == 0
+    out = capsys.readouterr().out
+    assert 'image_encoder = "swin3d"  # mg3d default' in out and 'size = "small"\n' in out
+    assert "align_weight = 0.1  # mg3d default" in out
+    path = tmp_path / "shown.toml"
+    path.write_text(out)
+    assert load_config(path) == load_config(None, ["objective.name=mg3d", "model.size=small"])
+
+
 # the methods' own settings: [objective.mg3d], [objective.t3d], [objective.unimedi]
 
 def test_method_tables_from_toml_and_three_part_overrides(tmp_path):
@@ -126,7 +158,7 @@ def test_method_tables_from_toml_and_three_part_overrides(tmp_path):
     assert cfg.objective.mg3d.match_thresholds == (0.5, 0.8)
     assert cfg.objective.mg3d.mlm_weight == 0.5 and cfg.objective.mg3d.fusion_dim == 256  # default kept
     assert cfg.objective.t3d.crop_shape == (16, 16, 16) and cfg.objective.unimedi.dino_dim == 64
-    # METHOD_DEFAULTS (general keys only) still apply next to the tables; the file's key wins
+    # METHOD_DEFAULTS still apply next to the tables; the file's key wins
     assert (cfg.objective.align_weight, cfg.objective.head_lr_mult) == (0.1, 2.0)
     # the override beats the file inside a table too
     assert load_config(path, ["objective.mg3d.mim_weight=0.25"]).objective.mg3d.mim_weight == 0.25

@@ -24,7 +24,7 @@ from vlp3d.jobs.common import (
     add_logging_arguments,
     config_keys_epilog,
     formatter,
-    resolve_config,
+    resolve_config_with_sources,
     run_reporting_errors,
 )
 
@@ -53,7 +53,8 @@ exit codes:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    print(to_toml(resolve_config(args)), end="")
+    cfg, sources = resolve_config_with_sources(args)
+    print(to_toml(cfg, {key: f"{method} default" for key, method in sources.items()}), end="")
     return 0
 
 
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="show the resolved config", formatter_class=formatter())
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     show = config_commands.add_parser("show", help="print the resolved config as TOML", formatter_class=formatter(),
-                                      description="Print defaults < CONFIG < overrides as TOML.",
+                                      description="Print defaults < CONFIG < overrides as TOML. Values the chosen method set "
+                                                  "(objective.name's defaults) are marked '# <method> default'.",
                                       epilog=config_keys_epilog())
     add_config_arguments(show)
     show.set_defaults(run=_config_show)

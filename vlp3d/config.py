@@ -149,7 +149,8 @@ class ObjectiveConfig:
     """Loss terms and heads of the pretraining method. Every `*_weight` scales one named term.
 
     Setting `name` in a config file or override also applies that method's defaults
-    (`METHOD_DEFAULTS`, docs/methods.md) to the objective keys the file does not set itself.
+    (`METHOD_DEFAULTS`, docs/methods.md: encoder, data, objective and optimiser keys) to every key
+    the file does not set itself.
     Each method's own settings are in a sub-table: `[objective.mg3d]`, `[objective.t3d]`,
     `[objective.unimedi]` (override: `objective.mg3d.mim_weight=0`).
     """
@@ -183,12 +184,38 @@ def _moved_keys() -> dict[str, tuple[str, ...]]:
 # (decoder_dim: mg3d and t3d)
 MOVED_OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = _moved_keys()
 
-# each method's defaults (docs/methods.md), applied when `objective.name` selects a method (explicit keys win)
+# Each method's published set-up (docs/methods.md), as dotted config keys. Applied whenever a
+# method is chosen - in a file, by an override or by `replace` - to every key the user did not set;
+# explicit keys win (the CPU demo configs set a tiny encoder and coarse data). Budget keys
+# (max_steps, warmup_steps, batch), precision and the cluster stay the user's: they depend on the
+# hardware, not on the method.
+_FINDINGS_AND_IMPRESSIONS = ("Findings_EN", "Impressions_EN")
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "clip": {},
-    "mg3d": {"align_weight": 0.1, "temperature": 0.1, "learnable_temperature": False, "head_lr_mult": 5.0},
-    "t3d": {"temperature": 0.07, "learnable_temperature": True},
-    "unimedi": {"temperature": 0.07, "learnable_temperature": True},
+    "mg3d": {
+        # Swin-B on 0.75 x 0.75 x 1.5 mm, 128 x 128 x 96 crops of the body; AdamW 1e-5 (heads 5x), wd 1e-8
+        "model.image_encoder": "swin3d", "model.size": "base",
+        "data.shape": (128, 128, 96), "data.spacing_mm": (0.75, 0.75, 1.5), "data.foreground_crop": True,
+        "data.report_sections": _FINDINGS_AND_IMPRESSIONS,
+        "objective.align_weight": 0.1, "objective.temperature": 0.1, "objective.learnable_temperature": False,
+        "objective.head_lr_mult": 5.0, "train.lr": 1e-5, "train.weight_decay": 1e-8,
+    },
+    "t3d": {
+        # the same Swin-B, on 1 mm isotropic high-resolution volumes cropped into 96^3 sub-volumes
+        "model.image_encoder": "swin3d", "model.size": "base",
+        "data.storage": "highres", "data.spacing_mm": (1.0, 1.0, 1.0), "data.shape": (96, 96, 96),
+        "data.foreground_crop": True, "data.report_sections": _FINDINGS_AND_IMPRESSIONS,
+        "objective.temperature": 0.07, "objective.learnable_temperature": True,
+        "train.lr": 1e-4, "train.weight_decay": 0.05,
+    },
+    "unimedi": {
+        # one ViT-B for 2D (224^2 radiographs) and 3D; 128 x 128 x 96 volumes
+        "model.image_encoder": "unimedi_vit", "model.size": "base",
+        "data.shape": (128, 128, 96), "data.spacing_mm": (0.75, 0.75, 1.5), "data.shape_2d": (224, 224),
+        "data.report_sections": _FINDINGS_AND_IMPRESSIONS,
+        "objective.temperature": 0.07, "objective.learnable_temperature": True,
+        "train.lr": 1e-4, "train.weight_decay": 0.05,
+    },
 }
 
 
@@ -462,7 +489,54 @@ def _merge(cls: type, base: dict[str, Any], updates: dict[str, Any]) -> dict[str
     return out
 
 
+def _find(raw: dict[str, Any], key: str) -> tuple[bool, Any]:
+    """(present, value) of dotted `key` in nested `raw`."""
+    value: Any = raw
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
+
+
+def _assign(raw: dict[str, Any], key: str, value: Any) -> None:
+    *tables, name = key.split(".")
+    for part in tables:
+        raw = raw.setdefault(part, {})
+    raw[name] = value
+
+
+def chosen_method(raw: dict[str, Any]) -> str | None:
+    """The method a raw (parsed TOML + overrides) config names, if it is one with defaults."""
+    present, name = _find(raw, "objective.name")
+    return name if present and isinstance(name, str) and name in METHOD_DEFAULTS else None
+
+
+def method_defaults_applied(raw: dict[str, Any]) -> dict[str, str]:
+    """{dotted key: method} of the keys `from_dict(raw)` takes from the chosen method's defaults
+    (those `raw` does not set), for `vlp3d config show`."""
+    method = chosen_method(raw)
+    if method is None:
+        return {}
+    return {key: method for key in METHOD_DEFAULTS[method] if not _find(raw, key)[0]}
+
+
+def with_method_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` plus the chosen method's defaults for every key it does not set."""
+    applied = method_defaults_applied(raw)
+    if not applied:
+        return raw
+    out = json.loads(json.dumps(raw))
+    for key, method in applied.items():
+        value = METHOD_DEFAULTS[method][key]
+        _assign(out, key, list(value) if isinstance(value, tuple) else value)
+    return out
+
+
 def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate a config from nested dicts; the chosen method's defaults fill the keys
+    `raw` does not set (`METHOD_DEFAULTS`)."""
+    raw = with_method_defaults(raw)
     top = [f.name for f in dataclasses.fields(ExperimentConfig)]
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
@@ -473,8 +547,6 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         else:
             if not isinstance(value, dict):
                 raise ConfigError(f"'{key}' must be a table ([{key}]), got {value!r}.")
-            if key == "objective" and isinstance(value.get("name"), str) and value["name"] in METHOD_DEFAULTS:
-                value = _merge(ObjectiveConfig, METHOD_DEFAULTS[value["name"]], value)
             kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
     cfg = ExperimentConfig(**kwargs)
     check_ranges(cfg)
@@ -513,7 +585,13 @@ def check_ranges(cfg: ExperimentConfig) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
-    """Defaults < TOML file < `section.key=value` overrides."""
+    """Defaults < the chosen method's defaults < TOML file < `section.key=value` overrides."""
+    return load_config_with_sources(path, overrides)[0]
+
+
+def load_config_with_sources(path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+                             ) -> tuple[ExperimentConfig, dict[str, str]]:
+    """`load_config`, and {dotted key: method} of the keys taken from the method's defaults."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -542,7 +620,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                 raise ConfigError(f"override '{text}': '{'.'.join(keys[:depth + 1])}' is not a table.")
         table[keys[-1]] = value
     try:
-        return from_dict(raw)
+        return from_dict(raw), method_defaults_applied(raw)
     except ConfigError as err:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{err}") from None
@@ -550,11 +628,38 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
     """A copy with some keys of some sections changed, validated like an override. A method's keys
-    go in a nested dict: `replace(cfg, objective={"mg3d": {"mim_weight": 0.0}})` (its other keys stay)."""
+    go in a nested dict: `replace(cfg, objective={"mg3d": {"mim_weight": 0.0}})` (its other keys stay).
+
+    Changing `objective.name` switches method defaults like a file would: every key of the old or
+    the new method's defaults that still holds the value the old method gave it (so the user did
+    not choose it) and that this call does not set takes the new method's default, or the plain
+    default when the new method has none."""
     raw = to_dict(cfg)
     for section, values in sections.items():
         raw[section] = _merge(SECTIONS[section], raw[section], values)
+    old, new = cfg.objective.name, raw["objective"]["name"]
+    if new != old and new in METHOD_DEFAULTS:
+        given = {f"{section}.{key}" for section, values in sections.items() for key in _dotted(values)}
+        plain = to_dict(ExperimentConfig())
+        for key in set(METHOD_DEFAULTS.get(old, {})) | set(METHOD_DEFAULTS[new]):
+            if key in given:
+                continue
+            before = _find(plain, key)[1]
+            before = METHOD_DEFAULTS.get(old, {}).get(key, before)
+            if json.dumps(_find(raw, key)[1]) == json.dumps(list(before) if isinstance(before, tuple) else before):
+                after = METHOD_DEFAULTS[new].get(key, _find(plain, key)[1])
+                _assign(raw, key, list(after) if isinstance(after, tuple) else after)
     return from_dict(raw)
+
+
+def _dotted(values: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict) and key in METHOD_SECTIONS and not prefix:
+            out += _dotted(value, f"{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def migrate_stored(raw: dict[str, Any]) -> dict[str, Any]:
@@ -616,19 +721,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _lookup(raw: dict[str, Any], key: str) -> Any:
-    for name in key.split("."):
-        raw = raw[name]
-    return raw
-
-
 def flatten(cfg: ExperimentConfig) -> dict[str, str]:
     """`{"train.lr": "0.002", "objective.mg3d.mim_weight": "1.0", ...}`: every key (MLflow
     receives `logged_params`)."""
     raw = to_dict(cfg)
     out = {}
     for key, _field in leaf_fields(ExperimentConfig):
-        value = _lookup(raw, key)
+        value = _find(raw, key)[1]
         out[key] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     return out
 
@@ -660,7 +759,7 @@ def public_config(cfg: ExperimentConfig) -> ExperimentConfig:
         if "." not in key:  # the top-level name
             continue
         *path, name = key.split(".")
-        table = _lookup(raw, ".".join(path))
+        table = _find(raw, ".".join(path))[1]
         value = table[name]
         new = "" if f.metadata.get("location") else redact_userinfo(value) if isinstance(value, str) else value
         if new != value:
@@ -668,7 +767,10 @@ def public_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return from_dict(raw) if changed else cfg
 
 
-def to_toml(cfg: ExperimentConfig) -> str:
+def to_toml(cfg: ExperimentConfig, notes: dict[str, str] | None = None) -> str:
+    """`cfg` as TOML (it loads back to `cfg`); `notes` {dotted key: text} become end-of-line comments."""
+    notes = notes or {}
+
     def fmt(value: Any) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"
@@ -683,7 +785,10 @@ def to_toml(cfg: ExperimentConfig) -> str:
         """`[header]` with its keys, then its sub-tables (`[objective.mg3d]`, ...)."""
         tables = sub_tables(cls)
         lines.append(f"\n[{header}]")
-        lines.extend(f"{key} = {fmt(value)}" for key, value in values.items() if key not in tables)
+        for key, value in values.items():
+            if key not in tables:
+                note = notes.get(f"{header}.{key}")
+                lines.append(f"{key} = {fmt(value)}" + (f"  # {note}" if note else ""))
         for key, table_cls in tables.items():
             table(f"{header}.{key}", table_cls, values[key])
 

@@ -6,6 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
+from tests.method_overrides import TINY
 from tests.test_objectives import gloo
 from tests.test_objectives.gloo import WORLD
 from vlp3d.config import load_config
@@ -112,7 +113,7 @@ def test_disentangled_gates_are_sigmoid_not_softmax_and_padding_is_ignored():
 
 
 def test_mg3d_objective_terms_and_ablations():
-    cfg = load_config(None, ["objective.name=mg3d", "data.shape=[32,32,32]"])
+    cfg = load_config(None, [*TINY, "objective.name=mg3d", "data.shape=[32,32,32]"])
     assert cfg.objective.align_weight == 0.1 and cfg.objective.head_lr_mult == 5.0  # METHODS.md defaults
     assert cfg.objective.temperature == 0.1 and not cfg.objective.learnable_temperature
     pre, weights = build_pretrainer(cfg, text_dim=384)
@@ -128,11 +129,11 @@ def test_mg3d_objective_terms_and_ablations():
     assert set(terms) == set(weights) and all(torch.isfinite(v) for v in terms.values())
     sum(weights[k] * v for k, v in terms.items()).backward()
     assert pre.model.image_encoder.stem[0].weight.grad.abs().sum() > 0
-    no_inter = load_config(None, ["objective.name=mg3d", "objective.mg3d.disentangled_weight=0",
+    no_inter = load_config(None, [*TINY, "objective.name=mg3d", "objective.mg3d.disentangled_weight=0",
                                   "objective.mg3d.sentence_match_weight=0"])
     assert set(term_weights(no_inter)) == {"align", "mim", "mlm", "sentence_consistency"}
     with pytest.raises(ValueError, match="weight 0"):
-        term_weights(load_config(None, ["objective.name=mg3d", *[f"{MG3DObjective.weight_key(t)}=0" for t in weights]]))
+        term_weights(load_config(None, [*TINY, "objective.name=mg3d", *[f"{MG3DObjective.weight_key(t)}=0" for t in weights]]))
 
 
 # --- 2-process parity of the gathered inter-patient terms ---------------------------------------

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.method_overrides import TINY
 from vlp3d.config import OBJECTIVES, ObjectiveConfig, key_annotation, load_config
 from vlp3d.encoders.unimedi import UniMedIViT
 from vlp3d.engine import model_input_shape
@@ -31,7 +32,7 @@ def test_contracts():
     t3d, clip, unimedi = objective_class("t3d"), objective_class("clip"), objective_class("unimedi")
     assert (t3d.storage, t3d.evaluation, "row" in t3d.columns) == ("highres", "tiles", True)
     assert (clip.storage, clip.evaluation, clip.uses_2d, unimedi.uses_2d) == ("fixed", "volume", False, True)
-    cfg = load_config(None, ["objective.name=t3d", "objective.t3d.crop_shape=[16,16,16]", "data.shape=[32,32,32]"])
+    cfg = load_config(None, [*TINY, "objective.name=t3d", "objective.t3d.crop_shape=[16,16,16]", "data.shape=[32,32,32]"])
     assert model_input_shape(cfg) == (16, 16, 16)
     assert model_input_shape(load_config(None, ["data.shape=[32,32,24]"])) == (32, 32, 24)
     assert clip.collate(cfg, {}) is None and callable(t3d.collate(cfg, {"storage": "highres"}))
@@ -39,14 +40,14 @@ def test_contracts():
 
 def test_shard_checks_name_the_setting():
     where = Path("shards")
-    cfg = load_config(None, ["objective.name=t3d", "objective.t3d.crop_shape=[16,16,16]", "data.shape=[32,32,32]"])
+    cfg = load_config(None, [*TINY, "objective.name=t3d", "objective.t3d.crop_shape=[16,16,16]", "data.shape=[32,32,32]"])
     objective_class("t3d").check_shards(cfg, {"storage": "highres"}, where)
     with pytest.raises(ValueError, match='data.storage = "highres"'):
         objective_class("t3d").check_shards(cfg, {"storage": "fixed"}, where)
     with pytest.raises(ValueError, match='data.storage = "fixed"'):
         objective_class("mg3d").check_shards(cfg, {"storage": "highres"}, where)
     objective_class("clip").check_shards(cfg, {}, where)  # an old manifest without `storage`: fixed
-    small = load_config(None, ["objective.name=t3d", "objective.t3d.crop_shape=[48,48,48]", "data.shape=[32,32,32]"])
+    small = load_config(None, [*TINY, "objective.name=t3d", "objective.t3d.crop_shape=[48,48,48]", "data.shape=[32,32,32]"])
     with pytest.raises(ValueError, match="exceeds data.shape"):
         objective_class("t3d").check_shards(small, {"storage": "highres"}, where)
 
@@ -72,7 +73,7 @@ def test_find_unused_parameters_matches_the_gradients(active):
     from vlp3d.engine import build_pretrainer
 
     terms = objective_class("t3d").terms
-    cfg = load_config(None, ["objective.name=t3d", "objective.t3d.crop_shape=[16,16,16]", "data.shape=[32,32,32]",
+    cfg = load_config(None, [*TINY, "objective.name=t3d", "objective.t3d.crop_shape=[16,16,16]", "data.shape=[32,32,32]",
                              "objective.t3d.num_crops=2", "objective.t3d.corrupt_patch=4",
                              *[f"objective.t3d.{t}_weight={1.0 if t in active else 0.0}" for t in terms]])
     pre, weights = build_pretrainer(cfg, text_dim=384)

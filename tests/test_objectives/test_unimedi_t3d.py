@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tests.method_overrides import TINY
 from vlp3d.config import load_config
 from vlp3d.encoders import build_image_encoder
 from vlp3d.engine import build_pretrainer
@@ -60,7 +61,7 @@ def test_slice_selection_returns_the_slices_where_the_attention_is():
     chosen = select_slices(scores, 2, min_gap=4)[0].tolist()
     assert chosen[1] in (17, 18) and chosen[0] in (5, 6)
     four = select_slices(scores, 4, min_gap=4)[0].tolist()
-    assert len(set(four)) == 4 and min(b - a for a, b in zip(four, four[1:])) >= 4
+    assert len(set(four)) == 4 and min(b - a for a, b in zip(four, four[1:], strict=False)) >= 4
     assert {s // 4 for s in four} >= {1, 4}  # both attended slabs, never four slices of one slab
 
 
@@ -88,7 +89,7 @@ def test_slice_mosaic_tiles_the_chosen_axial_slices():
 
 
 def test_unimedi_objective_mixed_2d_3d_and_teacher_follows_student():
-    cfg = load_config(None, ["objective.name=unimedi", 'model.image_encoder="unimedi_vit"', "data.shape=[32,32,16]",
+    cfg = load_config(None, ["objective.name=unimedi", "model.size=tiny", "data.shape=[32,32,16]",
                              "objective.unimedi.dino_dim=64", "train.max_steps=10"])
     pre, weights = build_pretrainer(cfg, text_dim=384)
     assert set(weights) == {"vl_contrast", "distill_cls", "distill_patch"}
@@ -113,7 +114,19 @@ def test_unimedi_objective_mixed_2d_3d_and_teacher_follows_student():
 
 def test_unimedi_needs_the_shared_vit():
     with pytest.raises(ValueError, match="unimedi_vit"):
-        build_pretrainer(load_config(None, ["objective.name=unimedi"]), text_dim=384)
+        build_pretrainer(load_config(None, [*TINY, "objective.name=unimedi"]), text_dim=384)
+
+
+@pytest.mark.parametrize("method", ["mg3d", "t3d", "unimedi"])
+def test_choosing_a_method_alone_gives_a_runnable_config(method):
+    """objective.name applies the method's encoder, data and optimiser defaults, so the encoder
+    takes the model input (checked on the meta device: no weights are allocated)."""
+    from vlp3d.engine import check_encoder_input
+
+    cfg = load_config(None, [f"objective.name={method}"])
+    assert cfg.model.image_encoder == {"mg3d": "swin3d", "t3d": "swin3d", "unimedi": "unimedi_vit"}[method]
+    assert cfg.data.report_sections == ("Findings_EN", "Impressions_EN")
+    check_encoder_input(cfg)
 
 
 def test_corruption_blanks_and_shuffles_local_patches():
@@ -147,11 +160,11 @@ def test_crops_are_centred_in_the_body_and_tiles_cover_the_volume():
 
 
 def test_t3d_objective_terms():
-    cfg = load_config(None, ["objective.name=t3d", "objective.t3d.crop_shape=[16,16,16]", "objective.t3d.corrupt_patch=4"])
+    cfg = load_config(None, [*TINY, "objective.name=t3d", "objective.t3d.crop_shape=[16,16,16]", "objective.t3d.corrupt_patch=4"])
     pre, weights = build_pretrainer(cfg, text_dim=384)
     terms = pre({"crops": torch.rand(3, 2, 1, 16, 16, 16), "report_embedding": F.normalize(torch.randn(3, 384), dim=-1)})
     assert set(terms) == {"text_contrast", "crop_contrast", "restore"} == set(weights)
     sum(terms.values()).backward()
     assert not [n for n, p in pre.named_parameters() if p.requires_grad and p.grad is None]  # DDP-safe
     with pytest.raises(ValueError, match="num_crops"):
-        build_pretrainer(load_config(None, ["objective.name=t3d", "objective.t3d.num_crops=1"]), text_dim=384)
+        build_pretrainer(load_config(None, [*TINY, "objective.name=t3d", "objective.t3d.num_crops=1"]), text_dim=384)

@@ -13,7 +13,7 @@ from vlp3d.config import (
     ExperimentConfig,
     TrackingConfig,
     describe,
-    load_config,
+    load_config_with_sources,
 )
 
 CONFIG_HELP = "TOML experiment config (see configs/). Omit for the built-in CPU demo defaults."
@@ -35,12 +35,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_required: bool 
 
 
 def resolve_config(args: argparse.Namespace, extra: list[str] | None = None) -> ExperimentConfig:
+    return resolve_config_with_sources(args, extra)[0]
+
+
+def resolve_config_with_sources(args: argparse.Namespace, extra: list[str] | None = None
+                                ) -> tuple[ExperimentConfig, dict[str, str]]:
+    """The config of CONFIG + overrides, and which keys came from the method's defaults."""
     config, overrides = args.config, list(args.overrides)
     # `vlp3d prepare train.lr=1` : a first positional with '=' is an override, not a file
     if config is not None and "=" in config and not os.path.exists(config):
         overrides.insert(0, config)
         config = None
-    return load_config(config, [*(extra or []), *overrides])
+    return load_config_with_sources(config, [*(extra or []), *overrides])
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

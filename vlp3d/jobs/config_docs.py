@@ -17,7 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlp3d.config import SECTIONS, ExperimentConfig, describe, leaf_fields, sub_tables
+from vlp3d.config import (
+    METHOD_DEFAULTS,
+    SECTIONS,
+    ExperimentConfig,
+    describe,
+    leaf_fields,
+    sub_tables,
+)
 
 COMMAND = "python -m vlp3d.jobs.config_docs --out docs/configuration.md"
 
@@ -84,8 +91,16 @@ def render() -> str:
         "`vlp3d config show [CONFIG] [overrides]` prints the resolved config; `vlp3d config show --help` "
         "lists the same keys as this page.",
         "",
-        "Setting `objective.name` also applies that method's defaults (`METHOD_DEFAULTS` in vlp3d/config.py) "
-        "to the objective keys the file does not set itself: see [methods.md](methods.md).",
+        "Choosing a method (`objective.name`, in a file, an override, a sweep or `config.replace`) applies "
+        "its published set-up (`METHOD_DEFAULTS` in vlp3d/config.py) to every key the config does not set "
+        "itself; `vlp3d config show` marks those values `# <method> default`. Budget keys (steps, warm-up, "
+        "batch), precision and the cluster are never part of it. The CPU demo configs "
+        "(`configs/*_demo.toml`) set a tiny encoder and coarse data explicitly. See [methods.md](methods.md).",
+        "",
+        "| method | keys it sets |",
+        "|---|---|",
+        *[f"| `{method}` | " + (", ".join(f"`{key} = {toml_value(value)}`" for key, value in keys.items()) or "none")
+          + " |" for method, keys in METHOD_DEFAULTS.items()],
         "",
         "Each method's own settings live in a sub-table of `[objective]`: `[objective.mg3d]`, `[objective.t3d]` "
         "and `[objective.unimedi]` in a file, `objective.mg3d.mim_weight=0` as an override or a sweep key. "
