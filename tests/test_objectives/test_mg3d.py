@@ -16,6 +16,7 @@ from vlp3d.objectives.mg3d import (
     DisentangledAggregator,
     MG3DObjective,
     disentangled_infonce,
+    masked_token_ce,
     sentence_match,
     whole_word_mask,
 )
@@ -150,6 +151,7 @@ def _setup():
     sentences = torch.randn(WORLD * LOCAL_B, 3, 5, generator=g)
     mask = torch.rand(WORLD * LOCAL_B, 3, generator=g) > 0.3
     mask[:, 0] = True
+    mask[:LOCAL_B] = True  # the first worker's rows hold more sentences (and mlm tokens)
     base = torch.randn(1, 5, generator=g)
     report = F.normalize(base + 0.4 * torch.randn(WORLD * LOCAL_B, 5, generator=g), dim=-1)
     return aggregator, pooled, weight.requires_grad_(True), sentences, mask, report
@@ -157,8 +159,13 @@ def _setup():
 
 def _losses(aggregator, pooled, weight, sentences, mask, report):
     image = F.normalize(pooled @ weight, dim=-1)
+    # mlm-shaped: each row's "tokens" are its sentence slots, masked where `mask` is set, so the
+    # workers hold different numbers of masked tokens
+    tokens = (sentences @ torch.ones(5, 6) + pooled[:, None]) @ weight  # [rows, 3, 4] logits
+    targets = (sentences[..., 0] > 0).long() + 2 * (sentences[..., 1] > 0).long()  # per row, in 0..3
     return (disentangled_infonce(aggregator, pooled @ torch.eye(6), image, sentences, mask, 10.0),
-            sentence_match(pooled @ weight, report))
+            sentence_match(pooled @ weight, report),
+            masked_token_ce(tokens[mask], targets[mask]))
 
 
 def _worker(rank, port, queue):
@@ -167,28 +174,30 @@ def _worker(rank, port, queue):
     aggregator, pooled, weight, sentences, mask, report = _setup()
     rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
     out = []
-    for which in range(2):
+    for which in range(3):
         weight.grad = None
         loss = _losses(aggregator, pooled[rows], weight, sentences[rows], mask[rows], report[rows])[which]
         loss.backward()
         grad, mean = weight.grad.clone(), loss.detach().clone()
         dist.all_reduce(grad)
-        dist.all_reduce(mean)
+        dist.all_reduce(mean)  # (global_mean's value is already the global one on every rank)
         out.append((float(mean) / WORLD, (grad / WORLD).tolist()))
     if rank == 0:
         queue.put(out)
     gloo.end_worker()
 
 
-def test_inter_patient_terms_match_single_process_across_two_workers():
+def test_inter_patient_terms_and_mlm_mean_match_single_process_across_two_workers():
     aggregator, pooled, weight, sentences, mask, report = _setup()
     reference = []
-    for which in range(2):
+    for which in range(3):
         weight.grad = None
         loss = _losses(aggregator, pooled, weight, sentences, mask, report)[which]
         loss.backward()
         reference.append((loss.item(), weight.grad.clone()))
     assert reference[1][0] > 0  # some pairs kept, prediction not at target
+    rows = [mask[r * LOCAL_B:(r + 1) * LOCAL_B].sum().item() for r in range(WORLD)]
+    assert rows[0] != rows[1]  # the masked-token counts differ between the workers
     queue = mp.get_context("spawn").SimpleQueue()
     gloo.run(_worker, queue)
     for (loss, grad), (ref_loss, ref_grad) in zip(queue.get(), reference, strict=True):

@@ -1,5 +1,5 @@
 """The collectives every objective uses: rank/world size, all-gather (with or without gradient),
-mean over workers. One place, so that every objective gathers the same way.
+mean over workers, mean over every worker's items. One place, so that every objective gathers the same way.
 
 The gather with gradient is torch's own autograd all-gather, `all_gather_single_autograd` from
 `torch.distributed._functional_collectives` (the replacement that torch 2.13 names when it
@@ -40,6 +40,24 @@ def all_gather(x: torch.Tensor, *, grad: bool = True) -> torch.Tensor:
     dist.all_gather(slices, x.detach().contiguous())
     slices[rank] = x
     return torch.cat(slices, 0)
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """The mean over every worker's items (tokens, voxels, pairs) from this worker's `total` (a sum
+    with gradient) and its item `count`, when workers hold different counts.
+
+    A per-worker mean would weight a worker's few items like another's many. Here the value is the
+    global mean on every rank, and the gradient is `total`'s scaled by world size / global count,
+    so that DDP's average over workers gives exactly the gradient of the global mean."""
+    _, world_size = world()
+    count = torch.as_tensor(count, device=total.device).float()
+    if world_size == 1:
+        return total / count.clamp(min=1.0)
+    stats = torch.stack([total.detach().float(), count])
+    dist.all_reduce(stats)
+    n = stats[1].clamp(min=1.0)
+    scaled = total * (world_size / n).to(total.dtype)
+    return scaled + (stats[0] / n).to(total.dtype) - scaled.detach()
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

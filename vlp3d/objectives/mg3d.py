@@ -35,7 +35,7 @@ from vlp3d.config import ExperimentConfig
 from vlp3d.encoders.text import TextEncoder, mean_pool
 from vlp3d.objectives.base import Objective
 from vlp3d.objectives.clip import ClipLoss
-from vlp3d.objectives.distributed import all_gather, all_reduce_mean, world
+from vlp3d.objectives.distributed import all_gather, all_reduce_mean, global_mean, world
 from vlp3d.objectives.heads import (
     ConvDecoder,
     FusionModule,
@@ -96,6 +96,13 @@ class DisentangledAggregator(nn.Module):
             if layer < len(self.updates):
                 q = q + self.updates[layer](aggregate)
         return self.out(aggregate)
+
+
+def masked_token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`mlm`: cross-entropy of the masked tokens' logits [M, V] against their ids [M], averaged over
+    the masked tokens of every worker (whole-word masking gives each worker a different count, and
+    a per-worker mean would weight them unequally)."""
+    return global_mean(F.cross_entropy(logits.float(), targets.long(), reduction="sum"), targets.numel())
 
 
 class MG3DObjective(Objective):
@@ -175,7 +182,7 @@ class MG3DObjective(Objective):
                 hidden = self.mlm_transform(fused_text[masked])
                 word_embeddings = self.text_encoder.model.get_input_embeddings().weight
                 logits = hidden @ word_embeddings.T.to(hidden.dtype) + self.mlm_bias
-                out["mlm"] = F.cross_entropy(logits.float(), ids[masked].long())
+                out["mlm"] = masked_token_ce(logits, ids[masked])
             if "sentence_consistency" in self.active:
                 fused = self.consistency(mean_pool(fused_text, attention))
                 target = mean_pool(clean_states, attention)
