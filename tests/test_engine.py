@@ -80,3 +80,16 @@ def test_one_train_step_moves_the_weights_and_the_schedule():
     moved = {n for n, p in pretrainer.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert any(n.startswith("model.image_encoder.") for n in moved)
     assert {"model.image_proj.0.weight", "model.text_proj.weight", "model.logit_scale"} <= moved
+
+
+def test_augment_batch_jitters_t3d_crops_one_by_one():
+    from vlp3d.engine import augment_batch
+
+    crops = torch.rand(2, 3, 1, 8, 8, 8)
+    batch = augment_batch({"crops": crops.clone(), "report_embedding": torch.zeros(2, 4)}, torch.Generator().manual_seed(0))
+    assert batch["crops"].shape == crops.shape and not torch.equal(batch["crops"], crops)
+    # intensity jitter per crop: the ratio of means differs between crops of one volume
+    ratios = batch["crops"].flatten(2).mean(-1) / crops.flatten(2).mean(-1)
+    assert ratios.std() > 1e-3
+    volume = torch.rand(2, 1, 8, 8, 8)
+    assert not torch.equal(augment_batch({"volume": volume.clone()}, torch.Generator())["volume"], volume)

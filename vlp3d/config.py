@@ -237,7 +237,7 @@ class TrainConfig:
     checkpoint_every: int = _f(100, "Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on storage.")
     max_failures: int = _f(2, "Worker-group restarts tolerated; training resumes from the last checkpoint.")
-    augment: bool = _f(True, "Random intensity jitter and small shifts on training volumes.")
+    augment: bool = _f(True, "Random intensity jitter and small shifts on training volumes (and on each of T3D's crops).")
     max_skipped_steps: int = _f(
         10, "Consecutive steps with a non-finite loss or gradient (skipped on every rank, counted in "
         "train/skipped_steps) after which the run stops, naming the step and the terms.",

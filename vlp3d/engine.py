@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from vlp3d.config import ConfigError, ExperimentConfig
 from vlp3d.data.volume import dequantise
-from vlp3d.encoders import build_image_encoder, resolve_text_encoder
+from vlp3d.encoders import accepted_options, build_image_encoder, resolve_text_encoder
 from vlp3d.objectives import objective_class
 
 MAX_LOGIT_SCALE = 100.0
@@ -119,8 +119,10 @@ def check_encoder_input(cfg: ExperimentConfig) -> None:
 
 def build_model(cfg: ExperimentConfig, text_dim: int | None = None) -> VisionLanguageModel:
     torch.manual_seed(cfg.train.seed)
+    options = {"image_size_2d": cfg.data.shape_2d}  # for encoders that also read 2D images (unimedi_vit)
     encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.size, img_size=model_input_shape(cfg),
-                                  gradient_checkpointing=cfg.model.gradient_checkpointing)
+                                  gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                  **accepted_options(cfg.model.image_encoder, options))
     return VisionLanguageModel(
         encoder,
         text_dim=text_dim or text_dim_for(cfg),
@@ -203,6 +205,17 @@ def augment(volume: torch.Tensor, generator: torch.Generator, max_shift: int = 2
     volume = volume * scale.to(volume) + offset.to(volume)
     shifts = torch.randint(-max_shift, max_shift + 1, (3,), generator=generator).tolist()
     return torch.roll(volume, shifts=shifts, dims=(2, 3, 4))
+
+
+def augment_batch(batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """`augment` every 3D input of a model batch in place: whole volumes, and T3D's sub-volume crops
+    [B, K, 1, X, Y, Z] (each crop its own intensity jitter)."""
+    if "volume" in batch:
+        batch["volume"] = augment(batch["volume"], generator)
+    if "crops" in batch:
+        crops = batch["crops"]
+        batch["crops"] = augment(crops.flatten(0, 1), generator).reshape(crops.shape)
+    return batch
 
 
 def to_model_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

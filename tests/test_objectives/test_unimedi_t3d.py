@@ -168,3 +168,39 @@ def test_t3d_objective_terms():
     assert not [n for n, p in pre.named_parameters() if p.requires_grad and p.grad is None]  # DDP-safe
     with pytest.raises(ValueError, match="num_crops"):
         build_pretrainer(load_config(None, [*TINY, "objective.name=t3d", "objective.t3d.num_crops=1"]), text_dim=384)
+
+
+@pytest.mark.parametrize("with_2d", [False, True])
+def test_unimedi_gives_every_parameter_a_gradient_so_ddp_needs_no_unused_search(with_2d):
+    """The pseudo-2D mosaic uses the 2D tokenizer even without radiographs: with every term on,
+    no parameter idles, so DDP runs without find_unused_parameters; an idle head needs it."""
+    from vlp3d.objectives import objective_class
+
+    cfg = load_config(None, ["objective.name=unimedi", "model.size=tiny", "data.shape=[32,32,16]",
+                             "data.shape_2d=[32,32]", "objective.unimedi.dino_dim=32"])
+    pre, weights = build_pretrainer(cfg, text_dim=384)
+    unimedi = objective_class("unimedi")
+    assert not unimedi.find_unused_parameters(weights, pre.model.image_encoder)
+    assert unimedi.find_unused_parameters({"vl_contrast"}, pre.model.image_encoder)  # DINO head idle
+    assert unimedi.find_unused_parameters({"distill_cls"}, pre.model.image_encoder)  # projections idle
+    report = F.normalize(torch.randn(2, 384), dim=-1)
+    batch = {"volume": torch.rand(2, 1, 32, 32, 16), "report_embedding": report}
+    if with_2d:
+        batch.update(image_2d=torch.rand(2, 1, 32, 32), report_embedding_2d=report)
+    sum(weights[k] * v for k, v in pre(batch).items()).backward()
+    assert not [n for n, p in pre.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_unimedi_2d_positions_are_learned_on_data_shape_2d_and_old_checkpoints_load():
+    small = build_pretrainer(load_config(None, ["objective.name=unimedi", "model.size=tiny", "data.shape=[32,32,16]",
+                                                "data.shape_2d=[64,64]", "objective.unimedi.dino_dim=32"]),
+                             text_dim=384)[0].model.image_encoder
+    assert small.grid_2d == (4, 4) and small.pos_embed_2d.shape[1] == 16  # not a 224^2 grid resampled
+    old = build_image_encoder("unimedi_vit", "tiny", img_size=(32, 32, 16))  # the 14 x 14 table of 224^2
+    assert old.pos_embed_2d.shape[1] == 196
+    with torch.no_grad():
+        old.pos_embed_2d.copy_(torch.randn_like(old.pos_embed_2d))
+    small.load_state_dict(old.state_dict())
+    expected = F.interpolate(old.pos_embed_2d.reshape(1, 14, 14, -1).movedim(-1, 1), size=(4, 4), mode="bicubic",
+                             align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(small.pos_embed_2d.detach(), expected.detach())

@@ -58,6 +58,15 @@ def build_image_encoder(name: str, size: str = "tiny", **kwargs) -> nn.Module:
     return builder(size=size, **kwargs)
 
 
+def accepted_options(name: str, options: dict) -> dict:
+    """The subset of `options` that the builder registered as `name` takes (e.g. `image_size_2d`,
+    read only by encoders of 2D images too); {} for an unknown name (build_image_encoder says why)."""
+    if name not in IMAGE_ENCODERS:
+        return {}
+    params = inspect.signature(IMAGE_ENCODERS[name]).parameters
+    return {k: v for k, v in options.items() if k in params}
+
+
 def check_size(name: str, size: str, presets: Sequence[str]) -> None:
     """Raise a KeyError naming `model.size` when `size` is not one of `presets`."""
     if size not in presets:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -161,6 +162,19 @@ class UniMedIViT(nn.Module):
                 f"unimedi_vit: {kind} size {spatial} must be a positive multiple of the patch {patch}."
             )
         return tuple(s // p for s, p in zip(spatial, patch, strict=True))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint whose 2D positional table was learned on another grid (e.g. the 14 x 14 of
+        224^2 that every model used before `data.shape_2d` set the grid) loads resampled to this one."""
+        key = prefix + "pos_embed_2d"
+        stored = state_dict.get(key)
+        if stored is not None and stored.shape != self.pos_embed_2d.shape and stored.shape[-1] == self.out_dim:
+            side = math.isqrt(stored.shape[1])
+            if side * side == stored.shape[1]:
+                table = stored.reshape(1, side, side, -1).movedim(-1, 1)
+                table = F.interpolate(table.float(), size=self.grid_2d, mode="bicubic", align_corners=False)
+                state_dict[key] = table.flatten(2).transpose(1, 2).to(stored.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _positional(self, grid: tuple[int, ...]) -> torch.Tensor:
         table, learned = (

@@ -129,6 +129,15 @@ class UniMedIObjective(Objective):
     projection_terms = frozenset({"vl_contrast"})
     uses_2d = True  # radiographs (the shards' xray/ rows) as a second dataset
 
+    @classmethod
+    def find_unused_parameters(cls, active, image_encoder: nn.Module) -> bool:
+        """Every active term runs the 3D volume and its pseudo-2D slice mosaic through the student,
+        so both tokenizers get gradients in every step (with or without radiographs); only an
+        idle projection (no `vl_contrast`) or an idle DINO head (neither distillation term) makes
+        DDP look for unused parameters."""
+        active = set(active)
+        return not active & cls.projection_terms or not active & {"distill_cls", "distill_patch"}
+
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, text_dim: int):
         super().__init__()
         if not hasattr(model.image_encoder, "patch_embed_2d"):

@@ -25,7 +25,7 @@ from vlp3d.data.shards import read_manifest, resolve_shard_dir, spec_from_config
 from vlp3d.encoders.export import count_parameters
 from vlp3d.engine import (
     AUTOCAST_DTYPES,
-    augment,
+    augment_batch,
     build_optimizer,
     build_pretrainer,
     build_scheduler,
@@ -230,8 +230,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batch.update(to_model_batch({"image_2d": raw_2d["image"], "report_embedding_2d": raw_2d["report_embedding"]},
                                         device))
         data_wait += time.perf_counter() - waited
-        if cfg.train.augment and "volume" in batch:
-            batch["volume"] = augment(batch["volume"], generator)
+        if cfg.train.augment:
+            augment_batch(batch, generator)
         if any(mode == "nan" and rank == target and step + 1 >= at for at, target, mode in faults):
             _poison(batch)
         module.train()
