@@ -93,3 +93,26 @@ def test_augment_batch_jitters_t3d_crops_one_by_one():
     assert ratios.std() > 1e-3
     volume = torch.rand(2, 1, 8, 8, 8)
     assert not torch.equal(augment_batch({"volume": volume.clone()}, torch.Generator())["volume"], volume)
+
+
+def test_term_balancer_reports_shares_and_moves_multipliers_towards_the_weights():
+    from vlp3d.engine import TermBalancer
+
+    off = TermBalancer({"align": 0.1, "mim": 1.0}, every=10)
+    assert off.due(10) and not off.due(11) and not TermBalancer({"align": 1.0}, every=10).due(10)  # one term: no shares
+    metrics = off.update({"align": 1.0, "mim": 3.0})
+    assert metrics == {"grad_share/align": 0.25, "grad_share/mim": 0.75, "grad_norm/align": 1.0, "grad_norm/mim": 3.0}
+    assert off.effective() == {"align": 0.1, "mim": 1.0}  # measuring alone changes nothing
+
+    on = TermBalancer({"a": 1.0, "b": 1.0}, every=5, balance=True)
+    for _ in range(60):  # term a's gradient is 9x b's at equal weights: its multiplier falls, b's rises
+        m = on.multipliers
+        on.update({"a": 9.0 * m["a"], "b": 1.0 * m["b"]})
+    assert on.multipliers["a"] < 0.25 and on.multipliers["b"] > 1.5  # towards a = 0.2, b = 1.8
+    assert sum(on.effective().values()) == pytest.approx(2.0)  # the weights' sum is kept
+    shares = {"a": 9.0 * on.multipliers["a"], "b": on.multipliers["b"]}
+    assert shares["a"] / (shares["a"] + shares["b"]) == pytest.approx(0.5, abs=0.05)
+    resumed = TermBalancer({"a": 1.0, "b": 1.0}, every=5, balance=True)
+    resumed.load_state_dict(on.state_dict())
+    assert resumed.effective() == on.effective()
+    assert on.update({"a": float("nan"), "b": 1.0}) == {}  # a non-finite measurement is ignored

@@ -82,6 +82,44 @@ def _worker(rank, port, queue):
     gloo.end_worker()
 
 
+def _measure_worker(rank, port, queue):
+    gloo.start_worker(rank, port)
+    torch.set_num_threads(1)
+    weights = {"align": 1.0, "mlm": 0.5}
+    batch = {"x": torch.full((3, 4), float(rank + 1))}  # the ranks' gradients differ
+    steps = []
+    for measure in (True, False):
+        model, optimizer, scheduler, _ = _setup()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        out = train_step(ddp, weights, batch, optimizer, scheduler,
+                         measure_params=list(model.parameters()) if measure else None)
+        train_step(ddp, weights, batch, optimizer, scheduler)  # DDP carries on normally afterwards
+        steps.append((out.get("term_norms"), [p.detach().tolist() for p in model.parameters()]))  # no tensors
+
+    queue.put((rank, steps))
+    gloo.end_worker()
+
+
+def test_measuring_term_gradients_under_ddp_is_averaged_and_leaves_the_update_alone():
+    queue = mp.get_context("spawn").SimpleQueue()
+    gloo.run(_measure_worker, queue)
+    results = dict(queue.get() for _ in range(gloo.WORLD))
+    (norms, measured), (none, plain) = results[0]
+    assert none is None and results[1][0][0] == norms  # every rank logs the same, averaged norms
+    assert measured == plain
+    # the average over ranks of each rank's own weighted-term gradient norm
+    expected = {}
+    for name, weight in (("align", 1.0), ("mlm", 0.5)):
+        per_rank = []
+        for rank in range(gloo.WORLD):
+            model = Toy()
+            term = model({"x": torch.full((3, 4), float(rank + 1))})[name] * weight
+            grads = torch.autograd.grad(term, list(model.parameters()))
+            per_rank.append(torch.sqrt(sum((g ** 2).sum() for g in grads)).item())
+        expected[name] = sum(per_rank) / gloo.WORLD
+    assert norms == pytest.approx(expected, rel=1e-5)
+
+
 def test_a_non_finite_rank_makes_every_rank_skip():
     queue = mp.get_context("spawn").SimpleQueue()
     gloo.run(_worker, queue)
@@ -101,7 +139,8 @@ def test_checkpoint_round_trip(tmp_path):
     generator = torch.Generator().manual_seed(5)
     checkpoints.seed_everything(11, generator)
     state = checkpoints.TrainState(step=7, skipped_steps=2, position={"train": [1, 3]},
-                                   rng=[checkpoints.capture_rng(generator)], unsent_logs=[("text", {"text": "x"})])
+                                   rng=[checkpoints.capture_rng(generator)], unsent_logs=[("text", {"text": "x"})],
+                                   term_multipliers={"align": 0.5, "mlm": 1.5})
     draws = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item())
     checkpoints.save(tmp_path, model, objective, optimizer, scheduler, scaler, state, cfg, {"spec": {}})
 
@@ -111,6 +150,7 @@ def test_checkpoint_round_trip(tmp_path):
     restored = checkpoints.restore(tmp_path, model2, objective2, optimizer2, scheduler2, scaler2)
     assert (restored.step, restored.skipped_steps, restored.position, restored.unsent_logs) == (
         7, 2, {"train": [1, 3]}, [("text", {"text": "x"})])
+    assert restored.term_multipliers == {"align": 0.5, "mlm": 1.5}
     checkpoints.restore_rng(restored.rng[0], generator2)
     assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator2).item()) == draws
     for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):

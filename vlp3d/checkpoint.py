@@ -45,6 +45,7 @@ class TrainState:
     position: dict[str, list[int]] = field(default_factory=dict)
     rng: list[dict] = field(default_factory=list)
     unsent_logs: list = field(default_factory=list)  # tracking calls rank 0 could not deliver yet
+    term_multipliers: dict[str, float] = field(default_factory=dict)  # engine.TermBalancer (train.balance_terms)
 
 
 def capture_rng(generator: torch.Generator | None = None) -> dict:
@@ -95,7 +96,7 @@ def save(directory: str | Path, model: nn.Module, objective: nn.Module, optimize
     torch.save({"format": FORMAT, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "step": state.step,
                 "skipped_steps": state.skipped_steps, "position": state.position, "rng": state.rng,
-                "unsent_logs": state.unsent_logs},
+                "unsent_logs": state.unsent_logs, "term_multipliers": state.term_multipliers},
                directory / TRAIN_STATE)
     (directory / CONFIG).write_text(to_toml(public_config(cfg)))
     (directory / META).write_text(json.dumps({**meta, "step": state.step}, indent=2))
@@ -114,7 +115,8 @@ def restore(directory: str | Path, model: nn.Module, objective: nn.Module, optim
         scaler.load_state_dict(raw["scaler"])
     return TrainState(step=int(raw["step"]), skipped_steps=int(raw.get("skipped_steps", 0)),
                       position={k: list(v) for k, v in raw.get("position", {}).items()}, rng=list(raw.get("rng", [])),
-                      unsent_logs=list(raw.get("unsent_logs", [])))
+                      unsent_logs=list(raw.get("unsent_logs", [])),
+                      term_multipliers=dict(raw.get("term_multipliers", {})))
 
 
 def read_meta(directory: str | Path) -> dict:

@@ -238,6 +238,16 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "Checkpoints kept on storage.")
     max_failures: int = _f(2, "Worker-group restarts tolerated; training resumes from the last checkpoint.")
     augment: bool = _f(True, "Random intensity jitter and small shifts on training volumes (and on each of T3D's crops).")
+    grad_share_every: int = _f(
+        50, "Every N steps, measure each weighted loss term's share of the image encoder's gradient norm "
+        "(train/grad_share/<term>, train/grad_norm/<term>) with one extra backward pass per term; shows when "
+        "one term drowns the others. 0: never. Multi-term objectives only.",
+    )
+    balance_terms: bool = _f(
+        False, "Ours, not in the papers: at each train.grad_share_every measurement, move a multiplier per term "
+        "(EMA, clamped to [0.01, 100]) so that the terms' encoder-gradient shares approach their configured "
+        "weights' shares (train/term_multiplier/<term>). Needs train.grad_share_every > 0.",
+    )
     max_skipped_steps: int = _f(
         10, "Consecutive steps with a non-finite loss or gradient (skipped on every rank, counted in "
         "train/skipped_steps) after which the run stops, naming the step and the terms.",
@@ -558,6 +568,7 @@ RANGES: dict[str, tuple[float, float, bool, str]] = {
     "data.fraction": (0.0, 1.0, False, "the share of training patients used (nested subsets)"),
     "data.valid_fraction": (0.0, 1.0, True, "the share of patients held out when a manifest has no split"),
     "train.max_skipped_steps": (1, 1e9, True, "consecutive non-finite steps tolerated"),
+    "train.grad_share_every": (0, 1e9, True, "steps between per-term gradient measurements, 0 = never"),
 }
 
 
@@ -580,6 +591,9 @@ def get_key(cfg: Any, key: str) -> Any:
 
 
 def check_ranges(cfg: ExperimentConfig) -> None:
+    if cfg.train.balance_terms and not cfg.train.grad_share_every:
+        raise ConfigError("train.balance_terms = true needs train.grad_share_every > 0 (the steps at which the "
+                          "terms' gradient shares are measured and the multipliers move), e.g. 50.")
     for key in RANGES:
         check_value_range(key, get_key(cfg, key))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -244,13 +244,85 @@ def _encoder_lr(optimizer: torch.optim.Optimizer, scheduler) -> float:
     return scheduler.get_last_lr()[names.index("encoder") if "encoder" in names else 0]
 
 
+def term_gradient_norms(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                        params: Sequence[nn.Parameter]) -> dict[str, float]:
+    """The norm of each weighted term's gradient on `params` (the image encoder), averaged over
+    workers: one extra backward pass per term, through the step's graph (kept for the real
+    backward). Every rank must call it with the same terms in the same order (the gathers of the
+    contrastive terms run collectives in backward). Not scaled under fp16: small gradients may
+    round to 0 there."""
+    norms = []
+    for name, value in terms.items():
+        grads = torch.autograd.grad(weights[name] * value, params, retain_graph=True, allow_unused=True)
+        norms.append(torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads if g is not None)
+                                + torch.zeros((), device=value.device)))
+    stacked = torch.stack(norms)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stacked)
+        stacked /= torch.distributed.get_world_size()
+    return dict(zip(terms, stacked.tolist(), strict=True))
+
+
+class TermBalancer:
+    """Per-term encoder-gradient shares (`train/grad_share/<term>`) and, optionally (ours, not in the
+    papers), balancing: every `every` steps it measures how much of the image encoder's gradient
+    each weighted term contributes; with `balance` it moves a multiplier per term (EMA, momentum
+    0.9, clamped to [0.01, 100], the weighted sum of multipliers kept at the sum of weights) so
+    that the shares approach the configured weights' shares. Training uses `effective(weights)`.
+    Multipliers are the same on every rank (the norms are averaged) and saved with checkpoints."""
+
+    MOMENTUM = 0.9
+    LIMITS = (0.01, 100.0)
+
+    def __init__(self, weights: Mapping[str, float], every: int, balance: bool = False):
+        self.weights = dict(weights)
+        self.every = every if len(weights) > 1 else 0
+        self.balance = balance and self.every > 0
+        self.multipliers = {name: 1.0 for name in weights}
+
+    def due(self, step: int) -> bool:
+        """Whether step `step` (1-based, the one about to run) measures the shares."""
+        return self.every > 0 and step % self.every == 0
+
+    def effective(self) -> dict[str, float]:
+        return {name: weight * self.multipliers[name] for name, weight in self.weights.items()}
+
+    def update(self, norms: Mapping[str, float]) -> dict[str, float]:
+        """Shares from the measured norms (of the effective weighted terms); moves the multipliers
+        when balancing. Returns the metrics to log."""
+        total = sum(norms.values())
+        if not math.isfinite(total) or total <= 0:
+            return {}
+        shares = {name: norm / total for name, norm in norms.items()}
+        metrics = {f"grad_share/{name}": share for name, share in shares.items()}
+        metrics.update({f"grad_norm/{name}": norm for name, norm in norms.items()})
+        if self.balance:
+            weight_sum = sum(self.weights[name] for name in norms)
+            for name, share in shares.items():
+                target = self.weights[name] / weight_sum
+                wanted = self.multipliers[name] * target / max(share, 1e-8)
+                self.multipliers[name] = self.MOMENTUM * self.multipliers[name] + (1 - self.MOMENTUM) * wanted
+            scale = weight_sum / sum(self.weights[n] * self.multipliers[n] for n in norms)
+            for name in norms:
+                self.multipliers[name] = min(max(self.multipliers[name] * scale, self.LIMITS[0]), self.LIMITS[1])
+            metrics.update({f"term_multiplier/{name}": self.multipliers[name] for name in norms})
+        return metrics
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.multipliers)
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.multipliers.update({k: float(v) for k, v in state.items() if k in self.multipliers})
+
+
 def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[str, torch.Tensor],
                optimizer: torch.optim.Optimizer, scheduler, precision: str = "fp32",
                scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0,
-               after_step=None) -> dict[str, float]:
+               after_step=None, measure_params: Sequence[nn.Parameter] | None = None) -> dict[str, float]:
     """One optimisation step of a (DDP-wrapped) `Pretrainer`; returns the total loss, each term
     (`loss/<term>`, unweighted), lr, grad norm and `skipped` (0 or 1). `after_step()` runs after
-    the optimizer step (e.g. the EMA teacher update).
+    the optimizer step (e.g. the EMA teacher update). With `measure_params` (the image encoder's),
+    also each weighted term's gradient norm on them (`term_gradient_norms`) under `term_norms`.
 
     NaN/inf guard: when the loss, a term or the gradient norm is not finite on any rank, every
     rank skips the step together (no weight, optimizer, scheduler or EMA change; under fp16 the
@@ -261,6 +333,7 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
                         enabled=precision in AUTOCAST_DTYPES):
         terms = module(batch)
         loss = sum(weights[name] * value for name, value in terms.items())
+    term_norms = term_gradient_norms(terms, weights, measure_params) if measure_params else None
     optimizer.zero_grad(set_to_none=True)
     # backward on every rank even for a non-finite loss: DDP's gradient all-reduce must line up
     if scaler is not None:
@@ -291,4 +364,6 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
     metrics = {"loss": float(loss.detach()), "lr": _encoder_lr(optimizer, scheduler), "grad_norm": float(grad_norm),
                "skipped": 0.0}
     metrics.update({f"loss/{name}": float(value.detach()) for name, value in terms.items()})
+    if term_norms is not None:
+        metrics["term_norms"] = term_norms
     return metrics

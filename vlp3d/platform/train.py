@@ -25,6 +25,7 @@ from vlp3d.data.shards import read_manifest, resolve_shard_dir, spec_from_config
 from vlp3d.encoders.export import count_parameters
 from vlp3d.engine import (
     AUTOCAST_DTYPES,
+    TermBalancer,
     augment_batch,
     build_optimizer,
     build_pretrainer,
@@ -192,10 +193,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         f"{world_size}: random streams re-seeded (the run continues, not bit-exactly)")
         checkpoints.seed_everything(cfg.train.seed * 1000 + rank + state.step, generator)
     step = resumed_from = state.step
+    balancer = TermBalancer(weights, cfg.train.grad_share_every, cfg.train.balance_terms)
+    balancer.load_state_dict(state.term_multipliers)
     # e.g. UniMedI's 2D tokenizer gets no gradient in a 3D-only batch (and vice versa)
     unused = pretrainer.objective.find_unused_parameters(weights, pretrainer.model.image_encoder)
     module = ray.train.torch.prepare_model(pretrainer, parallel_strategy_kwargs={"find_unused_parameters": unused})
     unwrapped = module.module if hasattr(module, "module") else module
+    encoder_params = [p for p in unwrapped.model.image_encoder.parameters() if p.requires_grad]
 
     # reported to Ray/Tune with every result, logged to MLflow once as params (not a per-step curve)
     compute = {"encoder_params": count_parameters(pretrainer.model.image_encoder),
@@ -238,8 +242,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # FLOPs of one step (forward + backward, matmuls/convs/attention), counted by torch on rank 0
         counter = FlopCounterMode(display=False) if rank == 0 and not compute["flops_per_step"] else None
         with counter or contextlib.nullcontext():
-            metrics = train_step(module, weights, batch, optimizer, scheduler, cfg.train.precision, scaler,
-                                 after_step=functools.partial(unwrapped.after_step, step + 1))
+            metrics = train_step(module, balancer.effective(), batch, optimizer, scheduler, cfg.train.precision, scaler,
+                                 after_step=functools.partial(unwrapped.after_step, step + 1),
+                                 measure_params=encoder_params if balancer.due(step + 1) else None)
+        term_norms = metrics.pop("term_norms", None)
         if counter is not None:
             compute["flops_per_step"] = counter.get_total_flops() * world_size
             if logger and not resumed_from:  # MLflow params are write-once
@@ -263,13 +269,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 return
         else:
             in_a_row = 0
-            metrics.update({f"weighted/{t}": weights[t] * metrics[f"loss/{t}"] for t in weights
+            effective = balancer.effective()
+            metrics.update({f"weighted/{t}": effective[t] * metrics[f"loss/{t}"] for t in effective
                             if f"loss/{t}" in metrics})
+            if term_norms:
+                metrics.update(balancer.update(term_norms))
             window.append(metrics)
         last = step >= cfg.train.max_steps
         validate = valid is not None and (last or (cfg.train.val_every and step % cfg.train.val_every == 0))
         if step % cfg.train.log_every == 0 or last or validate:
-            metrics = {k: sum(m[k] for m in window) / len(window) for k in window[0]} if window else {}
+            metrics = window_means(window)
             metrics["skipped_steps"] = state.skipped_steps
             metrics["temperature"] = 1.0 / unwrapped.model.scale().item()
             metrics["samples_per_s"] = samples / max(1e-9, time.time() - started)
@@ -294,6 +303,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           "no checkpoint was written from them (the last checkpoint holds finite weights).")
                     return
                 state.step, state.position = step, {k: list(v) for k, v in position.items()}
+                state.term_multipliers = balancer.state_dict()
                 state.rng = _gather(checkpoints.capture_rng(generator))
                 with tempfile.TemporaryDirectory() as tmp:
                     ckpt = None
@@ -310,6 +320,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # MLflow gets every logged step from the rank-0 logger; Ray (and Tune's schedulers,
                 # which stop trials on val/loss) gets checkpoints and validations.
                 ray.train.report(metrics)
+
+
+def window_means(window: list[dict]) -> dict[str, float]:
+    """Each metric's mean over the steps of a logging window that have it (per-term gradient shares
+    exist on measured steps only)."""
+    keys = dict.fromkeys(k for m in window for k in m)
+    return {k: sum(m[k] for m in window if k in m) / sum(k in m for m in window) for k in keys}
 
 
 def progress_line(step: int, max_steps: int, metrics: dict, weights: dict[str, float], eta_s: float) -> str:
