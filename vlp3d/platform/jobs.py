@@ -57,6 +57,20 @@ WORKING_DIR_EXCLUDES = [
     ".env", ".env.*", "*.pem", "*.key", ".netrc", ".ray/",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+_QUIET = logging.getLogger(__name__ + ".packaging")  # Ray's per-.gitignore lines, at debug only
+# Ray's packaging and job-client INFO/WARNING lines (each .gitignore honoured, the package upload,
+# the default excludes, the log socket closing): shown at `--log-level debug` only
+_RAY_CHATTER = ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
+                "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk")
+
+
+def quiet_ray_client() -> None:
+    from vlp3d import logs
+
+    if not logs.is_debug():
+        _QUIET.setLevel(logging.ERROR)
+        for name in _RAY_CHATTER:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class ClusterAuthError(RuntimeError):
@@ -108,6 +122,7 @@ def client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    quiet_ray_client()
     try:
         return _AuthCheckingClient(JobSubmissionClient(address))
     except AuthenticationError as err:
@@ -183,10 +198,11 @@ def upload_listing(working_dir: Path, excludes: Sequence[str]) -> tuple[list[str
     included) and the zipped size in bytes."""
     from ray._private.runtime_env.packaging import _zip_files
 
+    quiet_ray_client()
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "package.zip"
         _zip_files(str(working_dir), list(excludes), str(target), include_gitignore=_include_gitignore(),
-                   logger=log)
+                   logger=_QUIET)
         with zipfile.ZipFile(target) as archive:
             names = sorted(n for n in archive.namelist() if not n.endswith("/"))
         return names, target.stat().st_size
