@@ -6,7 +6,7 @@ import argparse
 import datetime
 
 from vlp3d.jobs.common import add_logging_arguments, formatter, run_main
-from vlp3d.jobs.submit import AUTH_EPILOG, add_address_argument, resolve_address
+from vlp3d.jobs.submit import AUTH_EPILOG, add_address_argument, follow_to_the_end, resolve_address
 from vlp3d.table import format_table
 
 
@@ -49,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.jobs_command == "logs":
         if args.follow:
-            status = jobs.follow(address, args.job_id)
-            print(f"job {args.job_id} {status}")
-            return jobs.exit_code(status)
+            return follow_to_the_end(address, args.job_id)
         print(jobs.logs(address, args.job_id), end="")
         return 0
     stopped = jobs.stop(address, args.job_id)

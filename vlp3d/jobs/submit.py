@@ -89,7 +89,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"  stop:   vlp3d jobs stop {job_id} --address {address}")
     if not args.follow:
         return 0
-    status = jobs.follow(address, job_id)
+    return follow_to_the_end(address, job_id)
+
+
+def follow_to_the_end(address: str, job_id: str) -> int:
+    """Stream the logs; exit with the job's status. Ctrl-C stops following, not the job."""
+    from vlp3d.platform import jobs
+
+    try:
+        status = jobs.follow(address, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running (vlp3d jobs stop {job_id} --address {address})")
+        return 1
     print(f"job {job_id} {status}")
     return jobs.exit_code(status)
 
