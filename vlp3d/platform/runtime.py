@@ -61,6 +61,8 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool | None = None) -> 
     context.execution_options.preserve_order = True
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Dataset ... execution finished" per read
+        # this process's notice (its logging may predate RAY_DATA_LOGGING_CONFIG, which filters the workers')
+        logging.getLogger("ray.data._internal.progress").addFilter(HideProgressBarNotice())
         context.enable_progress_bars = False
         context.print_on_execution_start = False
     context.enable_operator_progress_bars = not quiet
@@ -71,7 +73,7 @@ class HideProgressBarNotice(logging.Filter):
     trial) when RAY_DATA_DISABLE_PROGRESS_BARS is set, which is how vlp3d asks for it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Progress bars disabled")
+        return not record.getMessage().startswith(("Progress bars disabled", "Progress bars for operators disabled"))
 
 
 def tracking_uri(cfg: ExperimentConfig) -> str:
