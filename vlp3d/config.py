@@ -259,6 +259,14 @@ class EvalConfig:
     batch_size: int = _f(32, "Volumes per forward pass during evaluation.")
     bootstrap: int = _f(200, "Bootstrap resamples for 95% confidence intervals (0 disables).")
     labels: tuple[str, ...] = _f((), "Labels to evaluate; empty: every label with both classes in the split.")
+    prompts: str = _f(
+        "", "TOML file of extra zero-shot prompt sets ([sets.NAME] with positive/negative templates or per-label "
+        "phrasings; docs/evaluation.md); empty: the built-in sets single, report and heldout.", location=True,
+    )
+    prompt_ensemble: tuple[str, ...] = _f(
+        ("report",), "Prompt sets whose phrasings are averaged (per label and polarity) for the reported zero-shot "
+        "scores; every set is also scored alone (prompts/<set>/macro_auroc).",
+    )
 
 
 def _table(help: str) -> Any:

@@ -30,7 +30,7 @@ PHANTOM_FINDINGS: tuple[str, ...] = (
     "Pericardial effusion",
 )
 
-_ARTICLE_FREE = {"Cardiomegaly", "Emphysema", "Consolidation", "Lymphadenopathy", "Atelectasis",
+ARTICLE_FREE = {"Cardiomegaly", "Emphysema", "Consolidation", "Lymphadenopathy", "Atelectasis",
                  "Bronchiectasis", "Medical material", "Lung opacity", "Mosaic attenuation pattern",
                  "Peribronchial thickening", "Interlobular septal thickening",
                  "Arterial wall calcification", "Coronary artery wall calcification",
@@ -40,5 +40,5 @@ _ARTICLE_FREE = {"Cardiomegaly", "Emphysema", "Consolidation", "Lymphadenopathy"
 def zero_shot_prompts(label: str) -> tuple[str, str]:
     """The positive and negative prompt for a label, e.g. 'There is a pleural effusion.'."""
     name = label.lower()
-    positive = f"There is {name}." if label in _ARTICLE_FREE else f"There is a {name}."
+    positive = f"There is {name}." if label in ARTICLE_FREE else f"There is a {name}."
     return positive, f"There is no {name}."

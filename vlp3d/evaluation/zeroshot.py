@@ -8,13 +8,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vlp3d.data.labels import zero_shot_prompts
 from vlp3d.evaluation.metrics import (
     chance_recall,
     retrieval_metrics,
     zero_shot_classification,
     zero_shot_probabilities,
 )
+from vlp3d.evaluation.prompts import BUILTIN_SETS, PromptSet, ensemble_embeddings
+
+DEFAULT_ENSEMBLE = ("report",)
 
 
 @dataclass
@@ -23,22 +25,39 @@ class EvaluationResult:
     per_label: pd.DataFrame
     retrieval: pd.DataFrame
     n: int
+    prompt_sets: pd.DataFrame | None = None  # macro AUROC per prompt set and for the ensemble
 
 
 def evaluate_embeddings(image_emb: torch.Tensor, report_emb: torch.Tensor, labels: np.ndarray,
                         label_names: list[str], embed_prompts, logit_scale: float,
-                        evaluate_labels: tuple[str, ...] = (), n_boot: int = 200, seed: int = 0) -> EvaluationResult:
-    """`embed_prompts(list[str]) -> [L, d]` turns prompts into the shared space."""
+                        evaluate_labels: tuple[str, ...] = (), n_boot: int = 200, seed: int = 0,
+                        prompt_sets: dict[str, PromptSet] | None = None,
+                        ensemble: tuple[str, ...] = DEFAULT_ENSEMBLE) -> EvaluationResult:
+    """`embed_prompts(list[str]) -> [L, d]` turns prompts into the shared space.
+
+    Zero-shot scores use the prompt ensemble `ensemble` (names in `prompt_sets`, default the
+    built-in sets): per label, the mean embedding of every positive and every negative phrasing.
+    Each set alone is also scored (`prompts/<set>/macro_auroc`, no intervals), so a drop on
+    wording the model never saw (the `heldout` set) is visible."""
     names = list(evaluate_labels) or label_names
     unknown = [n for n in names if n not in label_names]
     if unknown:
         raise KeyError(f"eval.labels: {unknown} not in the shard labels {label_names}")
+    sets = prompt_sets or BUILTIN_SETS
+    missing = [n for n in ensemble if n not in sets]
+    if missing or not ensemble:
+        raise KeyError(f"eval.prompt_ensemble = {list(ensemble)}: {missing or 'empty'}; prompt sets are {sorted(sets)}.")
     cols = [label_names.index(n) for n in names]
-    prompts = [zero_shot_prompts(n) for n in names]
-    positive = embed_prompts([p for p, _ in prompts])
-    negative = embed_prompts([n for _, n in prompts])
+    positive, negative = ensemble_embeddings(names, [sets[n] for n in ensemble], embed_prompts)
     probabilities = zero_shot_probabilities(image_emb, positive, negative, logit_scale)
     results, summary = zero_shot_classification(labels[:, cols], probabilities, names, n_boot=n_boot, seed=seed)
+    set_rows = []
+    for set_name, prompt_set in sets.items():
+        pos, neg = ensemble_embeddings(names, [prompt_set], embed_prompts)
+        scores = zero_shot_probabilities(image_emb, pos, neg, logit_scale)
+        macro = zero_shot_classification(labels[:, cols], scores, names, n_boot=0)[1]["macro_auroc"]
+        set_rows.append({"prompts": set_name, "macro_auroc": macro})
+    set_rows.append({"prompts": f"ensemble {'+'.join(ensemble)}", "macro_auroc": summary["macro_auroc"]})
     per_label = pd.DataFrame([{
         "label": r.label, "auroc": r.auroc, "auroc_ci_low": r.auroc_ci[0], "auroc_ci_high": r.auroc_ci[1],
         "f1": r.f1, "positives": r.positives, "n": r.n} for r in results])
@@ -52,6 +71,8 @@ def evaluate_embeddings(image_emb: torch.Tensor, report_emb: torch.Tensor, label
          "R@10": chance_recall(10, pool), "MAP": float(np.mean(1.0 / np.arange(1, pool + 1))), "pool": pool},
     ])
     metrics = {**summary}
+    for row in set_rows[:-1]:
+        metrics[f"prompts/{row['prompts']}/macro_auroc"] = row["macro_auroc"]
     for r in results:
         metrics[f"auroc/{r.label}"] = r.auroc
     for direction, values in (("v2r", v2r), ("r2v", r2v)):
@@ -59,4 +80,4 @@ def evaluate_embeddings(image_emb: torch.Tensor, report_emb: torch.Tensor, label
             metrics[f"{direction}/recall_at_{k}"] = values[f"R@{k}"]
         metrics[f"{direction}/map"] = values["MAP"]
     metrics["retrieval_pool"] = pool
-    return EvaluationResult(metrics, per_label, retrieval, n=len(labels))
+    return EvaluationResult(metrics, per_label, retrieval, n=len(labels), prompt_sets=pd.DataFrame(set_rows))

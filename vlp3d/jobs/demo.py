@@ -116,7 +116,8 @@ def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int) -> DemoResult:
 
     t = _stage(4, "evaluate", f"held-out split '{cfg.data.eval_split}'")
     report = evaluate(trained.model_uri, cfg.data.shards, uri, split=cfg.data.eval_split,
-                      batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels)
+                      batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels,
+                      prompts=cfg.eval.prompts, prompt_ensemble=cfg.eval.prompt_ensemble)
     print(render(report))
     timings.append(("evaluate", time.time() - t))
 

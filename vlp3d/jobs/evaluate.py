@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"bootstrap resamples for CIs (default: eval.bootstrap = {evaluation.bootstrap}; 0 disables)")
     parser.add_argument("--labels", nargs="*", default=evaluation.labels,
                         help="labels to evaluate (default: eval.labels, empty = all with both classes)")
+    parser.add_argument("--prompts", default=evaluation.prompts, metavar="FILE",
+                        help="TOML file of extra prompt sets (default: eval.prompts, empty = the built-in sets "
+                             "single, report, heldout)")
+    parser.add_argument("--prompt-ensemble", nargs="+", default=list(evaluation.prompt_ensemble), metavar="SET",
+                        help=f"prompt sets averaged for the reported zero-shot scores (default: eval.prompt_ensemble "
+                             f"= {' '.join(evaluation.prompt_ensemble)}); every set is also scored alone")
     parser.add_argument("--no-log", action="store_true", help="do not log to MLflow")
     return parser
 
@@ -40,6 +46,9 @@ def render(report) -> str:
     rows.append(["macro", r.metrics["macro_auroc"], ci, r.metrics["macro_f1"], ""])
     text = format_table(rows, ["finding", "AUROC", "95% CI", "F1", "positives"],
                         title=f"zero-shot classification, split '{report.split}' (n={r.n})")
+    if r.prompt_sets is not None:
+        text += "\n\n" + format_table(r.prompt_sets[["prompts", "macro_auroc"]].values.tolist(),
+                                      ["prompts", "macro AUROC"], title="zero-shot macro AUROC by prompt set")
     retrieval = r.retrieval[["direction", "R@1", "R@5", "R@10", "MAP"]].values.tolist()
     text += "\n\n" + format_table(retrieval, ["retrieval", "R@1", "R@5", "R@10", "MAP"],
                                   title=f"retrieval, pool size {int(r.metrics['retrieval_pool'])}")
@@ -50,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from vlp3d.platform.evaluate import evaluate
 
     report = evaluate(args.model, args.shards, tracking_uri_from(args), split=args.split,
-                      n_boot=args.bootstrap, labels=tuple(args.labels), log=not args.no_log)
+                      n_boot=args.bootstrap, labels=tuple(args.labels), log=not args.no_log,
+                      prompts=args.prompts, prompt_ensemble=tuple(args.prompt_ensemble))
     print(render(report))
     return 0
 

@@ -10,7 +10,8 @@ import torch
 
 from vlp3d import logs
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files
-from vlp3d.evaluation.zeroshot import EvaluationResult, evaluate_embeddings
+from vlp3d.evaluation.prompts import load_prompt_sets
+from vlp3d.evaluation.zeroshot import DEFAULT_ENSEMBLE, EvaluationResult, evaluate_embeddings
 from vlp3d.platform import tracking
 from vlp3d.platform.runtime import init_ray
 
@@ -39,7 +40,12 @@ def read_split(shard_dir: Path, split: str, batch_size: int = 64):
 
 
 def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid", batch_size: int = 32,
-             n_boot: int = 200, labels: tuple[str, ...] = (), log: bool = True) -> EvaluateReport:
+             n_boot: int = 200, labels: tuple[str, ...] = (), log: bool = True, prompts: str = "",
+             prompt_ensemble: tuple[str, ...] = DEFAULT_ENSEMBLE) -> EvaluateReport:
+    """Embed `split` of the shards with the model, score zero-shot classification (prompt ensemble
+    `prompt_ensemble` of the built-in sets and those in the file `prompts`) and retrieval, and log
+    metrics and tables to the model's run."""
+    prompt_sets = load_prompt_sets(prompts)  # a bad prompt file fails before Ray starts
     tracking.client(tracking_uri)
     model, embedder = tracking.load_embedder(model_uri)  # a wrong URI fails before Ray starts
     init_ray(None)
@@ -61,12 +67,14 @@ def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid
     result = evaluate_embeddings(
         torch.cat(images), torch.cat(reports), np.concatenate(label_rows), list(manifest["label_names"]),
         embedder.embed_reports, embedder.logit_scale, evaluate_labels=labels, n_boot=n_boot,
+        prompt_sets=prompt_sets, ensemble=tuple(prompt_ensemble),
     )
     run_id = model.metadata.run_id
     if log and run_id:
         prefix = f"eval/{split}/"
         tracking.log_evaluation(
             run_id, tracking_uri, {prefix + k: v for k, v in result.metrics.items()},
-            {f"{split}_zero_shot": result.per_label, f"{split}_retrieval": result.retrieval},
+            {f"{split}_zero_shot": result.per_label, f"{split}_retrieval": result.retrieval,
+             f"{split}_prompt_sets": result.prompt_sets},
         )
     return EvaluateReport(result, run_id, split, shard_dir)

@@ -201,7 +201,8 @@ def _evaluate(cfg: ExperimentConfig, model_uri: str):
     from vlp3d.platform.evaluate import evaluate
 
     return evaluate(model_uri, cfg.data.shards, tracking.uri(cfg), split=cfg.data.eval_split,
-                    batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels)
+                    batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels,
+                    prompts=cfg.eval.prompts, prompt_ensemble=cfg.eval.prompt_ensemble)
 
 
 def run_trial(params: dict, base: dict, sweep: dict) -> None:
