@@ -116,3 +116,21 @@ def test_term_balancer_reports_shares_and_moves_multipliers_towards_the_weights(
     resumed.load_state_dict(on.state_dict())
     assert resumed.effective() == on.effective()
     assert on.update({"a": float("nan"), "b": 1.0}) == {}  # a non-finite measurement is ignored
+
+
+def test_sentence_dropout_re_averages_a_random_subset_of_the_stored_sentences():
+    from vlp3d.encoders.text import report_embedding_from_sentences
+    from vlp3d.engine import drop_sentences
+
+    sentences = F.normalize(torch.randn(3, 4, 8), dim=-1)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    kept_all = drop_sentences(sentences, mask, 0.0, torch.Generator().manual_seed(0))
+    for i in range(3):  # p = 0: exactly the stored report embedding (padding ignored)
+        torch.testing.assert_close(kept_all[i], report_embedding_from_sentences(sentences[i][mask[i]]))
+    dropped = drop_sentences(sentences, mask, 0.99, torch.Generator().manual_seed(1))
+    # nearly every sentence dropped: one real sentence is kept, never padding
+    for i in range(3):
+        assert any(torch.allclose(dropped[i], sentences[i, j], atol=1e-6) for j in range(4) if mask[i, j])
+    varied = {tuple(drop_sentences(sentences, mask, 0.5, torch.Generator().manual_seed(s))[2].round(decimals=4).tolist())
+              for s in range(8)}
+    assert len(varied) > 1

@@ -238,6 +238,11 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "Checkpoints kept on storage.")
     max_failures: int = _f(2, "Worker-group restarts tolerated; training resumes from the last checkpoint.")
     augment: bool = _f(True, "Random intensity jitter and small shifts on training volumes (and on each of T3D's crops).")
+    sentence_dropout: float = _f(
+        0.0, "Ours: share of each report's sentences left out, at random per step, of the report embedding a "
+        "training volume is aligned to (text augmentation with a frozen text encoder: the stored sentence "
+        "embeddings are re-averaged). 0: the stored report embedding.",
+    )
     grad_share_every: int = _f(
         50, "Every N steps, measure each weighted loss term's share of the image encoder's gradient norm "
         "(train/grad_share/<term>, train/grad_norm/<term>) with one extra backward pass per term; shows when "
@@ -577,6 +582,7 @@ RANGES: dict[str, tuple[float, float, bool, str]] = {
     "data.valid_fraction": (0.0, 1.0, True, "the share of patients held out when a manifest has no split"),
     "train.max_skipped_steps": (1, 1e9, True, "consecutive non-finite steps tolerated"),
     "train.grad_share_every": (0, 1e9, True, "steps between per-term gradient measurements, 0 = never"),
+    "train.sentence_dropout": (0.0, 1.0, True, "the share of sentences left out of a training report embedding"),
 }
 
 

@@ -218,6 +218,25 @@ def augment_batch(batch: dict[str, torch.Tensor], generator: torch.Generator) ->
     return batch
 
 
+def drop_sentences(sentence_embeddings: torch.Tensor, sentence_mask: torch.Tensor, p: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Report embeddings [B, H] from a random subset of each report's stored sentence embeddings
+    [B, S, H] (`sentence_mask` [B, S] marks the real ones): each sentence is left out with
+    probability `p`, at least one is kept; L2-normalised mean, as the stored report embedding is
+    built (`vlp3d.encoders.text.report_embedding_from_sentences`). Text augmentation for frozen
+    text encoders (ours)."""
+    present = sentence_mask.bool()
+    keep = (torch.rand(present.shape, generator=generator) >= p).to(present.device) & present
+    # a report whose every sentence was dropped keeps one of them at random
+    empty = ~keep.any(1)
+    if empty.any():
+        scores = torch.rand(present.shape, generator=generator).to(present.device).masked_fill(~present, -1.0)
+        keep[empty] |= F.one_hot(scores[empty].argmax(1), present.shape[1]).bool()
+    weights = keep.to(sentence_embeddings.dtype).unsqueeze(-1)
+    mean = (sentence_embeddings * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return F.normalize(mean, dim=-1)
+
+
 def to_model_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Shard columns -> model inputs: volume [B, 1, X, Y, Z] (or T3D crops [B, K, 1, X, Y, Z], or
     2D images [B, 1, H, W] under `image_2d`) as float32 in [0, 1]; text columns as they are."""

@@ -31,6 +31,7 @@ from vlp3d.engine import (
     build_pretrainer,
     build_scheduler,
     check_encoder_input,
+    drop_sentences,
     term_weights,
     to_model_batch,
     train_step,
@@ -236,6 +237,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         data_wait += time.perf_counter() - waited
         if cfg.train.augment:
             augment_batch(batch, generator)
+        if cfg.train.sentence_dropout and "sentence_embeddings" in batch:
+            batch["report_embedding"] = drop_sentences(batch["sentence_embeddings"], batch["sentence_mask"],
+                                                       cfg.train.sentence_dropout, generator)
         if any(mode == "nan" and rank == target and step + 1 >= at for at, target, mode in faults):
             _poison(batch)
         module.train()
@@ -447,6 +451,8 @@ def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "c
         return None
     if columns is None:
         columns = objective_class(cfg.objective.name).columns if modality == "ct" else ("image", "report_embedding")
+        if cfg.train.sentence_dropout and modality == "ct" and not held_out:  # re-averaged per step
+            columns = (*columns, *(c for c in ("sentence_embeddings", "sentence_mask") if c not in columns))
     columns = list(columns)
     ds = ray.data.read_parquet(files, columns=columns + ["split", "fraction_rank"])
     if held_out:
