@@ -55,6 +55,13 @@ def configure(level: str | None = None) -> logging.Logger:
     return root
 
 
+def ensure_configured() -> None:
+    """`configure()` unless logging is set up already (the CLI did, or the application has root
+    handlers): the platform's entry points call it so that a Python caller sees progress lines."""
+    if not logging.getLogger("vlp3d").handlers and not logging.getLogger().handlers:
+        configure()
+
+
 def _quiet_third_party() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported (workers too)
     logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -369,20 +369,16 @@ def cluster(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_submitted_prepare_and_pretrain_run_on_two_nodes_and_track_to_the_mlflow_server(cluster, tmp_path):
+def test_submitted_pretraining_runs_on_two_nodes_and_tracks_to_the_mlflow_server(cluster, tiny_demo, tmp_path):
+    """A submitted `vlp3d pretrain` on the session's phantom shards (prepare on two nodes is
+    test_multinode's): both training workers, one per node, and the run and model in the server."""
     from mlflow import MlflowClient
 
-    from vlp3d.data.phantom import synthesize
-
-    synthesize(tmp_path / "corpus", n=24, seed=0, workers=1)
-    shards, work = tmp_path / "shards", tmp_path / "work"  # "shared storage": both nodes see tmp_path
-    config = ["data.shape=[32,32,32]", "data.spacing_mm=[12.0,12.0,12.0]"]
-    pretrain = [*config, f"data.shards={shards}", f"tracking.workdir={work}", "train.max_steps=2",
-                "train.global_batch=4", "train.checkpoint_every=2", "train.log_every=1", "cluster.num_workers=2",
+    work = tmp_path / "work"  # "shared storage": both nodes see this machine's folders
+    pretrain = [str(tiny_demo / "config.toml"), f"tracking.workdir={work}", "train.max_steps=2", "train.global_batch=4",
+                "train.checkpoint_every=2", "train.log_every=1", "train.val_every=0", "cluster.num_workers=2",
                 "cluster.cpus_per_worker=2"]
-    script = (shlex.join(["python", "-m", "vlp3d.cli", "prepare", *config, "--corpus", str(tmp_path / "corpus"),
-                          "--out", str(shards)])
-              + " && " + shlex.join(["python", "-m", "vlp3d.cli", "pretrain", *pretrain, "--run-name", "submitted"]))
+    script = shlex.join(["python", "-m", "vlp3d.cli", "pretrain", *pretrain, "--run-name", "submitted"])
     t0 = time.time()
     env = cluster.env(RAY_AUTH_MODE="token", MLFLOW_TRACKING_URI=cluster.tracking_uri)
     proc = cluster.vlp3d(["submit", "--address", cluster.address, "--follow", "--", "bash", "-c", script], env)

@@ -5,6 +5,7 @@ data, b: lr 1e-2, stopped by ASHA at its first rung, c: lr 1e-3 on all the data)
 separate process, killed with SIGKILL while c trains; the sweep is then resumed in this process.
 """
 
+import logging
 import os
 import signal
 import subprocess
@@ -83,10 +84,16 @@ def resumed_sweep(tiny_demo, ray_session, tmp_path_factory):
     cfg, name = stored_config(tiny_demo, NAME)
     assert name == NAME and stored_config("elsewhere", str(tiny_demo / "sweeps" / NAME))[1] == NAME
     log = tmp_path_factory.mktemp("resume") / "out.txt"
-    from contextlib import redirect_stdout
-
-    with open(log, "w") as out, redirect_stdout(out):
+    handler, logger = logging.FileHandler(log), logging.getLogger("vlp3d")  # progress lines are log records
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         result = run_sweep(cfg, name=NAME, resume=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
     return result, before, log.read_text(), time.time() - started
 
 

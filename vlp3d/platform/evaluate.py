@@ -45,6 +45,7 @@ def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid
     """Embed `split` of the shards with the model, score zero-shot classification (prompt ensemble
     `prompt_ensemble` of the built-in sets and those in the file `prompts`) and retrieval, and log
     metrics and tables to the model's run."""
+    logs.ensure_configured()
     prompt_sets = load_prompt_sets(prompts)  # a bad prompt file fails before Ray starts
     tracking.client(tracking_uri)
     model, embedder = tracking.load_embedder(model_uri)  # a wrong URI fails before Ray starts

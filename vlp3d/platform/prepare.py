@@ -233,6 +233,7 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=log.info,
     """Preprocess `corpus` into `out/<spec_hash>/`; unchanged input and spec is a no-op, a run that
     stopped halfway is resumed, a folder in use or holding another corpus raises (see the module
     docstring). `rows_per_file`: Parquet rows per file (default 256, highres 16)."""
+    logs.ensure_configured()
     started = time.time()
     spec = spec_from_config(cfg)
     table = read_corpus(corpus, valid_fraction=cfg.data.valid_fraction)

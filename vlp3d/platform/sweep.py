@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
+from vlp3d import logs
 from vlp3d.config import (
     ConfigError,
     ExperimentConfig,
@@ -421,6 +422,7 @@ def _figures(table: pd.DataFrame, series, varied: list[str], folder: Path) -> li
 def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = False,
               progress=log.info) -> SweepResult:
     """Run (or, with `resume`, continue) the sweep `cfg.tune` describes; returns its table and fits."""
+    logs.ensure_configured()
     from ray import tune
 
     from vlp3d.evaluation.scaling import scaling_series

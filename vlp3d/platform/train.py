@@ -501,6 +501,7 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
     extra `tags` of the trial's child run, `register=False` (the model is logged, not registered)
     and `progress=None` (no progress lines, from here or from the rank-0 worker).
     """
+    logs.ensure_configured()
     import ray.train
     from ray.train.torch import TorchTrainer
 
