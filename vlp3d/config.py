@@ -612,6 +612,18 @@ def check_ranges(cfg: ExperimentConfig) -> None:
         check_value_range(key, get_key(cfg, key))
 
 
+def read_toml(path: str | Path, missing: str, where: str = "") -> dict[str, Any]:
+    """The parsed TOML file `path`; ConfigError `missing` when it is not a file, or naming the file
+    (after `where`, e.g. "eval.prompts = ") and the parse error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(missing)
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{where}{path}: invalid TOML: {err}") from err
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
     """Defaults < the chosen method's defaults < TOML file < `section.key=value` overrides."""
     return load_config_with_sources(path, overrides)[0]
@@ -623,12 +635,7 @@ def load_config_with_sources(path: str | Path | None = None, overrides: typing.S
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found (see configs/ for examples).")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: invalid TOML: {err}") from err
+        raw = read_toml(path, f"config file '{path}' not found (see configs/ for examples).")
         raw.setdefault("name", path.stem)
     for text in overrides:
         keys, value = parse_override(text)
@@ -732,12 +739,7 @@ def load_stored_config(path: str | Path) -> ExperimentConfig:
     sweep.toml). Flat method keys of configs stored before the `[objective.<method>]` tables are
     moved there silently (`migrate_stored`); files people write get `load_config`'s error instead."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"stored config '{path}' not found.")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: invalid TOML: {err}") from err
+    raw = read_toml(path, f"stored config '{path}' not found.")
     raw.setdefault("name", path.stem)
     try:
         return from_dict(migrate_stored(raw))

@@ -23,13 +23,13 @@ polarity (then L2-normalises), as CLIP's prompt ensembles do. Users add sets in 
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from vlp3d.config import read_toml
 from vlp3d.data.labels import ARTICLE_FREE
 
 
@@ -85,12 +85,8 @@ def load_prompt_sets(path: str | Path | None = None) -> dict[str, PromptSet]:
     if not path:
         return sets
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"eval.prompts = '{path}': no such file (a TOML file of [sets.NAME] tables).")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"eval.prompts = '{path}': invalid TOML: {err}") from None
+    raw = read_toml(path, f"eval.prompts = '{path}': no such file (a TOML file of [sets.NAME] tables).",
+                    where="eval.prompts = ")
     for name, entry in raw.get("sets", {}).items():
         where = f"eval.prompts = '{path}', [sets.{name}]"
         try:
