@@ -237,6 +237,10 @@ class TrainConfig:
     checkpoint_every: int = _f(100, "Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on storage.")
     max_failures: int = _f(2, "Worker-group restarts tolerated; training resumes from the last checkpoint.")
+    prefetch_batches: int = _f(
+        16, "Batches each worker prepares ahead in a background thread (read, shuffle, collate), so the next "
+        "batches and each epoch's shuffle-buffer refill overlap training (train/data_wait_share shows what is left).",
+    )
     augment: bool = _f(True, "Random intensity jitter and small shifts on training volumes (and on each of T3D's crops).")
     sentence_dropout: float = _f(
         0.0, "Ours: share of each report's sentences left out, at random per step, of the report embedding a "
@@ -582,6 +586,7 @@ RANGES: dict[str, tuple[float, float, bool, str]] = {
     "data.valid_fraction": (0.0, 1.0, True, "the share of patients held out when a manifest has no split"),
     "train.max_skipped_steps": (1, 1e9, True, "consecutive non-finite steps tolerated"),
     "train.grad_share_every": (0, 1e9, True, "steps between per-term gradient measurements, 0 = never"),
+    "train.prefetch_batches": (1, 1e6, True, "batches prepared ahead per worker"),
     "train.sentence_dropout": (0.0, 1.0, True, "the share of sentences left out of a training report embedding"),
 }
 

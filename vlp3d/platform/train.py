@@ -101,6 +101,41 @@ def epoch_batches(shard, position: dict[str, list[int]], name: str, batch_size: 
         position[name] = [epoch + 1, 0]
 
 
+class Prefetched:
+    """`epoch_batches` run `depth` batches ahead in a background thread, so that reading, shuffling
+    and collating the next batches (and the shuffle buffer's refill at each epoch start) overlap the
+    training step. Each batch travels with the data position after it, which is written to the
+    shared `position` only when the batch is taken: a checkpoint never counts batches still queued."""
+
+    def __init__(self, make_batches, position: dict[str, list[int]], name: str, depth: int):
+        import queue
+        import threading
+
+        self.position, self.name = position, name
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        own = {name: list(position[name])} if name in position else {}
+
+        def produce() -> None:
+            try:
+                for batch in make_batches(own):
+                    self.queue.put((batch, list(own[name])))
+            except BaseException as err:  # noqa: BLE001 - handed to the training loop
+                self.queue.put(err)
+
+        threading.Thread(target=produce, name=f"prefetch-{name}", daemon=True).start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, after = item
+        self.position[self.name] = after
+        return batch
+
+
 def shuffle_rows(shard_dir: Path, manifest: dict) -> int:
     """Rows of the training shuffle buffer per worker: as many as fit in SHUFFLE_BUFFER_BYTES at the
     shards' average row size (every row of a small corpus: a full shuffle each epoch)."""
@@ -216,11 +251,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     print_every = max(cfg.train.log_every, cfg.train.max_steps // 20 // cfg.train.log_every * cfg.train.log_every)
     spec = loop_config["meta"]["spec"]
     position = state.position
-    batches = epoch_batches(ray.train.get_dataset_shard("train"), position, "train", local_batch, cfg.train.seed,
-                            rank, collate_for=pretrainer.objective.collate(cfg, spec),
-                            shuffle_rows=loop_config.get("shuffle_rows", 0))
-    batches_2d = (epoch_batches(ray.train.get_dataset_shard("train_2d"), position, "train_2d", local_batch,
-                                cfg.train.seed, rank) if loop_config.get("has_2d") else None)
+    train_shard, collate_for = ray.train.get_dataset_shard("train"), pretrainer.objective.collate(cfg, spec)
+    batches = Prefetched(lambda own: epoch_batches(train_shard, own, "train", local_batch, cfg.train.seed, rank,
+                                                   collate_for=collate_for,
+                                                   shuffle_rows=loop_config.get("shuffle_rows", 0)),
+                         position, "train", cfg.train.prefetch_batches)
+    batches_2d = None
+    if loop_config.get("has_2d"):
+        shard_2d = ray.train.get_dataset_shard("train_2d")
+        batches_2d = Prefetched(lambda own: epoch_batches(shard_2d, own, "train_2d", local_batch, cfg.train.seed, rank),
+                                position, "train_2d", cfg.train.prefetch_batches)
     valid = ray.train.get_dataset_shard("valid") if loop_config.get("has_valid") else None
     faults = parse_faults(loop_config.get("inject_fault", ""), world_size)
     window: list[dict] = []
