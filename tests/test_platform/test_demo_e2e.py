@@ -28,6 +28,19 @@ def test_demo_writes_shards_run_and_champion(tiny_demo, capsys):
     assert {"config.toml", "data", "eval"} <= artifacts
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run.info.run_id for m in logged)
+    # what a user of the model needs besides embeddings: logit scale, label names, the prompt ensemble
+    import mlflow
+    import pytest
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        metadata = mlflow.models.get_model_info("models:/vlp3d-clip@champion").metadata
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert metadata["label_names"] == manifest["label_names"] and metadata["objective"] == "clip"
+    assert metadata["logit_scale"] == pytest.approx(1 / run.data.metrics["train/temperature"])
+    assert metadata["prompt_ensemble"] == ["report"] and "{Name}." in metadata["prompt_templates"]["report"]["positive"]
     # no report text in params or tags
     assert not any("effusion" in str(v).lower() for v in {**run.data.params, **run.data.tags}.values())
 

