@@ -1,4 +1,3 @@
-from vlp3d.data.labels import zero_shot_prompts
 from vlp3d.data.report import report_text, select_sections, split_sentences
 
 
@@ -24,7 +23,3 @@ def test_sections_skip_missing_and_nan():
     text, sentences = report_text(row, ("Technique_EN", "Findings_EN"))
     assert sentences == ["CT.", "Lungs clear."] and text == "CT. Lungs clear."
 
-
-def test_prompts():
-    assert zero_shot_prompts("Pleural effusion") == ("There is a pleural effusion.", "There is no pleural effusion.")
-    assert zero_shot_prompts("Emphysema") == ("There is emphysema.", "There is no emphysema.")

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from vlp3d.data import phantom
-from vlp3d.data.labels import PHANTOM_FINDINGS, zero_shot_prompts
+from vlp3d.data.labels import ARTICLE_FREE, PHANTOM_FINDINGS
 from vlp3d.evaluation.prompts import BUILTIN_SETS, ensemble_embeddings, load_prompt_sets
 from vlp3d.evaluation.zeroshot import evaluate_embeddings
 
@@ -14,9 +14,11 @@ from vlp3d.evaluation.zeroshot import evaluate_embeddings
 def test_builtin_sets_phrase_every_label():
     assert BUILTIN_SETS["single"].phrasings("Pleural effusion") == (
         ["There is a pleural effusion."], ["There is no pleural effusion."])
+    assert BUILTIN_SETS["single"].phrasings("Emphysema") == (["There is emphysema."], ["There is no emphysema."])
     for label in PHANTOM_FINDINGS + ("Mosaic attenuation pattern",):
         positive, negative = BUILTIN_SETS["single"].phrasings(label)
-        assert (positive[0], negative[0]) == zero_shot_prompts(label)
+        article = "" if label in ARTICLE_FREE else "a "
+        assert (positive[0], negative[0]) == (f"There is {article}{label.lower()}.", f"There is no {label.lower()}.")
         report = BUILTIN_SETS["report"].phrasings(label)
         assert len(report[0]) == len(report[1]) == 3 and all(p.endswith(".") for p in report[0] + report[1])
     assert BUILTIN_SETS["report"].phrasings("Emphysema")[0][:2] == ["Emphysema.", "Emphysema is present."]

@@ -1,4 +1,5 @@
-"""CT-RATE label names, the subset the phantom renders, and zero-shot prompts."""
+"""CT-RATE label names, the subset the phantom renders, and which take no article in prompts
+(the prompts themselves: vlp3d.evaluation.prompts)."""
 
 CTRATE_LABELS: tuple[str, ...] = (
     "Medical material",
@@ -35,10 +36,3 @@ ARTICLE_FREE = {"Cardiomegaly", "Emphysema", "Consolidation", "Lymphadenopathy",
                  "Peribronchial thickening", "Interlobular septal thickening",
                  "Arterial wall calcification", "Coronary artery wall calcification",
                  "Pulmonary fibrotic sequela"}
-
-
-def zero_shot_prompts(label: str) -> tuple[str, str]:
-    """The positive and negative prompt for a label, e.g. 'There is a pleural effusion.'."""
-    name = label.lower()
-    positive = f"There is {name}." if label in ARTICLE_FREE else f"There is a {name}."
-    return positive, f"There is no {name}."
