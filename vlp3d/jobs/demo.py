@@ -70,7 +70,7 @@ def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int) -> DemoResult:
     from vlp3d.jobs.evaluate import render
     from vlp3d.jobs.prepare import summary
     from vlp3d.objectives import objective_class
-    from vlp3d.platform.evaluate import evaluate
+    from vlp3d.platform.evaluate import evaluate_as_configured
     from vlp3d.platform.prepare import PrepareError, prepare
     from vlp3d.platform.runtime import tracking_uri
     from vlp3d.platform.tracking import promote
@@ -115,9 +115,7 @@ def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int) -> DemoResult:
     timings.append(("pretrain", time.time() - t))
 
     t = _stage(4, "evaluate", f"held-out split '{cfg.data.eval_split}'")
-    report = evaluate(trained.model_uri, cfg.data.shards, uri, split=cfg.data.eval_split,
-                      batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels,
-                      prompts=cfg.eval.prompts, prompt_ensemble=cfg.eval.prompt_ensemble)
+    report = evaluate_as_configured(cfg, trained.model_uri)
     print(render(report))
     timings.append(("evaluate", time.time() - t))
 

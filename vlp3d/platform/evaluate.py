@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from vlp3d import logs
+from vlp3d.config import ExperimentConfig
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files
 from vlp3d.evaluation.prompts import load_prompt_sets
 from vlp3d.evaluation.zeroshot import DEFAULT_ENSEMBLE, EvaluationResult, evaluate_embeddings
@@ -79,3 +80,11 @@ def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid
              f"{split}_prompt_sets": result.prompt_sets},
         )
     return EvaluateReport(result, run_id, split, shard_dir)
+
+
+def evaluate_as_configured(cfg: ExperimentConfig, model_uri: str) -> EvaluateReport:
+    """`evaluate` on `cfg`'s shards and held-out split with its `eval.*` settings, logged to its
+    MLflow store: what the demo and every sweep trial run after training."""
+    return evaluate(model_uri, cfg.data.shards, tracking.uri(cfg), split=cfg.data.eval_split,
+                    batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels,
+                    prompts=cfg.eval.prompts, prompt_ensemble=cfg.eval.prompt_ensemble)

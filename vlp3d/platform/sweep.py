@@ -33,6 +33,7 @@ from vlp3d.config import (
 from vlp3d.data.shards import count_rows, resolve_shard_dir, spec_from_config
 from vlp3d.objectives import objective_class
 from vlp3d.platform import tracking
+from vlp3d.platform.evaluate import evaluate_as_configured
 from vlp3d.platform.runtime import init_ray
 from vlp3d.search_space import VARIANT, SearchSpace, apply_params, parse_space, trial_label
 
@@ -198,14 +199,6 @@ def _stored_trial(cfg: ExperimentConfig, run) -> dict | None:
                           run.info.run_id)
 
 
-def _evaluate(cfg: ExperimentConfig, model_uri: str):
-    from vlp3d.platform.evaluate import evaluate
-
-    return evaluate(model_uri, cfg.data.shards, tracking.uri(cfg), split=cfg.data.eval_split,
-                    batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels,
-                    prompts=cfg.eval.prompts, prompt_ensemble=cfg.eval.prompt_ensemble)
-
-
 def run_trial(params: dict, base: dict, sweep: dict) -> None:
     """One trial, in a Tune actor: pretrain (reports reach Tune through TuneReportCallback), evaluate
     on the held-out split exactly as `vlp3d evaluate` does, report the final metrics to Tune."""
@@ -229,7 +222,7 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
     tags = {tracking.SWEEP_TAG: sweep["name"], tracking.TRIAL_TAG: trial_id, VARIANT: str(params.get(VARIANT, ""))}
     result = pretrain(trial_cfg, run_name=run_name, progress=None, callbacks=[TuneReportCallback()],
                       parent_run_id=sweep["parent_run_id"], register=False, tags=tags)
-    report = _evaluate(trial_cfg, result.model_uri)
+    report = evaluate_as_configured(trial_cfg, result.model_uri)
     tracking.end_run(sweep["tracking_uri"], result.run_id, "FINISHED", {tracking.TRIAL_STATUS_TAG: "finished"})
     tune.report(_final_metrics(result.metrics, report.result.metrics, result.run_id))
 
@@ -337,7 +330,7 @@ def _finish_stopped(cfg: ExperimentConfig, run_name: str, history: pd.DataFrame 
     evaluation = {}
     if len(paths):
         model_uri = tracking.finish_training(run_id, cfg, Path(paths.iloc[-1]), {}, register=False, status="KILLED")
-        evaluation = _evaluate(cfg, model_uri).result.metrics
+        evaluation = evaluate_as_configured(cfg, model_uri).result.metrics
     tracking.end_run(tracking.uri(cfg), run_id, "KILLED", {tracking.TRIAL_STATUS_TAG: "stopped"})
     return run_id, evaluation
 
