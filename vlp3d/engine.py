@@ -287,7 +287,7 @@ class TermBalancer:
     papers), balancing: every `every` steps it measures how much of the image encoder's gradient
     each weighted term contributes; with `balance` it moves a multiplier per term (EMA, momentum
     0.9, clamped to [0.01, 100], the weighted sum of multipliers kept at the sum of weights) so
-    that the shares approach the configured weights' shares. Training uses `effective(weights)`.
+    that the shares approach the configured weights' shares. Training uses `effective()`.
     Multipliers are the same on every rank (the norms are averaged) and saved with checkpoints."""
 
     MOMENTUM = 0.9

@@ -285,8 +285,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         module.train()
         # FLOPs of one step (forward + backward, matmuls/convs/attention), counted by torch on rank 0
         counter = FlopCounterMode(display=False) if rank == 0 and not compute["flops_per_step"] else None
+        effective = balancer.effective()  # the weights of this step (balancing moves them after it)
         with counter or contextlib.nullcontext():
-            metrics = train_step(module, balancer.effective(), batch, optimizer, scheduler, cfg.train.precision, scaler,
+            metrics = train_step(module, effective, batch, optimizer, scheduler, cfg.train.precision, scaler,
                                  after_step=functools.partial(unwrapped.after_step, step + 1),
                                  measure_params=encoder_params if balancer.due(step + 1) else None)
         term_norms = metrics.pop("term_norms", None)
@@ -313,7 +314,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 return
         else:
             in_a_row = 0
-            effective = balancer.effective()
             metrics.update({f"weighted/{t}": effective[t] * metrics[f"loss/{t}"] for t in effective
                             if f"loss/{t}" in metrics})
             if term_norms:
