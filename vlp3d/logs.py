@@ -68,8 +68,7 @@ def _quiet_third_party() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # vlp3d logs its pyfunc model as a Python object on purpose (the class is importable wherever
     # vlp3d is installed); MLflow warns about cloudpickle on every registration
-    logging.getLogger("mlflow.pyfunc").addFilter(DropMessages("Passing a Python object as `python_model`",
-                                                               "Validating input example"))
+    logging.getLogger("mlflow.pyfunc").addFilter(_PYFUNC_NOTICES)  # the same filter object: added once
     warnings.filterwarnings("ignore", message=".*Passing a Python object as `python_model`.*")
 
 
@@ -95,6 +94,9 @@ class DropMessages(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(self.starts)
+
+
+_PYFUNC_NOTICES = DropMessages("Passing a Python object as `python_model`", "Validating input example")
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "it", **kwargs):

@@ -32,8 +32,7 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool | None = None) -> 
                                                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
                     if k in os.environ and not (address and k == "RAY_DATA_LOGGING_CONFIG")}
         if not logs.is_debug():  # the local Ray has token auth on by default: good, and nothing to act on
-            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-                logs.DropMessages("Token authentication is enabled"))
+            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_NOTICE)
         env = {"env_vars": env_vars} if env_vars else None
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=True)
@@ -62,7 +61,7 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool | None = None) -> 
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Dataset ... execution finished" per read
         # this process's notice (its logging may predate RAY_DATA_LOGGING_CONFIG, which filters the workers')
-        logging.getLogger("ray.data._internal.progress").addFilter(HideProgressBarNotice())
+        logging.getLogger("ray.data._internal.progress").addFilter(_PROGRESS_NOTICE)
         context.enable_progress_bars = False
         context.print_on_execution_start = False
     context.enable_operator_progress_bars = not quiet
@@ -74,6 +73,11 @@ class HideProgressBarNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(("Progress bars disabled", "Progress bars for operators disabled"))
+
+
+# one filter object each, so that adding them at every init_ray adds them once (Filterer.addFilter)
+_TOKEN_NOTICE = logs.DropMessages("Token authentication is enabled")
+_PROGRESS_NOTICE = HideProgressBarNotice()
 
 
 def tracking_uri(cfg: ExperimentConfig) -> str:
