@@ -53,9 +53,12 @@ def evaluate_embeddings(image_emb: torch.Tensor, report_emb: torch.Tensor, label
     results, summary = zero_shot_classification(labels[:, cols], probabilities, names, n_boot=n_boot, seed=seed)
     set_rows = []
     for set_name, prompt_set in sets.items():
-        pos, neg = ensemble_embeddings(names, [prompt_set], embed_prompts)
-        scores = zero_shot_probabilities(image_emb, pos, neg, logit_scale)
-        macro = zero_shot_classification(labels[:, cols], scores, names, n_boot=0)[1]["macro_auroc"]
+        if (set_name,) == tuple(ensemble):  # the ensemble is this one set: scored above already
+            macro = summary["macro_auroc"]
+        else:
+            pos, neg = ensemble_embeddings(names, [prompt_set], embed_prompts)
+            scores = zero_shot_probabilities(image_emb, pos, neg, logit_scale)
+            macro = zero_shot_classification(labels[:, cols], scores, names, n_boot=0)[1]["macro_auroc"]
         set_rows.append({"prompts": set_name, "macro_auroc": macro})
     set_rows.append({"prompts": f"ensemble {'+'.join(ensemble)}", "macro_auroc": summary["macro_auroc"]})
     per_label = pd.DataFrame([{
