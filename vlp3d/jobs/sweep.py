@@ -12,7 +12,7 @@ from vlp3d.table import format_table
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = (
         "Sweep the [tune] section of CONFIG with Ray Tune: tune.space gives config keys and their values "
-        "(data.fraction, model.size, model.image_encoder, objective.*_weight, train.lr, train.seed, ...), "
+        "(data.fraction, model.size, model.image_encoder, objective.align_weight, objective.mg3d.mim_weight, train.lr, train.seed, ...), "
         "tune.variants named groups of keys set together. Each trial pretrains on Ray Train (cluster.* "
         "workers), reports its validation loss every train.val_every steps (tune.scheduler = 'asha' stops "
         "poor trials on it) and is evaluated on data.eval_split like `vlp3d evaluate`. MLflow: one parent "
