@@ -1,5 +1,6 @@
-"""Figures of a sweep: scaling laws (log-log, fitted curves), the compute frontier, and each
-configuration's zero-shot AUROC. Each function returns a matplotlib Figure (no pyplot state,
+"""Figures of a sweep (scaling laws, the compute frontier, each configuration's zero-shot AUROC)
+and of one model (ROC curves, reliability of zero-shot probabilities, linear-probe label
+efficiency). Each function returns a matplotlib Figure (no pyplot state,
 no display needed); the caller saves or logs it."""
 
 from __future__ import annotations
@@ -154,4 +155,75 @@ def loss_weights_figure(table, weight_keys: list[str]):
         ax.grid(True, axis="y", alpha=0.25)
         ax.legend(fontsize=7)
     figure.suptitle("loss-term weights against held-out AUROC", fontsize=10)
+    return figure
+
+
+def roc_figure(targets: np.ndarray, probabilities: np.ndarray, names: list[str], title: str = ""):
+    """Zero-shot ROC curve of every evaluated label ([N, L] 0/1 targets and probabilities), AUROC
+    in the legend; dotted diagonal: chance."""
+    from sklearn.metrics import roc_curve
+
+    from vlp3d.evaluation.metrics import auroc
+
+    figure, axes = _figure(1, width=5.6, height=5.0)
+    ax = axes[0]
+    for k, (name, colour) in enumerate(zip(names, _colours(len(names)), strict=True)):
+        fpr, tpr, _ = roc_curve(targets[:, k], probabilities[:, k])
+        ax.plot(fpr, tpr, color=colour, lw=1.4, label=f"{name} ({auroc(targets[:, k], probabilities[:, k]):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title or "zero-shot ROC per finding (AUROC)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, alpha=0.25)
+    return figure
+
+
+def reliability_figure(targets: np.ndarray, probabilities: np.ndarray, names: list[str], bins: int = 10,
+                       title: str = ""):
+    """Reliability of the zero-shot probabilities: observed frequency of the finding per bin of
+    predicted probability (uniform bins, empty ones left out), per label; the diagonal is a
+    calibrated model. Below it: how the probabilities are spread."""
+    from matplotlib.figure import Figure
+    from sklearn.calibration import calibration_curve
+
+    figure = Figure(figsize=(5.6, 6.2), layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    for k, (name, colour) in enumerate(zip(names, _colours(len(names)), strict=True)):
+        observed, predicted = calibration_curve(targets[:, k], probabilities[:, k], n_bins=bins, strategy="uniform")
+        top.plot(predicted, observed, "o-", color=colour, ms=3, lw=1.2, label=name)
+        bottom.hist(probabilities[:, k], bins=bins, range=(0, 1), histtype="step", color=colour)
+    top.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    top.set_ylabel("observed frequency")
+    top.set_title(title or "reliability of zero-shot probabilities", fontsize=10)
+    top.legend(fontsize=7, loc="upper left")
+    top.grid(True, alpha=0.25)
+    bottom.set_xlabel("predicted P(finding)")
+    bottom.set_ylabel("volumes")
+    return figure
+
+
+def label_efficiency_figure(table, title: str = ""):
+    """Linear-probe macro AUROC (95% CI) over the share of training labels, one line per feature
+    source (`vlp3d.evaluation.probe.compare_probes`' table); dotted: chance."""
+    figure, axes = _figure(1, width=5.6, height=4.2)
+    ax = axes[0]
+    sources = list(dict.fromkeys(table["features"]))
+    for source, colour, marker in zip(sources, _colours(len(sources)), _MARKERS, strict=False):
+        rows = table[(table["features"] == source) & np.isfinite(table["auroc"].to_numpy(dtype=float))]
+        x, y = rows["fraction"].to_numpy(dtype=float), rows["auroc"].to_numpy(dtype=float)
+        low, high = rows["auroc_ci_low"].to_numpy(dtype=float), rows["auroc_ci_high"].to_numpy(dtype=float)
+        ax.errorbar(x, y, yerr=[np.clip(y - np.nan_to_num(low, nan=y), 0, None),
+                                np.clip(np.nan_to_num(high, nan=y) - y, 0, None)],
+                    fmt=marker + "-", color=colour, capsize=3, lw=1.4, ms=5, label=source)
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    fractions = sorted(table["fraction"].unique())
+    ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("share of training labels (nested subsets of patients)")
+    ax.set_ylabel("linear-probe macro AUROC (95% CI)")
+    ax.set_title(title or "label efficiency: frozen features + logistic regression", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.25)
     return figure

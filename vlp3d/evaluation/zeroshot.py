@@ -10,7 +10,9 @@ import torch
 
 from vlp3d.evaluation.metrics import (
     chance_recall,
+    macro_auroc,
     retrieval_metrics,
+    retrieval_ranks,
     zero_shot_classification,
     zero_shot_probabilities,
 )
@@ -26,6 +28,12 @@ class EvaluationResult:
     retrieval: pd.DataFrame
     n: int
     prompt_sets: pd.DataFrame | None = None  # macro AUROC per prompt set and for the ensemble
+    # per volume, for plots and paired comparisons: zero-shot P(positive) and 0/1 targets of the
+    # evaluated labels [N, L'], and the 0-based rank of each volume's true match per direction
+    probabilities: np.ndarray | None = None
+    targets: np.ndarray | None = None
+    label_names: list[str] | None = None
+    ranks: dict[str, np.ndarray] | None = None
 
 
 def evaluate_embeddings(image_emb: torch.Tensor, report_emb: torch.Tensor, labels: np.ndarray,
@@ -83,4 +91,35 @@ def evaluate_embeddings(image_emb: torch.Tensor, report_emb: torch.Tensor, label
             metrics[f"{direction}/recall_at_{k}"] = values[f"R@{k}"]
         metrics[f"{direction}/map"] = values["MAP"]
     metrics["retrieval_pool"] = pool
-    return EvaluationResult(metrics, per_label, retrieval, n=len(labels), prompt_sets=pd.DataFrame(set_rows))
+    evaluated = [names.index(r.label) for r in results]
+    ranks = {"v2r": retrieval_ranks(image_emb, report_emb).numpy(), "r2v": retrieval_ranks(report_emb, image_emb).numpy()}
+    return EvaluationResult(metrics, per_label, retrieval, n=len(labels), prompt_sets=pd.DataFrame(set_rows),
+                            probabilities=probabilities[:, evaluated], targets=labels[:, cols][:, evaluated].astype(int),
+                            label_names=[names[j] for j in evaluated], ranks=ranks)
+
+
+PAIRED_METRICS = ("macro_auroc", *(f"{d}/{m}" for d in ("v2r", "r2v")
+                                   for m in ("recall_at_1", "recall_at_5", "recall_at_10", "map")))
+
+
+def paired_metric_name(metric: str) -> str:
+    """`metric` as PAIRED_METRICS names it (`eval/<split>/macro_auroc` -> `macro_auroc`); a ValueError
+    listing them if it is none of them."""
+    name = metric.split("/", 2)[-1] if metric.startswith("eval/") else metric
+    if name not in PAIRED_METRICS:
+        raise ValueError(f"--metric {metric}: models are compared on one of {', '.join(PAIRED_METRICS)}")
+    return name
+
+
+def per_volume_metric(result: EvaluationResult, metric: str):
+    """(labels or None, per-volume values, metric(labels, values) -> float) of one evaluation metric,
+    for a paired bootstrap over volumes (vlp3d.evaluation.metrics.paired_bootstrap); `metric` is a
+    name of PAIRED_METRICS, optionally as logged (`eval/<split>/macro_auroc`)."""
+    name = paired_metric_name(metric)
+    if name == "macro_auroc":
+        return result.targets, result.probabilities, macro_auroc
+    direction, kind = name.split("/")
+    rank = result.ranks[direction]
+    if kind == "map":
+        return None, 1.0 / (rank + 1.0), lambda _, values: float(np.mean(values))
+    return None, (rank < int(kind.removeprefix("recall_at_"))).astype(float), lambda _, values: float(np.mean(values))
