@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlp3d.config import load_config
-from vlp3d.data.phantom import synthesize
+from vlp3d.data.phantom import LABEL_MAP_CLASSES, synthesize
+from vlp3d.data.shards import decode_label_map
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,10 @@ def test_bad_rows_recorded_and_rest_written(ray_session, broken_corpus, tmp_path
     assert len(table) == 4 and not set(table.volume_name) & {f"{b}.nii.gz" for b in bad.values()}
     assert set(table.spec_hash) == {manifest["spec_hash"]} and result.shard_dir.name == manifest["spec_hash"]
     assert not (result.shard_dir / "_prepare.lock").exists()  # released (removed) at the end
+    # the phantom's voxel label maps ride along (nearest-neighbour, same transforms: tests/test_data/test_label_maps.py)
+    assert manifest["label_maps"] == {"classes": list(LABEL_MAP_CLASSES), "rows": 10}
+    maps = pq.read_table(result.shard_dir, columns=["label_map", "image_shape"]).to_pylist()
+    assert all(decode_label_map(r["label_map"], r["image_shape"]).max() >= 3 for r in maps)  # heart = 3
     # a changed spec gets a new hash and a new folder
     other = prepare(load_config(None, ["data.shape=[24, 24, 24]", "data.spacing_mm=[16.0, 16.0, 16.0]"]),
                     str(root), str(tmp_path / "shards"), progress=lambda *_: None)

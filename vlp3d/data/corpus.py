@@ -78,17 +78,51 @@ def read_ctrate(root: str | Path) -> pd.DataFrame:
     table["image"] = [str(volumes[name]) if name in volumes else str(root / "missing" / name)
                       for name in table["VolumeName"]]
     table["modality"] = "ct"
+    label_maps, classes = root / LABEL_MAPS_DIR, None
+    if label_maps.is_dir():  # voxel label maps, e.g. the phantom's (vlp3d.data.phantom.render)
+        paths = [label_maps / split / label_map_name(name) for split, name in zip(table["split"], table["VolumeName"],
+                                                                                 strict=True)]
+        table[LABEL_MAP_COLUMN] = [str(p) if p.is_file() else None for p in paths]
+        classes_file = label_maps / LABEL_MAP_CLASSES_FILE
+        if classes_file.is_file():
+            classes = _label_map_classes(classes_file)
     if (root / RADIOGRAPHS_CSV).is_file():
         table = pd.concat([table, read_radiographs(root / RADIOGRAPHS_CSV, table)], ignore_index=True)
     label_names = [c for c in CTRATE_LABELS if c in table.columns]
     table[label_names] = table[label_names].fillna(0).astype(np.int8)
     table.attrs["label_names"] = label_names
+    if classes:
+        table.attrs["label_map_classes"] = classes
     check_patient_splits(table, source=str(root))
     return table
 
 
 RADIOGRAPHS_CSV = "radiographs.csv"
-_NOT_INHERITED = {"image", "modality", "VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"}
+LABEL_MAP_COLUMN = "label"  # manifest column: path of a voxel label map on the CT's grid (optional)
+LABEL_MAPS_DIR = "label_maps"  # CT-RATE layout: <root>/label_maps/<split>/<volume stem>_label.nii.gz
+LABEL_MAP_CLASSES_FILE = "classes.json"  # in LABEL_MAPS_DIR, or beside a generic manifest: class names by value
+_NOT_INHERITED = {"image", "modality", "VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing",
+                  LABEL_MAP_COLUMN}
+
+
+def label_map_name(volume_name: str) -> str:
+    """File name of a CT's label map in a CT-RATE-layout corpus: train_1_a_1.nii.gz -> train_1_a_1_label.nii.gz
+    (never the CT's own name: a search for the CT by name finds the CT)."""
+    stem = volume_name.removesuffix(".gz").removesuffix(".nii")
+    return f"{stem}_label.nii.gz"
+
+
+def _label_map_classes(path: Path) -> list[str]:
+    """Class names of the label maps by value (index 0 = background), from a JSON list of strings."""
+    try:
+        classes = json.loads(path.read_text())
+    except ValueError as err:
+        raise CorpusError(f"{path}: not valid JSON ({err}); it must list the label-map class names by value, "
+                          'e.g. ["background", "lung", "heart"].') from None
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        raise CorpusError(f"{path}: must be a JSON list of at least two class names by label value (index 0 = "
+                          f'background), e.g. ["background", "lung", "heart"]; got {classes!r}.')
+    return classes
 
 
 def read_radiographs(path: str | Path, ct: pd.DataFrame) -> pd.DataFrame:
@@ -130,7 +164,7 @@ def read_radiographs(path: str | Path, ct: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-_GENERIC_KNOWN = {"image", "report", "split", "patient_id", "modality"}
+_GENERIC_KNOWN = {"image", "report", "split", "patient_id", "modality", "label"}
 _READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True),
             ".json": lambda p: pd.read_json(p, lines=True)}
 
@@ -145,7 +179,8 @@ def read_corpus(path: str | Path, valid_fraction: float = 0.1) -> pd.DataFrame:
 
 def read_generic_manifest(path: str | Path, valid_fraction: float = 0.1) -> pd.DataFrame:
     """Manifest with `image` (NIfTI path, relative to the manifest's folder or absolute) and `report`;
-    optional `split`, `patient_id`, `modality` and 0/1 label columns.
+    optional `split`, `patient_id`, `modality`, 0/1 label columns and `label` (a voxel label map on the
+    image's grid, relative like `image`; class names by value in `classes.json` beside the manifest).
 
     Without `split`, patients are assigned to 'valid' with probability `valid_fraction` by a hash
     of their id (stable across runs and machines); without `patient_id`, each image is a patient.
@@ -162,6 +197,13 @@ def read_generic_manifest(path: str | Path, valid_fraction: float = 0.1) -> pd.D
         raise CorpusError(f"{path}: missing column(s) {missing}; a manifest needs 'image' and 'report' "
                           f"(columns found: {list(table.columns)}).")
     table["image"] = [str(p if Path(p).is_absolute() else (path.parent / p)) for p in table["image"].astype(str)]
+    classes = None
+    if LABEL_MAP_COLUMN in table.columns:  # optional voxel label maps, relative like `image`; empty: none
+        table[LABEL_MAP_COLUMN] = [None if pd.isna(p) or not str(p).strip() else
+                                   str(p if Path(str(p)).is_absolute() else (path.parent / str(p)))
+                                   for p in table[LABEL_MAP_COLUMN]]
+        if (path.parent / LABEL_MAP_CLASSES_FILE).is_file():
+            classes = _label_map_classes(path.parent / LABEL_MAP_CLASSES_FILE)
     table["VolumeName"] = [Path(p).name for p in table["image"]]
     if "patient_id" not in table.columns:
         table["patient_id"] = [Path(p).name.split(".")[0] for p in table["image"]]
@@ -174,6 +216,8 @@ def read_generic_manifest(path: str | Path, valid_fraction: float = 0.1) -> pd.D
                    and pd.api.types.is_numeric_dtype(table[c]) and set(table[c].dropna().unique()) <= {0, 1}]
     table[label_names] = table[label_names].fillna(0).astype(np.int8)
     table.attrs["label_names"] = label_names
+    if classes:
+        table.attrs["label_map_classes"] = classes
     check_patient_splits(table, source=str(path))
     return table
 

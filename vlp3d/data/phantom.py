@@ -6,12 +6,18 @@ each volume's affine, so every orientation and spacing shows the same patient.
 With `radiographs=True` every CT also gets a frontal (PA-like) projection radiograph, a PNG under
 `radiographs/<split>/<patient>/`, listed in `radiographs.csv` in the corpus root (see
 `vlp3d.data.corpus.read_ctrate`): same patient, split, report and labels as its CT.
+
+Every CT also gets a voxel label map on its own grid and affine (`render`; classes
+`LABEL_MAP_CLASSES`: body, lungs, heart and each lesion type), a uint8 NIfTI at
+`label_maps/<split>/<volume stem>_label.nii.gz`; `label_maps/classes.json` lists the class names. `read_ctrate`
+puts their paths in the manifest column `label` (segmentation fine-tuning, `vlp3d finetune`).
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -22,7 +28,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from vlp3d.data.corpus import RADIOGRAPHS_CSV
+from vlp3d.data.corpus import (
+    LABEL_MAP_CLASSES_FILE,
+    LABEL_MAPS_DIR,
+    RADIOGRAPHS_CSV,
+    label_map_name,
+)
 from vlp3d.data.labels import CTRATE_LABELS, PHANTOM_FINDINGS
 
 # Storage variants exercised by the corpus, each a trap real corpora set:
@@ -69,14 +80,29 @@ def _ellipsoid(x, y, z, centre, radii):
     ) ** 2
 
 
+# classes of the voxel label maps (value = index); each lesion type is its own class
+LABEL_MAP_CLASSES = ("background", "body", "lung", "heart", "lung_nodule", "consolidation", "pleural_effusion",
+                     "pericardial_effusion")
+
+
 def render_hu(case: Case, affine: np.ndarray, shape, rng: np.random.Generator) -> np.ndarray:
     """HU volume of `case` sampled on the voxel grid of `affine`/`shape`."""
+    return render(case, affine, shape, rng)[0]
+
+
+def render(case: Case, affine: np.ndarray, shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(HU volume, voxel label map) of `case` on the voxel grid of `affine`/`shape`: the label map
+    (uint8, values index `LABEL_MAP_CLASSES`) marks exactly the voxels each structure was painted on
+    (the last painted wins, as in the HU volume); noise draws nothing that the labels depend on."""
     ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
     x, y, z = (affine[:3, :3].astype(np.float32) @ ijk) + affine[:3, 3:4].astype(np.float32)
     a = case.anatomy
     hu = np.full(x.shape, -1000.0, dtype=np.float32)
+    labels = np.zeros(x.shape, dtype=np.uint8)
+    cls = {name: index for index, name in enumerate(LABEL_MAP_CLASSES)}
     body = _ellipsoid(x, y, z, (0, 0, 0), (a["body_rx"], a["body_ry"], 1e6)) <= 1
     hu[body] = -90.0  # subcutaneous fat
+    labels[body] = cls["body"]
     muscle = _ellipsoid(x, y, z, (0, 0, 0), (a["body_rx"] - 15, a["body_ry"] - 15, 1e6)) <= 1
     hu[muscle] = 40.0
     f = case.findings
@@ -86,6 +112,7 @@ def render_hu(case: Case, affine: np.ndarray, shape, rng: np.random.Generator) -
         lung = _ellipsoid(x, y, z, centre, (a["lung_rx"], a["lung_ry"], a["lung_rz"])) <= 1
         lungs[side] = (lung, centre)
         hu[lung] = -960.0 if "Emphysema" in f else -840.0
+        labels[lung] = cls["lung"]
     if "Emphysema" in f:  # bullae
         for _ in range(12):
             side = "right" if rng.random() < 0.5 else "left"
@@ -95,18 +122,24 @@ def render_hu(case: Case, affine: np.ndarray, shape, rng: np.random.Generator) -
     if "Pleural effusion" in f:
         for side in f["Pleural effusion"]["sides"]:
             lung, c = lungs[side]
-            hu[lung & (y < c[1] - 0.35 * a["lung_ry"])] = 12.0
+            fluid = lung & (y < c[1] - 0.35 * a["lung_ry"])
+            hu[fluid] = 12.0
+            labels[fluid] = cls["pleural_effusion"]
     if "Consolidation" in f:
         d = f["Consolidation"]
         lung, c = lungs[d["side"]]
         cz = c[2] + (0.45 if d["lobe"] == "upper" else -0.45) * a["lung_rz"]
-        hu[lung & (_ellipsoid(x, y, z, (c[0], c[1] + 10, cz), (38, 35, 40)) <= 1)] = 35.0
+        consolidated = lung & (_ellipsoid(x, y, z, (c[0], c[1] + 10, cz), (38, 35, 40)) <= 1)
+        hu[consolidated] = 35.0
+        labels[consolidated] = cls["consolidation"]
     if "Lung nodule" in f:
         d = f["Lung nodule"]
         lung, c = lungs[d["side"]]
         r = d["size_mm"] / 2.0
         nc = (c[0] + d["offset"][0], c[1] + d["offset"][1], c[2] + d["offset"][2])
-        hu[_ellipsoid(x, y, z, nc, (r, r, r)) <= 1] = 80.0
+        nodule = _ellipsoid(x, y, z, nc, (r, r, r)) <= 1
+        hu[nodule] = 80.0
+        labels[nodule] = cls["lung_nodule"]
     heart_r = np.array([a["heart_r"] * 1.1, a["heart_r"], a["heart_r"] * 0.95])
     if "Cardiomegaly" in f:
         heart_r = heart_r * 1.4
@@ -114,11 +147,15 @@ def render_hu(case: Case, affine: np.ndarray, shape, rng: np.random.Generator) -
     if "Pericardial effusion" in f:
         sac = _ellipsoid(x, y, z, heart_c, heart_r + 14.0) <= 1
         hu[sac] = 8.0
-    hu[_ellipsoid(x, y, z, heart_c, heart_r) <= 1] = 180.0  # contrast-enhanced blood pool
+        labels[sac] = cls["pericardial_effusion"]
+    heart = _ellipsoid(x, y, z, heart_c, heart_r) <= 1
+    hu[heart] = 180.0  # contrast-enhanced blood pool
+    labels[heart] = cls["heart"]
     spine = ((x / 18.0) ** 2 + ((y + a["body_ry"] - 45) / 18.0) ** 2) <= 1
     hu[spine] = 600.0
+    labels[spine] = cls["body"]
     hu += rng.normal(0.0, 15.0, size=hu.shape).astype(np.float32)
-    return hu.reshape(shape)
+    return hu.reshape(shape), labels.reshape(shape)
 
 
 # --- reports --------------------------------------------------------------------------------
@@ -330,12 +367,15 @@ def _write_case(job) -> tuple[dict, dict, dict, dict | None]:
     case_rng = np.random.default_rng([seed, index])
     shape = _voxel_shape(case)
     affine = axcodes_affine(case.orientation, case.spacing_mm, shape)
-    hu = render_hu(case, affine, shape, case_rng)
+    hu, labels = render(case, affine, shape, case_rng)
     scan = case.volume_name.rsplit("_", 1)[0]
     path = Path(out) / case.split / case.patient_id / scan / f"{case.volume_name}.nii.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(encode_nifti(case, hu, affine))
     name = f"{case.volume_name}.nii.gz"
+    label_path = Path(out) / LABEL_MAPS_DIR / case.split / label_map_name(name)  # same grid and affine as the CT
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    label_path.write_bytes(nifti_gz_bytes(labels, affine))
     report = {"VolumeName": name, "split": case.split, **write_report(case, case_rng)}
     label = {"VolumeName": name, "split": case.split, **{k: int(k in case.findings) for k in CTRATE_LABELS}}
     meta = {
@@ -416,6 +456,7 @@ def synthesize(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0
             table.to_csv(out / folder / filename, index=False)
     if radiographs:
         pd.DataFrame([x for x in xrays if x is not None]).to_csv(out / RADIOGRAPHS_CSV, index=False)
+    (out / LABEL_MAPS_DIR / LABEL_MAP_CLASSES_FILE).write_text(json.dumps(list(LABEL_MAP_CLASSES)) + "\n")
     return pd.DataFrame([
         {"VolumeName": c.volume_name, "patient_id": c.patient_id, "split": c.split,
          "orientation": c.orientation, "storage": c.storage, **{k: int(k in c.findings) for k in PHANTOM_FINDINGS}}

@@ -21,6 +21,12 @@ sentence_embeddings, sentence_mask`).
 `storage = "highres"`: binary, the storage dtype's little-endian bytes in C order, axes x, y, z
 (RAS), shape in `image_shape` (int32, 3 values, each >= `spec.shape`). `decode_image` turns
 either kind into an array.
+
+`label_map` (only in shards of a corpus with voxel label maps, manifest column `label`): binary,
+uint8 class per voxel in C order on the grid of `image` (shape `image_shape`), resampled with
+nearest-neighbour interpolation through the same transforms as the CT
+(`vlp3d.data.volume.preprocess_volume`); empty bytes for a row without one. Shards written
+before it simply lack the column; `_manifest.json` then has no `label_maps` entry.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ import nibabel as nib
 import numpy as np
 
 from vlp3d.config import ExperimentConfig
-from vlp3d.data.corpus import metadata_scaling, metadata_spacing
+from vlp3d.data.corpus import LABEL_MAP_COLUMN, metadata_scaling, metadata_spacing
 from vlp3d.data.hounsfield import NotCTError, not_ct_reason
 from vlp3d.data.radiograph import load_radiograph, resize_2d
 from vlp3d.data.report import report_text
-from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_hu, quantise
+from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_volume, quantise
 
 MANIFEST = "_manifest.json"
+LABEL_MAP = "label_map"  # shard column of CT rows when the corpus has voxel label maps (`decode_label_map`)
 SPACING_TOLERANCE = 0.01
 MODALITIES = ("ct", "xray")
 MODALITY_DIRS = {"ct": "", "xray": "xray"}  # sub-folder of the shard folder per modality
@@ -160,11 +167,36 @@ def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> d
     listed = metadata_spacing(row)
     if listed and not np.allclose(header_spacing, listed, rtol=SPACING_TOLERANCE):
         warnings.append(f"header spacing {np.round(header_spacing, 3).tolist()} differs from metadata {listed}; used header")
-    volume = preprocess_hu(hu, affine, spec)
+    label_map = load_label_map(row[LABEL_MAP_COLUMN], affine, hu.shape) if row.get(LABEL_MAP_COLUMN) else None
+    volume, label_map = preprocess_volume(hu, affine, spec, label_map)
     image_shape = np.asarray(volume.shape, dtype=np.int32)
     image = encode_image(volume) if spec.storage == "highres" else volume
-    return _shard_row(row, spec, label_names, text, sentences, modality, image, image_shape,
-                      decision.source, decision.slope, decision.intercept, header_spacing, warnings)
+    out = _shard_row(row, spec, label_names, text, sentences, modality, image, image_shape,
+                     decision.source, decision.slope, decision.intercept, header_spacing, warnings)
+    if LABEL_MAP_COLUMN in row:  # the corpus has label maps: every CT row gets the column (empty: none)
+        out[LABEL_MAP] = b"" if label_map is None else encode_image(label_map)
+    return out
+
+
+def load_label_map(path, affine: np.ndarray, shape) -> np.ndarray:
+    """A voxel label map (NIfTI) that lies on the CT's grid: same shape, affine within 1e-3 mm."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"label map file not found: {path} (manifest column '{LABEL_MAP_COLUMN}')")
+    img = nib.load(str(path))
+    if tuple(img.shape) != tuple(shape) or not np.allclose(img.affine, affine, atol=1e-3):
+        raise ValueError(f"label map {path} (shape {list(img.shape)}) is not on the grid of its CT (shape "
+                         f"{list(shape)}, affine {np.round(affine, 3).tolist()}); resample it onto the CT's grid first")
+    return np.asarray(img.dataobj)
+
+
+def decode_label_map(value, shape) -> np.ndarray | None:
+    """A shard row's `label_map` (uint8 bytes, C order, axes x, y, z of `image_shape`) -> array; None when the
+    row has no label map (empty bytes)."""
+    if value is None or len(value) == 0:
+        return None
+    return decode_image(value, shape, "uint8")
+
+
 
 
 def encode_image(volume: np.ndarray) -> bytes:

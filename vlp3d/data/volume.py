@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
-    CenterSpatialCrop,
+    CenterSpatialCropd,
     Compose,
-    CropForeground,
-    Orientation,
-    ResizeWithPadOrCrop,
-    ScaleIntensityRange,
-    Spacing,
-    SpatialPad,
+    CropForegroundd,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
 )
 
 from vlp3d.config import DataConfig, ModelConfig
@@ -133,16 +133,12 @@ CROP_MARGIN_VOXELS = 4
 FOREGROUND_MARGIN_MM = 5.0
 
 
-def _window(spec: PreprocessSpec) -> ScaleIntensityRange:
-    return ScaleIntensityRange(a_min=spec.hu_window[0], a_max=spec.hu_window[1], b_min=0.0, b_max=1.0, clip=True)
+IMAGE, LABEL = "image", "label"  # keys of the transform chain: the CT and its (optional) voxel label map
 
 
-def _resample(spec: PreprocessSpec) -> Compose:
-    return Compose([
-        Spacing(pixdim=spec.spacing_mm, mode=spec.interpolation),
-        _window(spec),
-        ResizeWithPadOrCrop(spatial_size=spec.shape, mode="constant", value=0.0),
-    ])
+def _window(spec: PreprocessSpec) -> ScaleIntensityRanged:
+    return ScaleIntensityRanged(keys=IMAGE, a_min=spec.hu_window[0], a_max=spec.hu_window[1], b_min=0.0, b_max=1.0,
+                                clip=True)
 
 
 def _voxel_sizes(volume: MetaTensor) -> np.ndarray:
@@ -152,11 +148,17 @@ def _voxel_sizes(volume: MetaTensor) -> np.ndarray:
 def crop_to_body(volume: MetaTensor, threshold_hu: float, margin_mm: float = FOREGROUND_MARGIN_MM) -> MetaTensor:
     """Crop a channel-first HU MetaTensor to the bounding box of voxels above `threshold_hu`, plus
     `margin_mm` (clipped at the volume's edge); the affine follows. No voxel above: unchanged."""
+    return _crop_to_body({IMAGE: volume}, threshold_hu, margin_mm)[IMAGE]
+
+
+def _crop_to_body(data: dict, threshold_hu: float, margin_mm: float = FOREGROUND_MARGIN_MM) -> dict:
+    volume = data[IMAGE]
     if not bool((volume > threshold_hu).any()):
-        return volume
+        return data
     margin = np.ceil(margin_mm / _voxel_sizes(volume)).astype(int).tolist()
-    crop = CropForeground(select_fn=lambda x: x > threshold_hu, margin=margin, allow_smaller=True)
-    return crop(volume)
+    crop = CropForegroundd(keys=list(data), source_key=IMAGE, select_fn=lambda x: x > threshold_hu, margin=margin,
+                           allow_smaller=True)
+    return crop(data)
 
 
 def preprocess_hu(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -167,21 +169,49 @@ def preprocess_hu(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec) -> n
     only voxels that are kept get resampled. "highres": every voxel (of the body box) at
     `spec.spacing_mm`, zero-padded (centred) up to at least `spec.shape` per axis.
     """
-    volume = MetaTensor(torch.from_numpy(np.ascontiguousarray(hu))[None], affine=torch.from_numpy(affine))
-    volume = Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume)
+    return preprocess_volume(hu, affine, spec)[0]
+
+
+def preprocess_volume(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec,
+                      label_map: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`preprocess_hu`, carrying an optional voxel label map (integer class per voxel, on the same
+    grid as `hu`) through the same transforms: one chain of MONAI dictionary transforms, the label
+    map resampled with nearest-neighbour interpolation, cropped with the volume (the body box is
+    the CT's) and padded with 0 (background). Returns (image, uint8 label map or None)."""
+    data = {IMAGE: MetaTensor(torch.from_numpy(np.ascontiguousarray(hu))[None], affine=torch.from_numpy(affine))}
+    if label_map is not None:
+        label_map = np.asarray(label_map)
+        if label_map.shape != hu.shape:
+            raise ValueError(f"label map shape {list(label_map.shape)} differs from the volume's {list(hu.shape)}: "
+                             "a label map must lie on the CT's voxel grid (same shape and affine)")
+        if label_map.size and (label_map.min() < 0 or label_map.max() > 255 or
+                               not np.array_equal(label_map, np.round(label_map))):
+            raise ValueError("label map values must be integer classes in 0..255 (0 = background); got values in "
+                             f"[{label_map.min()}, {label_map.max()}]")
+        data[LABEL] = MetaTensor(torch.from_numpy(np.ascontiguousarray(label_map, dtype=np.float32))[None],
+                                 affine=torch.from_numpy(affine))
+    keys = list(data)
+    modes = [spec.interpolation if key == IMAGE else "nearest" for key in keys]
+    data = Orientationd(keys=keys, axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(data)
     if spec.foreground_crop:
-        volume = crop_to_body(volume, spec.body_threshold_hu)
+        data = _crop_to_body(data, spec.body_threshold_hu)
+    spacing = Spacingd(keys=keys, pixdim=spec.spacing_mm, mode=modes)
     if spec.storage == "highres":
-        volume = Spacing(pixdim=spec.spacing_mm, mode=spec.interpolation)(volume)
-        volume = _window(spec)(volume)
-        volume = SpatialPad(spatial_size=spec.shape, mode="constant", value=0.0)(volume)
-        return quantise(volume[0].as_tensor().numpy(), spec.storage_dtype)
-    needed = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing_mm) / _voxel_sizes(volume)).astype(int)
-    roi = np.minimum(np.asarray(volume.shape[1:]), needed + 2 * CROP_MARGIN_VOXELS)
-    if (roi < np.asarray(volume.shape[1:])).any():
-        volume = CenterSpatialCrop(roi_size=roi.tolist())(volume)
-    out = _resample(spec)(volume)[0].as_tensor().numpy()
-    return quantise(out, spec.storage_dtype)
+        data = Compose([spacing, _window(spec),
+                        SpatialPadd(keys=keys, spatial_size=spec.shape, mode="constant", value=0.0)])(data)
+    else:
+        volume = data[IMAGE]
+        needed = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing_mm) / _voxel_sizes(volume)).astype(int)
+        roi = np.minimum(np.asarray(volume.shape[1:]), needed + 2 * CROP_MARGIN_VOXELS)
+        if (roi < np.asarray(volume.shape[1:])).any():
+            data = CenterSpatialCropd(keys=keys, roi_size=roi.tolist())(data)
+        data = Compose([spacing, _window(spec),
+                        ResizeWithPadOrCropd(keys=keys, spatial_size=spec.shape, mode="constant", value=0.0)])(data)
+    image = quantise(data[IMAGE][0].as_tensor().numpy(), spec.storage_dtype)
+    labels = None
+    if LABEL in data:
+        labels = np.round(data[LABEL][0].as_tensor().numpy()).astype(np.uint8)
+    return image, labels
 
 
 def body_level(spec: PreprocessSpec, threshold_hu: float | None = None, *, dequantised: bool = False) -> float:

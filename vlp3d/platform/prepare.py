@@ -56,7 +56,13 @@ import pyarrow.parquet as pq
 import vlp3d
 from vlp3d import logs
 from vlp3d.config import ExperimentConfig
-from vlp3d.data.corpus import fraction_ranks, manifest_hash, manifest_rows, read_corpus
+from vlp3d.data.corpus import (
+    LABEL_MAP_COLUMN,
+    fraction_ranks,
+    manifest_hash,
+    manifest_rows,
+    read_corpus,
+)
 from vlp3d.data.files import FolderLock, remove_temporaries, write_json_atomic
 from vlp3d.data.shards import (
     MANIFEST,
@@ -352,6 +358,9 @@ def _prepare_locked(cfg, spec: PreprocessSpec, corpus: str, table: pd.DataFrame,
         "warnings": sorted(warnings, key=lambda r: r["row"]),
         "elapsed_s": round(time.time() - started, 1),
     }
+    if LABEL_MAP_COLUMN in table.columns:  # voxel label maps carried into the shards (column label_map)
+        manifest["label_maps"] = {"classes": table.attrs.get("label_map_classes"),
+                                  "rows": int(table[LABEL_MAP_COLUMN].notna().sum())}
     write_json_atomic(shard_dir / MANIFEST, manifest, indent=2)
     return manifest
 
