@@ -98,6 +98,9 @@ def test_every_shipped_config_loads_and_method_defaults_apply():
     assert {"mg3d_demo", "t3d_demo", "unimedi_demo", "mg3d_ctrate", "t3d_ctrate", "unimedi_ctrate",
             "mg3d_demo_no_interpatient", "mg3d_demo_no_reconstruction"} <= set(configs)
     for name, cfg in configs.items():
+        if name.startswith("finetune"):  # fine-tuning takes its encoder from the pretrained model: no method
+            assert cfg.finetune.task in ("segmentation", "classification")
+            continue
         assert cfg.objective.name == ("clip" if name == "demo" else name.split("_")[0])
     objective = configs["mg3d_ctrate"].objective
     # METHODS.md: align 0.1 at tau 0.1, mim/mlm 1.0, the others 0.1, heads at 5x the encoder lr

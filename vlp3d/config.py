@@ -278,6 +278,46 @@ class EvalConfig:
     )
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """`vlp3d finetune`: a registered pretrained model's image encoder fine-tuned on a labelled downstream task
+    (Ray Train, tracked in MLflow, the result registered with a link to the model it started from)."""
+
+    model: str = _f("", "Pretrained model to start from: models:/NAME@ALIAS or models:/NAME/VERSION (`--model`).")
+    task: Literal["segmentation", "classification"] = _f(
+        "segmentation", "'segmentation': the shards' voxel label maps (column label_map), MONAI SwinUNETR (swin3d) "
+        "or UNETR (vit3d) or a small U-Net decoder (resnet3d) around the encoder, Dice + cross-entropy loss, "
+        "sliding-window inference, per-class Dice and HD95; 'classification': the shards' 0/1 labels, encoder + "
+        "finetune.head, multi-label BCE, per-label AUROC.",
+    )
+    init: Literal["pretrained", "random"] = _f(
+        "pretrained", "'pretrained': the encoder starts from the model's weights; 'random': the same network from "
+        "a fresh random initialisation (the baseline that shows what pretraining is worth).",
+    )
+    label_fraction: float = _f(
+        1.0, "Share of the training patients whose labels are used, stratified; nested like data.fraction "
+        "(0.1 within 0.25 within 1.0) and the same patients for every model and init.",
+    )
+    max_steps: int = _f(200, "Optimizer steps of fine-tuning.")
+    global_batch: int = _f(4, "Volumes (segmentation: crops) per step, summed over cluster.num_workers workers.")
+    lr: float = _f(1e-3, "Peak learning rate (AdamW) of the decoder/head.")
+    encoder_lr_mult: float = _f(1.0, "Encoder learning rate = finetune.lr x this (0: the encoder stays frozen).")
+    weight_decay: float = _f(1e-5, "AdamW weight decay.")
+    warmup_steps: int = _f(10, "Linear warm-up steps before cosine decay.")
+    roi_size: tuple[int, ...] = _f(
+        (), "Crop (x, y, z) the network sees: random crops in training, the window of sliding-window inference "
+        "(segmentation) or the centre crop/pad (classification). Empty: the pretrained encoder's input shape.",
+    )
+    sw_overlap: float = _f(0.25, "Overlap of neighbouring windows in sliding-window inference.")
+    classes: tuple[str, ...] = _f(
+        (), "Segmentation: label-map classes to segment (names from the shards' manifest, e.g. [\"lung\", "
+        "\"heart\"]); voxels of other classes count as background. Empty: every class.",
+    )
+    labels: tuple[str, ...] = _f((), "Classification: labels to predict; empty: every label of the shards.")
+    head: Literal["linear", "mlp"] = _f("linear", "Classification head on the pooled encoder features.")
+    registered_model: str = _f("", "Registered name of the fine-tuned model; empty: <pretrained name>-<task>.")
+
+
 def _table(help: str) -> Any:
     """A TOML-table field (empty by default); its contents are checked by vlp3d.search_space."""
     return field(default_factory=dict, metadata={"help": help})
@@ -300,6 +340,11 @@ class TuneConfig:
     search: Literal["grid", "random", "optuna"] = _f(
         "grid", "'grid': every grid value (sampled keys drawn per grid point); 'random': every key sampled, "
         "lists as choices; 'optuna': Optuna's TPE over the space (pip install optuna), guided by tune.metric.",
+    )
+    trial: Literal["pretrain", "finetune"] = _f(
+        "pretrain", "What a trial runs: 'pretrain' (pretraining, then zero-shot evaluation) or 'finetune' (`vlp3d "
+        "finetune` of finetune.model, evaluated on data.eval_split: label-efficiency sweeps over "
+        "finetune.label_fraction x finetune.init, plotted as label_efficiency.png on the parent run).",
     )
     num_samples: int = _f(1, "Trials per grid point ('grid') or in all ('random', 'optuna').")
     metric: str = _f("eval/macro_auroc", "Trial metric that ranks trials and guides Optuna (reported at the end of a trial).")
@@ -345,6 +390,7 @@ class ExperimentConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -588,6 +634,11 @@ RANGES: dict[str, tuple[float, float, bool, str]] = {
     "train.grad_share_every": (0, 1e9, True, "steps between per-term gradient measurements, 0 = never"),
     "train.prefetch_batches": (1, 1e6, True, "batches prepared ahead per worker"),
     "train.sentence_dropout": (0.0, 1.0, True, "the share of sentences left out of a training report embedding"),
+    "finetune.label_fraction": (0.0, 1.0, False, "the share of training patients whose labels fine-tuning uses"),
+    "finetune.max_steps": (1, 1e9, True, "fine-tuning steps"),
+    "finetune.global_batch": (1, 1e9, True, "volumes per fine-tuning step"),
+    "finetune.sw_overlap": (0.0, 0.95, True, "the overlap of sliding windows"),
+    "finetune.encoder_lr_mult": (0.0, 1e3, True, "the encoder's learning-rate multiplier"),
 }
 
 
@@ -768,7 +819,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 # what MLflow receives as params: the training-relevant sections, every field but locations
-LOGGED_SECTIONS = ("data", "model", "objective", "train", "eval", "tune", "cluster")
+LOGGED_SECTIONS = ("data", "model", "objective", "train", "eval", "finetune", "tune", "cluster")
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
 
 

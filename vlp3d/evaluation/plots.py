@@ -203,26 +203,30 @@ def reliability_figure(targets: np.ndarray, probabilities: np.ndarray, names: li
     return figure
 
 
-def label_efficiency_figure(table, title: str = ""):
-    """Linear-probe macro AUROC (95% CI) over the share of training labels, one line per feature
-    source (`vlp3d.evaluation.probe.compare_probes`' table); dotted: chance."""
+def label_efficiency_figure(table, title: str = "", value: str = "auroc", ylabel: str = "",
+                            chance: float | None = 0.5):
+    """A score (95% CI) over the share of training labels, one line per feature source: by default
+    linear-probe macro AUROC (`vlp3d.evaluation.probe.compare_probes`' table: columns features, fraction,
+    auroc, auroc_ci_low, auroc_ci_high); `value` names another score column (with its `_ci_low`/`_ci_high`,
+    e.g. fine-tuning Dice per initialisation from a label-efficiency sweep). Dotted: `chance` (None: no line)."""
     figure, axes = _figure(1, width=5.6, height=4.2)
     ax = axes[0]
     sources = list(dict.fromkeys(table["features"]))
     for source, colour, marker in zip(sources, _colours(len(sources)), _MARKERS, strict=False):
-        rows = table[(table["features"] == source) & np.isfinite(table["auroc"].to_numpy(dtype=float))]
-        x, y = rows["fraction"].to_numpy(dtype=float), rows["auroc"].to_numpy(dtype=float)
-        low, high = rows["auroc_ci_low"].to_numpy(dtype=float), rows["auroc_ci_high"].to_numpy(dtype=float)
+        rows = table[(table["features"] == source) & np.isfinite(table[value].to_numpy(dtype=float))]
+        x, y = rows["fraction"].to_numpy(dtype=float), rows[value].to_numpy(dtype=float)
+        low, high = rows[f"{value}_ci_low"].to_numpy(dtype=float), rows[f"{value}_ci_high"].to_numpy(dtype=float)
         ax.errorbar(x, y, yerr=[np.clip(y - np.nan_to_num(low, nan=y), 0, None),
                                 np.clip(np.nan_to_num(high, nan=y) - y, 0, None)],
                     fmt=marker + "-", color=colour, capsize=3, lw=1.4, ms=5, label=source)
-    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
     fractions = sorted(table["fraction"].unique())
     ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
     ax.minorticks_off()
     ax.set_xlabel("share of training labels (nested subsets of patients)")
-    ax.set_ylabel("linear-probe macro AUROC (95% CI)")
+    ax.set_ylabel(ylabel or "linear-probe macro AUROC (95% CI)")
     ax.set_title(title or "label efficiency: frozen features + logistic regression", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.25)

@@ -23,7 +23,7 @@ def dice_hd95(prediction, target, num_classes: int, spacing_mm: Sequence[float] 
     counted); present in the target but not predicted: Dice 0, HD95 inf."""
     from monai.metrics import compute_dice, compute_hausdorff_distance
 
-    prediction, target = torch.as_tensor(np.asarray(prediction)), torch.as_tensor(np.asarray(target))
+    prediction, target = torch.as_tensor(np.array(prediction)), torch.as_tensor(np.array(target))
     if prediction.shape != target.shape or prediction.ndim != 4:
         raise ValueError(f"prediction {list(prediction.shape)} and target {list(target.shape)} must both be "
                          "[N, X, Y, Z] label maps")

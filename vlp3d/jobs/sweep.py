@@ -42,6 +42,8 @@ def render(result) -> str:
     keys = [k for k in result.display_keys if k in table]
     lines = []
     rows = []
+    if "finetune.init" in table:  # a label-efficiency sweep (tune.trial = 'finetune')
+        return render_finetune(result, keys)
     for record in table.to_dict("records"):
         auroc = record.get("macro_auroc", math.nan)
         interval = (f"{_fmt(auroc)} [{_fmt(record.get('macro_auroc_ci_low'))}, "
@@ -68,6 +70,29 @@ def render(result) -> str:
                                         "parameters, or training FLOPs on the compute frontier)"))
     else:
         lines.append("scaling fits: none (neither data.fraction nor model.size varies)")
+    failed = table[table["status"] == "error"] if len(table) else table
+    if len(failed):
+        lines.append(format_table(failed[["trial_id", "label", "error"]].values.tolist(), ["trial", "config", "error"],
+                                  title="failed trials (their Ray logs are in the sweep folder's trial folders)"))
+    if result.best_trial:
+        lines.append(f"best trial: {result.best_trial}")
+    lines.append(f"{len(table)} trials in {result.elapsed_s:.0f} s; folder {result.folder}")
+    lines.append("plots:   " + ", ".join(str(p.name) for p in result.figures) + f" (in {result.folder / 'plots'})")
+    lines.append(f"mlflow:  parent run {result.parent_run_id}; mlflow ui --backend-store-uri {result.tracking_uri}")
+    return "\n\n".join(lines)
+
+
+def render_finetune(result, keys: list[str]) -> str:
+    """Summary of a fine-tuning sweep: per trial its evaluation (Dice per class or AUROC), then where the
+    label-efficiency plot is."""
+    table = result.table
+    scores = [c for c in table.columns if c.startswith("eval_") and "hd95" not in c and "_atlas" not in c
+              and "_everywhere" not in c] or [c for c in ("macro_auroc",) if c in table]
+    rows = [[r["trial_id"], r["status"], *(r[k] for k in keys), r["n_train"], *(_fmt(r.get(c)) for c in scores),
+             f"{r['wall_s']:.0f} s"] for r in table.to_dict("records")]
+    lines = [format_table(rows, ["trial", "status", *keys, "labelled volumes",
+                                 *(c.removeprefix("eval_") for c in scores), "wall"],
+                          title=f"sweep {result.name}: fine-tuning trials (held-out split)")]
     failed = table[table["status"] == "error"] if len(table) else table
     if len(failed):
         lines.append(format_table(failed[["trial_id", "label", "error"]].values.tolist(), ["trial", "config", "error"],

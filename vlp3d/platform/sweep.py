@@ -112,6 +112,15 @@ def check_sweep(cfg: ExperimentConfig) -> tuple[SearchSpace, list[ExperimentConf
 
     space = parse_space(cfg.tune.space, cfg.tune.variants)
     _check_metric(cfg.tune.metric, "tune.metric")
+    if cfg.tune.trial == "finetune":
+        from vlp3d.platform.finetune import plan as preflight  # noqa: F811 - a fine-tuning trial's checks
+
+        if cfg.tune.scheduler != "none":
+            raise ConfigError("tune.trial = 'finetune' runs every trial to finetune.max_steps; set tune.scheduler = "
+                              "'none' (fine-tuning reports no validation loss to stop trials on).")
+        if not cfg.tune.metric.startswith(EVAL_PREFIX):
+            raise ConfigError(f"tune.metric = {cfg.tune.metric!r}: a fine-tuning trial reports its evaluation, e.g. "
+                              "eval/mean_dice, eval/dice/lung (segmentation) or eval/macro_auroc (classification).")
     if cfg.tune.scheduler == "asha":
         _check_metric(cfg.tune.asha_metric, "tune.asha_metric")
         if cfg.tune.asha_metric.startswith("val/") and not cfg.train.val_every:
@@ -199,6 +208,22 @@ def _stored_trial(cfg: ExperimentConfig, run) -> dict | None:
                           run.info.run_id)
 
 
+def run_finetune_trial(trial_cfg: ExperimentConfig, run_name: str, sweep: dict, tags: dict[str, str]) -> None:
+    """A fine-tuning trial (tune.trial = 'finetune'): `vlp3d finetune` as a child run, its evaluation on
+    data.eval_split reported to Tune as eval/<metric> (eval/mean_dice, eval/dice/<class>, eval/macro_auroc)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from vlp3d.platform.finetune import finetune
+
+    result = finetune(trial_cfg, run_name=run_name, progress=None, callbacks=[TuneReportCallback()],
+                      parent_run_id=sweep["parent_run_id"], register=False, tags=tags)
+    prefix = f"eval/{trial_cfg.data.eval_split}/"
+    tracking.end_run(sweep["tracking_uri"], result.run_id, "FINISHED", {tracking.TRIAL_STATUS_TAG: "finished"})
+    tune.report(_final_metrics(result.train_metrics, {k.removeprefix(prefix): v for k, v in result.metrics.items()},
+                               result.run_id))
+
+
 def run_trial(params: dict, base: dict, sweep: dict) -> None:
     """One trial, in a Tune actor: pretrain (reports reach Tune through TuneReportCallback), evaluate
     on the held-out split exactly as `vlp3d evaluate` does, report the final metrics to Tune."""
@@ -220,6 +245,9 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
         tune.report(stored)
         return
     tags = {tracking.SWEEP_TAG: sweep["name"], tracking.TRIAL_TAG: trial_id, VARIANT: str(params.get(VARIANT, ""))}
+    if trial_cfg.tune.trial == "finetune":
+        run_finetune_trial(trial_cfg, run_name, sweep, tags)
+        return
     result = pretrain(trial_cfg, run_name=run_name, progress=None, callbacks=[TuneReportCallback()],
                       parent_run_id=sweep["parent_run_id"], register=False, tags=tags)
     report = evaluate_as_configured(trial_cfg, result.model_uri)
@@ -230,8 +258,8 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
 class SweepProgress(Callback):
     """A Tune callback printing one line per trial event and validation (Tune's own tables are off)."""
 
-    def __init__(self, planned: int, max_steps: int, keys: list[str]):
-        self.planned, self.max_steps, self.keys = planned, max_steps, keys
+    def __init__(self, planned: int, max_steps: int, keys: list[str], metric: str = "eval/macro_auroc"):
+        self.planned, self.max_steps, self.keys, self.metric = planned, max_steps, keys, metric
         self.started = time.time()
 
     def _label(self, trial) -> str:
@@ -256,6 +284,9 @@ class SweepProgress(Callback):
                    f"[{result.get('eval/macro_auroc_ci_low', math.nan):.3f}, "
                    f"{result.get('eval/macro_auroc_ci_high', math.nan):.3f}]  val/loss "
                    f"{result.get('val/loss', math.nan):.4f}  ({result.get('time_total_s', 0):.0f} s)")
+        elif self.metric in result:  # a fine-tuning trial (tune.trial = 'finetune')
+            log.info(f"{self._done(trials)} trial {trial.trial_id} finished: {self.metric} {result[self.metric]:.3f}  "
+                     f"({result.get('time_total_s', 0):.0f} s)")
         else:
             log.info(f"{self._done(trials)} trial {trial.trial_id} stopped early at step {result.get('step', '?')} "
                    "(scheduler)")
@@ -346,7 +377,8 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
         trial_cfg = apply_params(cfg, params, space)
         trial_id = str(metrics.get("trial_id") or Path(result.path).name)
         history = result.metrics_dataframe
-        status = "error" if result.error else ("finished" if EVAL_PREFIX + "macro_auroc" in metrics else "stopped")
+        evaluated = any(str(k).startswith(EVAL_PREFIX) for k in metrics)
+        status = "error" if result.error else ("finished" if evaluated else "stopped")
         evaluation = _row_metrics(metrics, EVAL_PREFIX)
         run_id = metrics.get("mlflow_run_id", "")
         if status == "stopped":
@@ -356,10 +388,11 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
             run = tracking.find_run(trial_cfg, tracking.RUN_NAME_TAG, trial_run_name(sweep_name, trial_id))
             if run is not None:
                 tracking.end_run(tracking.uri(cfg), run.info.run_id, "FAILED", {tracking.TRIAL_STATUS_TAG: "error"})
-        fraction_key = (trial_cfg.data.shards, trial_cfg.data.train_split, trial_cfg.data.fraction)
+        fraction = trial_cfg.finetune.label_fraction if cfg.tune.trial == "finetune" else trial_cfg.data.fraction
+        fraction_key = (trial_cfg.data.shards, trial_cfg.data.train_split, fraction)
         if fraction_key not in counts:
             shard_dir = resolve_shard_dir(trial_cfg.data.shards, spec_from_config(trial_cfg).hash)
-            counts[fraction_key] = count_rows(shard_dir, trial_cfg.data.train_split, trial_cfg.data.fraction)
+            counts[fraction_key] = count_rows(shard_dir, trial_cfg.data.train_split, fraction)
         flops_per_step = float(metrics.get("flops_per_step", math.nan))
         steps = metrics.get("step", math.nan)
         row = {"trial_id": trial_id, "status": status, "label": trial_label(params)}
@@ -375,6 +408,9 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
             "flops_per_step": flops_per_step, "steps": steps, "train_flops": flops_per_step * steps,
             "global_batch": trial_cfg.train.global_batch, "wall_s": metrics.get("time_total_s", math.nan),
             "val_loss": metrics.get("val/loss", math.nan), **evaluation,
+            # every other evaluation metric (fine-tuning: mean_dice, dice_lung, hd95_mm_lung, auroc_<label>, ...)
+            **{table_column(k): v for k, v in metrics.items()
+               if str(k).startswith(EVAL_PREFIX) and table_column(k) not in evaluation},
             "mlflow_run_id": run_id,
             "error": str(result.error).strip().splitlines()[-1][:300] if result.error else "",
         })
@@ -389,11 +425,41 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
     return table, curve_frame.drop_duplicates(["trial_id", "step"], keep="last")
 
 
-def _figures(table: pd.DataFrame, series, varied: list[str], folder: Path) -> list[Path]:
+def label_efficiency_table(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Finished fine-tuning trials -> one row per (initialisation [and pretrained model / variant when they
+    vary], label fraction): mean of `column` over seeds with a 95% t-interval (NaN with one seed), the shape
+    `plots.label_efficiency_figure` draws."""
+    from scipy import stats
+
+    done = table[(table["status"] == "finished") & table[column].notna()] if column in table else table.iloc[:0]
+    keys = [k for k in ("finetune.model", VARIANT) if k in done and done[k].nunique() > 1]
+    rows = []
+    for (source, fraction), group in done.groupby(
+            [done.apply(lambda r: " ".join([str(r["finetune.init"]), *(str(r[k]) for k in keys)]), axis=1),
+             "finetune.label_fraction"], sort=True) if len(done) else []:
+        values = group[column].to_numpy(dtype=float)
+        mean, half = float(values.mean()), math.nan
+        if len(values) > 1:
+            half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+        rows.append({"features": source, "fraction": float(fraction), "value": mean, "value_ci_low": mean - half,
+                     "value_ci_high": mean + half, "trials": len(values)})
+    return pd.DataFrame(rows, columns=["features", "fraction", "value", "value_ci_low", "value_ci_high", "trials"])
+
+
+def _figures(table: pd.DataFrame, series, varied: list[str], folder: Path, cfg: ExperimentConfig | None = None
+             ) -> list[Path]:
     from vlp3d.evaluation import plots
 
     folder.mkdir(parents=True, exist_ok=True)
     figures = {}
+    if cfg is not None and cfg.tune.trial == "finetune":
+        column = table_column(cfg.tune.metric)
+        efficiency = label_efficiency_table(table, column)
+        if len(efficiency) and {"finetune.init", "finetune.label_fraction"} <= set(table):
+            figures["label_efficiency"] = plots.label_efficiency_figure(
+                efficiency, title=f"label efficiency: fine-tuning {cfg.finetune.task}, pretrained vs random init",
+                value="value", ylabel=f"{cfg.tune.metric.removeprefix(EVAL_PREFIX)} on {cfg.data.eval_split} "
+                                      "(mean over seeds, 95% CI)", chance=None)
     for axis in ("data", "params"):
         if any(s.axis == axis for s in series):
             figures[f"scaling_{axis}"] = plots.scaling_figure(series, axis)
@@ -451,7 +517,8 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _tuner(cfg, space, name, folder, trainable, workers,
-                       SweepProgress(planned, cfg.train.max_steps, [d.key for d in space.dimensions]))
+                       SweepProgress(planned, cfg.finetune.max_steps if cfg.tune.trial == "finetune" else cfg.train.max_steps,
+                                     [d.key for d in space.dimensions], cfg.tune.metric))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(to_toml(cfg))
     grid = tuner.fit()
@@ -460,7 +527,7 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
     varied = [k for k in space.keys if len(table) and table[k].nunique(dropna=False) > 1]
     series = scaling_series(table, curves, varied, n_boot=cfg.tune.fit_bootstrap, seed=cfg.tune.seed)
     fits = pd.DataFrame([s.as_row() for s in series])
-    figures = _figures(table, series, varied, folder / "plots")
+    figures = _figures(table, series, varied, folder / "plots", cfg)
     files = []
     for stem, frame in (("trials", table), ("fits", fits), ("curves", curves)):
         frame.to_csv(folder / f"{stem}.csv", index=False)
