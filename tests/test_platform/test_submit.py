@@ -108,8 +108,11 @@ def test_tracking_uri_and_env_names_reach_the_job_and_values_are_never_printed(
     assert captured_submission["address"] == "http://127.0.0.1:8265"
     assert submission.entrypoint == "python -m vlp3d.cli pretrain configs/demo.toml train.max_steps=2"
     env = submission.runtime_env
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     assert env["env_vars"] == {"EXTRA": "1", "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
-                               "VLP3D_TEST_SECRET": "s3cr3t-value-77"}
+                               "VLP3D_TEST_SECRET": "s3cr3t-value-77", "VLP3D_GIT_COMMIT": head,
+                               "VLP3D_GIT_DIRTY": env["env_vars"]["VLP3D_GIT_DIRTY"]}
+    assert env["env_vars"]["VLP3D_GIT_DIRTY"] in ("true", "false")
     assert env["working_dir"] == str(ROOT) and "/data/" in env["excludes"] and ".venv/" in env["excludes"]
     out, err = capsys.readouterr()
     shown = out + err + caplog.text
@@ -117,6 +120,46 @@ def test_tracking_uri_and_env_names_reach_the_job_and_values_are_never_printed(
     assert "VLP3D_TEST_SECRET" in shown and "MLFLOW_TRACKING_URI" in shown
     for secret in ("s3cr3t-value-77", "tracking-pass-42"):
         assert secret not in shown
+
+
+def _git(folder: Path, *args: str) -> str:
+    command = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "commit.gpgsign=false", *args]
+    return subprocess.run(command, cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_job_records_the_submitting_checkouts_commit_and_whether_it_was_dirty(tmp_path, monkeypatch):
+    """The job's working directory travels without .git: the submitter's commit and dirty flag go
+    in the runtime env, and the job's runs are tagged with them."""
+    from vlp3d.platform import tracking
+    from vlp3d.platform.runtime import GIT_COMMIT_ENV, GIT_DIRTY_ENV
+
+    checkout = tmp_path / "checkout"
+    _touch(checkout, "train.py")
+    _git(checkout, "init", "-q")
+    _git(checkout, "add", "train.py")
+    _git(checkout, "commit", "-q", "-m", "first")
+    head = _git(checkout, "rev-parse", "HEAD")
+    clean = jobs.build_submission(["pretrain"], ["pretrain"], working_dir=checkout).runtime_env["env_vars"]
+    assert clean == {GIT_COMMIT_ENV: head, GIT_DIRTY_ENV: "false"}
+    (checkout / "train.py").write_text("changed")
+    dirty = jobs.build_submission(["pretrain"], ["pretrain"], working_dir=checkout).runtime_env["env_vars"]
+    assert dirty == {GIT_COMMIT_ENV: head, GIT_DIRTY_ENV: "true"}
+
+    # not a git checkout: nothing passed (the job's own git_state says "unknown")
+    plain = tmp_path / "plain"
+    _touch(plain, "train.py")
+    assert "env_vars" not in jobs.build_submission(["pretrain"], ["pretrain"], working_dir=plain).runtime_env
+
+    # in the job: the passed values win over the (missing) .git of the uploaded folder
+    for name, value in dirty.items():
+        monkeypatch.setenv(name, value)
+    assert tracking.git_commit() == head
+    assert tracking.git_tags() == {"vlp3d.git_commit": head, "vlp3d.git_dirty": "true"}
+    monkeypatch.delenv(GIT_COMMIT_ENV)
+    monkeypatch.delenv(GIT_DIRTY_ENV)
+    local = tracking.git_tags()  # a local run: this checkout's own state
+    assert local["vlp3d.git_commit"] == _git(ROOT, "rev-parse", "HEAD")
+    assert local["vlp3d.git_dirty"] in ("true", "false")
 
 
 def test_an_env_name_missing_here_is_bad_input(monkeypatch, capsys, captured_submission):

@@ -264,6 +264,15 @@ def entrypoint(command: Sequence[str], cli_commands: Iterable[str]) -> str:
     return shlex.join(command)
 
 
+def code_version_env(working_dir: Path) -> dict[str, str]:
+    """The uploaded working directory's git commit and dirty flag (it travels without .git), for the
+    runs the job tracks (`vlp3d.git_commit` / `vlp3d.git_dirty` tags); {} outside a git checkout."""
+    from vlp3d.platform.runtime import GIT_COMMIT_ENV, GIT_DIRTY_ENV, git_state
+
+    commit, dirty = git_state(working_dir)
+    return {} if commit == "unknown" else {GIT_COMMIT_ENV: commit, GIT_DIRTY_ENV: dirty}
+
+
 def build_submission(command: Sequence[str], cli_commands: Iterable[str], working_dir: Path | None = None,
                      runtime_env: dict | None = None, env_names: Sequence[str] = ()) -> Submission:
     """The job's entrypoint and runtime environment: the working dir (with excludes), its env vars."""
@@ -275,7 +284,7 @@ def build_submission(command: Sequence[str], cli_commands: Iterable[str], workin
         raise FileNotFoundError(f"--working-dir {working_dir}: no such folder")
     excludes = excludes_for(working_dir, env.get("excludes", ()))
     files, size = upload_listing(working_dir, excludes)
-    env_vars = {**env.get("env_vars", {}), **passed_env(env_names)}
+    env_vars = {**env.get("env_vars", {}), **passed_env(env_names), **code_version_env(working_dir)}
     env.update(working_dir=str(working_dir), excludes=excludes)
     if env_vars:
         env["env_vars"] = env_vars

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from pathlib import Path
 
 from vlp3d import logs
@@ -104,3 +105,37 @@ def storage_path(cfg: ExperimentConfig) -> str:
     path = Path(cfg.tracking.workdir).resolve() / "ray_results"
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+# the submitting checkout's commit and whether its tree differed from it ("true"/"false"), set by
+# `vlp3d submit`: a job's working directory is uploaded without .git
+GIT_COMMIT_ENV = "VLP3D_GIT_COMMIT"
+GIT_DIRTY_ENV = "VLP3D_GIT_DIRTY"
+
+
+def git_state(folder: str | Path | None = None) -> tuple[str, str]:
+    """(commit, dirty) of the git checkout holding `folder` (default: vlp3d's own): the HEAD
+    commit, and "true" when tracked files changed or untracked, not ignored files exist (they
+    would be uploaded or imported too), else "false"; ("unknown", "unknown") outside git."""
+    if folder is None:
+        import vlp3d
+
+        folder = Path(vlp3d.__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=folder)
+        if head.returncode or not head.stdout.strip():
+            return "unknown", "unknown"
+        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=30,
+                                cwd=folder)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+    dirty = "unknown" if status.returncode else ("true" if status.stdout.strip() else "false")
+    return head.stdout.strip(), dirty
+
+
+def run_git_state() -> tuple[str, str]:
+    """What a run records as its code version: the submitter's (GIT_COMMIT_ENV / GIT_DIRTY_ENV,
+    set by `vlp3d submit`), else this checkout's `git_state()`."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV], os.environ.get(GIT_DIRTY_ENV, "unknown")
+    return git_state()

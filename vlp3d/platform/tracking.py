@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 import vlp3d
 from vlp3d.config import ExperimentConfig, logged_params, public_config, redact_userinfo, to_toml
-from vlp3d.platform.runtime import artifact_location, tracking_uri
+from vlp3d.platform.runtime import artifact_location, run_git_state, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +40,15 @@ def client(cfg_or_uri: ExperimentConfig | str) -> MlflowClient:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(vlp3d.__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The code version a run records: $VLP3D_GIT_COMMIT (`vlp3d submit` sets it from the submitting
+    checkout), else this checkout's HEAD, else "unknown"."""
+    return run_git_state()[0]
+
+
+def git_tags() -> dict[str, str]:
+    """`vlp3d.git_commit` and `vlp3d.git_dirty` ("true": the code differed from that commit) of a run."""
+    commit, dirty = run_git_state()
+    return {"vlp3d.git_commit": commit, "vlp3d.git_dirty": dirty}
 
 
 def experiment_id(cfg: ExperimentConfig) -> str:
@@ -111,7 +113,7 @@ def start_or_resume_run(cfg: ExperimentConfig, run_name: str, manifest: dict, sh
     tags = {
         RUN_NAME_TAG: run_name,
         "vlp3d.method": cfg.objective.name,
-        "vlp3d.git_commit": git_commit(),
+        **git_tags(),
         "vlp3d.data_hash": manifest["source_manifest_hash"],
         "vlp3d.preprocess_hash": manifest["spec_hash"],
         "vlp3d.version": vlp3d.__version__,
@@ -426,7 +428,7 @@ def start_or_resume_sweep_run(cfg: ExperimentConfig, name: str, search_space: di
         mlflow_client.update_run(existing.info.run_id, status="RUNNING")
         return existing.info.run_id
     tags = {SWEEP_PARENT_TAG: name, "mlflow.runName": name, "vlp3d.method": cfg.objective.name,
-            "vlp3d.git_commit": git_commit(), "vlp3d.version": vlp3d.__version__}
+            **git_tags(), "vlp3d.version": vlp3d.__version__}
     run_id = mlflow_client.create_run(experiment_id(cfg), run_name=name, tags=tags).info.run_id
     _log_params(mlflow_client, run_id, logged_params(cfg))
     mlflow_client.log_text(run_id, to_toml(public_config(cfg)), "config.toml")
