@@ -8,6 +8,7 @@ import vlp3d
 from vlp3d.config import to_toml
 from vlp3d.jobs import (
     demo,
+    embed,
     evaluate,
     export,
     finetune,
@@ -36,6 +37,7 @@ JOBS = {
     "pretrain": (pretrain, "pretrain on Ray Train, tracked in MLflow"),
     "sweep": (sweep, "Ray Tune sweep over config keys; scaling-law fits and plots in MLflow"),
     "evaluate": (evaluate, "zero-shot AUROC and retrieval on held-out shards"),
+    "embed": (embed, "embed CT volumes and reports with a logged model into a Parquet file"),
     "finetune": (finetune, "fine-tune a registered encoder: segmentation or classification, pretrained vs random"),
     "register": (register, "point the 'champion' alias at a better model version"),
     "models": (models, "list image encoders and presets with parameters and memory"),

@@ -372,6 +372,12 @@ class TrackingConfig:
                            location=True)
     experiment: str = _f("", "MLflow experiment; empty: the config name.")
     registered_model: str = _f("", "Registered model name; empty: vlp3d-<objective>.")
+    model_allowed_root: str = _f(
+        "", "Folder the logged model may read image paths from (symlinks resolved; other paths are refused, "
+        "arrays still accepted); empty: any path. Set it for a model that will be served. Recorded in the model "
+        "as model_config allowed_root; replaced at load time by mlflow.pyfunc.load_model(uri, "
+        "model_config={'allowed_root': DIR}) or, e.g. under `mlflow models serve`, $VLP3D_ALLOWED_ROOT.")
+
 
 
 @dataclass(frozen=True)

@@ -2,42 +2,160 @@
 
 from __future__ import annotations
 
+import copy
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vlp3d import checkpoint as checkpoints
+from vlp3d.data.hounsfield import HUDecision, NotCTError, require_ct, to_hounsfield
 from vlp3d.data.report import split_sentences
 from vlp3d.data.volume import PreprocessSpec, body_level, dequantise, load_volume_hu, preprocess_hu
 from vlp3d.encoders.text import TextEncoder, embed_reports
 from vlp3d.engine import VisionLanguageModel, build_model
 from vlp3d.objectives import objective_class
 
+RESCALE_COLUMNS = ("rescale_slope", "rescale_intercept")  # the pyfunc's and `vlp3d embed`'s names
+
+
+def _scaling_value(value) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+@dataclass
+class VolumeInput:
+    """One CT to embed: a `path` (NIfTI file, DICOM file or DICOM series folder) or an `array` of
+    stored values on axes whose `affine` maps voxel indices to RAS+ millimetres (or, without one,
+    `spacing_mm` along the R, A, S axes); `rescale_slope`/`rescale_intercept` as a metadata table
+    lists them (CT-RATE: 1, -1024), applied by the rules prepare uses (`to_hounsfield`)."""
+
+    path: str | None = None
+    array: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    spacing_mm: tuple[float, float, float] | None = None
+    rescale_slope: float | None = None
+    rescale_intercept: float | None = None
+    name: str = ""  # how errors name it: the path, or "row N"
+
+    @property
+    def where(self) -> str:
+        return self.name or str(self.path or "array input")
+
+    @property
+    def metadata_scaling(self) -> tuple[float | None, float | None]:
+        return _scaling_value(self.rescale_slope), _scaling_value(self.rescale_intercept)
+
+
+def array_affine(item: VolumeInput, shape: tuple[int, ...]) -> np.ndarray:
+    """The affine of an array input: `affine` (4 x 4), else diag(`spacing_mm`) on RAS axes; both given
+    must agree on the voxel sizes."""
+    spacing = None if item.spacing_mm is None else np.asarray(item.spacing_mm, dtype=np.float64).reshape(-1)
+    if spacing is not None and (spacing.shape != (3,) or not np.all(spacing > 0)):
+        raise ValueError(f"{item.where}: spacing must be 3 positive millimetre values, got {spacing.tolist()}")
+    if item.affine is None:
+        if spacing is None:
+            raise ValueError(f"{item.where}: an image array needs its `affine` (4 x 4, voxel indices -> RAS+ mm) or "
+                             "its `spacing` (3 values in mm, array axes along R, A, S)")
+        return np.diag([*spacing, 1.0])
+    affine = np.asarray([np.asarray(row, dtype=np.float64) for row in item.affine], dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise ValueError(f"{item.where}: affine must be an invertible 4 x 4 matrix of finite numbers "
+                         f"(got shape {list(affine.shape)})")
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    if spacing is not None and not np.allclose(sizes, spacing, rtol=1e-3):
+        raise ValueError(f"{item.where}: spacing {spacing.tolist()} differs from the affine's voxel sizes "
+                         f"{np.round(sizes, 4).tolist()}; give one of them")
+    return affine
+
+
+def _stack(value) -> np.ndarray:
+    """A 3D array from an ndarray or nested lists (ragged input is an error, not an object array)."""
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return value
+    return np.stack([np.stack([np.asarray(row, dtype=np.float32) for row in plane]) for plane in value])
+
+
+def load_ct(item: VolumeInput, assume_hu: bool = False) -> tuple[np.ndarray, np.ndarray, HUDecision]:
+    """(HU array, RAS affine, decision) of one input, by the rules prepare applies to a corpus row:
+    header scaling first, else the given rescale, then `not_ct_reason`. Stored values all >= 0 with
+    no rescale anywhere raise (they are HU or raw values offset by 1024: nothing tells which), unless
+    `assume_hu` says they are HU."""
+    if item.array is not None:
+        try:
+            raw = _stack(item.array)
+        except ValueError as err:
+            raise ValueError(f"{item.where}: image array is not a regular 3D array ({err})") from None
+        if raw.ndim != 3:
+            raise ValueError(f"{item.where}: image array has {raw.ndim} dimensions, expected 3 (x, y, z)")
+        affine = array_affine(item, raw.shape)
+        hu, decision = to_hounsfield(raw, (None, None), item.metadata_scaling)
+        if not np.isfinite(hu).all():
+            raise ValueError(f"{item.where}: image array contains NaN or infinite values")
+    else:
+        if not Path(str(item.path)).exists():
+            raise FileNotFoundError(f"{item.where}: no such file or folder")
+        try:
+            hu, affine, decision = load_volume_hu(str(item.path), item.metadata_scaling)
+        except (ValueError, OSError) as err:
+            raise type(err)(f"{item.where}: {err}") from None
+    try:
+        require_ct(hu, decision)
+    except NotCTError as err:
+        if not err.uncertain_hu:
+            raise NotCTError(f"{item.where}: not a CT in Hounsfield units: {err}") from None
+        if not assume_hu:
+            raise NotCTError(
+                f"{item.where}: stored values are all >= 0 ([{float(hu.min()):.0f}, {float(hu.max()):.0f}]) and no "
+                "rescale slope/intercept is in the file or given, so they may be raw values offset from HU (CT-RATE "
+                "stores HU + 1024 and lists RescaleSlope/RescaleIntercept in its metadata CSV). Pass the volume's "
+                "rescale in the columns rescale_slope and rescale_intercept (CT-RATE: 1 and -1024), or, if the "
+                "values are HU, params={'assume_hu': True} (vlp3d embed: --assume-hu)",
+                uncertain_hu=True) from None
+    return hu, affine, decision
+
 
 class Embedder:
-    """The embedding model of a checkpoint folder (vlp3d.checkpoint: model.pt, config.toml, meta.json)."""
+    """The embedding model of a checkpoint folder (vlp3d.checkpoint: model.pt, config.toml, meta.json).
+    `text_encoder`: a folder holding the checkpoint's text encoder, in place of the name it was trained
+    with (a logged model carries its own copy of a local one)."""
 
-    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu"):
+    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", text_encoder: str | None = None):
         checkpoint_dir = Path(checkpoint_dir)
         self.cfg = checkpoints.read_config(checkpoint_dir)
         self.meta = checkpoints.read_meta(checkpoint_dir)
         self.spec = PreprocessSpec.from_dict(self.meta["spec"])
+        self.text_encoder_path = text_encoder or self.spec.text_encoder
         self.label_names: list[str] = list(self.meta["label_names"])
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         self.model: VisionLanguageModel = build_model(self.cfg, text_dim=int(self.meta["text_dim"]))
         self.model.load_state_dict(checkpoints.load_model_state(checkpoint_dir, map_location=self.device))
         self.model.to(self.device).eval()
         self._text_encoder: TextEncoder | None = None
 
+    def randomly_initialised(self, seed: int = 0) -> Embedder:
+        """This model's architecture with fresh random weights (the linear probe's baseline): same
+        preprocessing, text encoder and evaluation path, nothing learned."""
+        other = copy.copy(self)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            other.model = build_model(self.cfg, text_dim=int(self.meta["text_dim"])).to(self.device).eval()
+        return other
+
     @property
     def text_encoder(self) -> TextEncoder:
         if self._text_encoder is None:
-            self._text_encoder = TextEncoder(self.spec.text_encoder, max_tokens=self.spec.max_tokens)
+            # stays on the CPU (small; its tokens are CPU tensors): the pooled vectors move to the device
+            self._text_encoder = TextEncoder(self.text_encoder_path, max_tokens=self.spec.max_tokens)
         return self._text_encoder
 
     @property
     def logit_scale(self) -> float:
+        """The zero-shot softmax scale: 1 / the learned temperature."""
         return self.model.scale().item()
 
     @torch.no_grad()
@@ -82,21 +200,35 @@ class Embedder:
             return self.embed_tiled(list(images), batch_size)
         return self.embed_volumes(torch.from_numpy(np.stack(list(images))), batch_size)
 
-    def embed_volume_files(self, paths: list[str]) -> torch.Tensor:
-        """NIfTI files or DICOM series -> [N, d], preprocessed with the spec the model was trained on."""
+    def embed_volume_files(self, paths: list[str], assume_hu: bool = False) -> torch.Tensor:
+        """NIfTI files or DICOM series -> [N, d], preprocessed with the spec the model was trained on
+        (HU rules: `load_ct`; files that need a rescale: `embed_inputs`)."""
+        return self.embed_inputs([VolumeInput(path=str(p)) for p in paths], assume_hu=assume_hu)
+
+    def embed_inputs(self, items: list[VolumeInput], assume_hu: bool = False, batch_size: int = 16) -> torch.Tensor:
+        """Volume inputs (paths or arrays, with their rescale) -> [N, d]; `load_ct` decides their HU."""
         volumes = []
-        for path in paths:
-            hu, affine, _ = load_volume_hu(path)
+        for item in items:
+            hu, affine, _ = load_ct(item, assume_hu=assume_hu)
             volumes.append(preprocess_hu(hu, affine, self.spec))
-        return self.embed_stored(volumes) if volumes else torch.zeros(0, self.cfg.model.embed_dim)
+        return self.embed_stored(volumes, batch_size=batch_size) if volumes else torch.zeros(0, self.cfg.model.embed_dim)
 
     @torch.no_grad()
     def embed_report_embeddings(self, report_embedding: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Frozen text-encoder report embeddings (as stored in the shards) -> [N, d]."""
-        pooled = torch.as_tensor(np.array(report_embedding, dtype=np.float32)).to(self.device)
+        if not isinstance(report_embedding, torch.Tensor):  # shard columns: lists or arrays
+            report_embedding = torch.from_numpy(np.array(report_embedding, dtype=np.float32))
+        pooled = report_embedding.float().to(self.device)
         return self.model.encode_text(pooled).cpu()
 
     def embed_reports(self, reports: list[str]) -> torch.Tensor:
         """Report or prompt texts -> [N, d] (sentence-split exactly as at prepare time)."""
         pooled = embed_reports(self.text_encoder, [split_sentences(r) for r in reports])
         return self.embed_report_embeddings(pooled)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto': the first GPU when torch sees one, else the CPU; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -109,3 +109,28 @@ def test_not_ct_rule_keeps_ct_and_names_what_is_not():
     assert unshifted.startswith("no value below 0 HU (range [0, ") and "RescaleIntercept" in unshifted
     assert "no value below 0 HU" in _reason(rng.uniform(0, 900, (16, 16, 16)))  # MR-like intensities
     assert "no value below 0 HU" in not_ct_reason(rng.uniform(0, 1, (16, 16, 16)), HUDecision("header", 1.0, 0.0))
+
+
+def test_require_ct_marks_the_case_a_rescale_would_fix():
+    from vlp3d.data.hounsfield import NotCTError, require_ct
+
+    rng = np.random.default_rng(0)
+    ct = np.clip(rng.normal(-300, 500, (16, 16, 16)), -1024, 3000).round()
+
+    def check(raw, metadata=(None, None), header=(None, None)):
+        hu, decision = to_hounsfield(np.asarray(raw), header, metadata)
+        require_ct(hu, decision)
+
+    check(ct)
+    check(ct + 1024, metadata=(1.0, -1024.0))
+    with pytest.raises(NotCTError, match="no value below 0 HU") as raw:
+        check(ct + 1024)  # CT-RATE's raw values without their metadata row
+    assert raw.value.uncertain_hu
+    with pytest.raises(NotCTError) as shifted_mr:  # a rescale was given: it is not the missing one
+        check(rng.uniform(1024, 1900, (16, 16, 16)), metadata=(1.0, -1024.0))
+    assert not shifted_mr.value.uncertain_hu
+    mask = np.zeros((10, 10, 10), dtype=np.uint8)
+    mask[3:7, 3:7, 3:7] = 1
+    with pytest.raises(NotCTError, match="label mask") as masked:
+        check(mask)
+    assert not masked.value.uncertain_hu

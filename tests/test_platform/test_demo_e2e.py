@@ -46,11 +46,17 @@ def test_demo_writes_shards_run_and_champion(tiny_demo, capsys):
 
 
 def test_champion_loads_in_a_fresh_process(tiny_demo):
-    volume = next((tiny_demo / "corpus").rglob("*.nii.gz"))
+    import pandas as pd
+
+    volume = sorted((tiny_demo / "corpus" / "valid").rglob("*.nii.gz"))[0]
+    # the rescale CT-RATE lists in its metadata CSV (the phantom stores some volumes as raw values)
+    meta = pd.read_csv(tiny_demo / "corpus" / "metadata" / "validation_metadata.csv").set_index("VolumeName")
+    slope, intercept = meta.loc[volume.name, ["RescaleSlope", "RescaleIntercept"]]
     code = (
         "import mlflow, numpy as np\n"
         "m = mlflow.pyfunc.load_model('models:/vlp3d-clip@champion')\n"
-        f"out = m.predict({{'report': ['There is a pleural effusion.', ''], 'image': ['{volume}', None]}})\n"
+        f"out = m.predict({{'report': ['There is a pleural effusion.', ''], 'image': ['{volume}', None], "
+        f"'rescale_slope': [{slope}, None], 'rescale_intercept': [{intercept}, None]}})\n"
         "r = np.asarray(out['report_embedding'][0]); v = np.asarray(out['image_embedding'][0])\n"
         "assert out['report_embedding'][1] is None and out['image_embedding'][1] is None\n"
         "print(r.shape[0], v.shape[0], round(float(np.linalg.norm(r)), 4), round(float(np.linalg.norm(v)), 4))\n"

@@ -70,11 +70,18 @@ def to_hounsfield(raw: np.ndarray, header_scaling: tuple, metadata_scaling: tupl
 
 
 MASK_MAX_VALUES = 16
+NO_NEGATIVE_HU = "no value below 0 HU"  # how `not_ct_reason` starts the rule-3 reason
 _MASK_SAMPLE = 65536
 
 
 class NotCTError(ValueError):
-    """The volume is not a CT image in Hounsfield units (`not_ct_reason`)."""
+    """The volume is not a CT image in Hounsfield units (`not_ct_reason`). `uncertain_hu`: the one
+    case a rescale would fix, stored values all >= 0 and no slope/intercept in the file or given
+    (CT-RATE's raw files without their metadata CSV row)."""
+
+    def __init__(self, reason: str, uncertain_hu: bool = False):
+        super().__init__(reason)
+        self.uncertain_hu = uncertain_hu
 
 
 def not_ct_reason(hu: np.ndarray, decision: HUDecision) -> str | None:
@@ -109,7 +116,17 @@ def not_ct_reason(hu: np.ndarray, decision: HUDecision) -> str | None:
                         f"non-negative integer values {shown} as stored")
     lo, hi = float(hu.min()), float(hu.max())
     if lo >= 0:
-        return (f"no value below 0 HU (range [{lo:.0f}, {hi:.0f}], HU scaling: {decision.source}): a CT holds "
+        return (f"{NO_NEGATIVE_HU} (range [{lo:.0f}, {hi:.0f}], HU scaling: {decision.source}): a CT holds "
                 "air at about -1000 HU; MR/PET-like, or CT stored with an offset whose RescaleSlope/"
                 "RescaleIntercept are missing (give them in the metadata)")
     return None
+
+
+def require_ct(hu: np.ndarray, decision: HUDecision) -> None:
+    """`not_ct_reason` as an exception (the rule prepare applies to every CT row, here for inference):
+    `NotCTError` unless the volume is a CT in HU, with `uncertain_hu` set when a missing rescale may
+    be the cause."""
+    reason = not_ct_reason(hu, decision)
+    if reason is not None:
+        uncertain = decision.source == "none" and reason.startswith(NO_NEGATIVE_HU)
+        raise NotCTError(reason, uncertain_hu=uncertain)

