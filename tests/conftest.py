@@ -13,6 +13,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# S3 in this session means the `s3_server` fixture's moto_server on 127.0.0.1, never AWS: fake
+# credentials and its endpoint, set before any Ray process starts so that every worker has them
+# (as every node of a cluster has its own credentials)
+S3_PORT = _free_port()
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}"})
+for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    os.environ.pop(_name, None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
@@ -26,3 +44,43 @@ def ray_session():
     yield ray
     if started_here:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server (moto_server, from the dev extra) on 127.0.0.1:S3_PORT with an empty
+    bucket `vlp3d-test`, for `s3://vlp3d-test/...` URIs; stopped by its PID."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+
+    server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if server is None:
+        pytest.fail("moto_server not found: install the dev extra (pip install -e '.[dev]')")
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(S3_PORT)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"moto_server did not start on port {S3_PORT}: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{S3_PORT}", scheme="http",
+                          allow_bucket_creation=True).create_dir("vlp3d-test")
+        yield "s3://vlp3d-test"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -30,7 +30,8 @@ def _f(default: Any, help: str, location: bool = False) -> Any:
 @dataclass(frozen=True)
 class DataConfig:
     corpus: str = _f("", "Corpus root in CT-RATE layout (`vlp3d synth` writes a phantom one).", location=True)
-    shards: str = _f("", "Directory of Parquet shards written by `vlp3d prepare`.", location=True)
+    shards: str = _f("", "Folder, or pyarrow filesystem URI (s3://bucket/shards), of the Parquet shards `vlp3d "
+                     "prepare` writes.", location=True)
     shape: tuple[int, int, int] = _f((48, 48, 48), "Voxels (x, y, z) after RAS reorientation, resampling and crop/pad.")
     spacing_mm: tuple[float, float, float] = _f((8.0, 8.0, 8.0), "Target voxel spacing in mm (x, y, z).")
     hu_window: tuple[float, float] = _f((-1000.0, 1000.0), "HU window clipped and scaled to [0, 1].")
@@ -366,8 +367,14 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    workdir: str = _f("vlp3d-runs/default", "Folder for the local MLflow store, Ray results and checkpoints.",
-                      location=True)
+    workdir: str = _f("vlp3d-runs/default", "Local folder for the local MLflow store, sweep folders and (without "
+                      "tracking.storage) Ray results and checkpoints; never a URI.", location=True)
+    storage: str = _f(
+        "", "Where Ray Train keeps run state and checkpoints (pretraining and sweep trials; a rerun of a run name "
+        "resumes from there): a folder or a pyarrow filesystem URI (s3://bucket/prefix, gs://bucket/prefix, "
+        "file:///shared/runs) every node can reach; credentials come from the environment, never the URI "
+        "(docs/cluster.md). Empty: <workdir>/ray_results.", location=True,
+    )
     tracking_uri: str = _f("", "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db.",
                            location=True)
     experiment: str = _f("", "MLflow experiment; empty: the config name.")
@@ -666,7 +673,22 @@ def get_key(cfg: Any, key: str) -> Any:
     return value
 
 
+# keys that must name a local (or mounted) path: what reads or writes them needs a POSIX folder
+LOCAL_ONLY = {
+    "tracking.workdir": "it holds the local MLflow store (sqlite) and the sweep folders; put checkpoints on "
+                        "shared storage with tracking.storage=URI and runs on an MLflow server with "
+                        "tracking.tracking_uri (or MLFLOW_TRACKING_URI)",
+    "data.corpus": "prepare opens the corpus's volume files by path; mount the bucket (e.g. s3fs, EFS) and give "
+                   "the mounted folder (the shards, data.shards / prepare --out, may be a URI)",
+}
+
+
 def check_ranges(cfg: ExperimentConfig) -> None:
+    from vlp3d.storage import is_uri
+
+    for key, why in LOCAL_ONLY.items():
+        if is_uri(get_key(cfg, key)):
+            raise ConfigError(f"{key} = {get_key(cfg, key)!r} must be a local folder, not a URI: {why}.")
     if cfg.train.balance_terms and not cfg.train.grad_share_every:
         raise ConfigError("train.balance_terms = true needs train.grad_share_every > 0 (the steps at which the "
                           "terms' gradient shares are measured and the multipliers move), e.g. 50.")

@@ -38,6 +38,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from vlp3d import storage
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.corpus import LABEL_MAP_COLUMN, metadata_scaling, metadata_spacing
 from vlp3d.data.hounsfield import NotCTError, not_ct_reason
@@ -79,6 +80,8 @@ def shard_files(shard_dir: str | Path, modality: str = "ct") -> list[str]:
     """
     if modality not in MODALITY_DIRS:
         raise ValueError(f"unknown modality {modality!r}; use one of {list(MODALITIES)}")
+    if storage.is_uri(shard_dir):
+        return storage.files_with_suffix(storage.join(shard_dir, MODALITY_DIRS[modality]), ".parquet")
     folder = Path(shard_dir) / MODALITY_DIRS[modality]
     return [str(p) for p in sorted(folder.glob("*.parquet")) if p.is_file()]
 
@@ -110,16 +113,22 @@ def decode_image(value, shape, storage_dtype: str) -> np.ndarray:
     return array.reshape(target)
 
 
-def resolve_shard_dir(root: str | Path, spec_hash: str | None = None) -> Path:
-    """`root` itself if it holds a manifest, else `root/<spec_hash>` (the folder prepare wrote)."""
-    root = Path(root)
-    if (root / MANIFEST).is_file():
+def resolve_shard_dir(root: str | Path, spec_hash: str | None = None) -> Path | str:
+    """`root` itself if it holds a manifest, else `root/<spec_hash>` (the folder prepare wrote). A
+    local root gives a Path, a URI root (`s3://bucket/shards`, vlp3d.storage) a URI string."""
+    if storage.is_uri(root):
+        root = str(root).rstrip("/")
+        storage.filesystem(root, "data.shards")  # a URI pyarrow cannot open: an error naming the key
+    else:
+        root = Path(root)
+    if storage.is_file(storage.join(root, MANIFEST)):
         return root
-    candidates = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST}"))
-    if spec_hash and (root / spec_hash / MANIFEST).is_file():
-        return root / spec_hash
+    candidates = sorted(storage.name(entry) for entry, folder in storage.list_dir(root)
+                        if folder and storage.is_file(storage.join(entry, MANIFEST)))
+    if spec_hash and spec_hash in candidates:
+        return storage.join(root, spec_hash)
     if spec_hash is None and len(candidates) == 1:
-        return root / candidates[0]
+        return storage.join(root, candidates[0])
     found = f"found preprocessing hashes {candidates}" if candidates else "found no prepared shards"
     want = f" for preprocessing hash {spec_hash}" if spec_hash else ""
     raise FileNotFoundError(
@@ -129,7 +138,7 @@ def resolve_shard_dir(root: str | Path, spec_hash: str | None = None) -> Path:
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
-    return json.loads((Path(shard_dir) / MANIFEST).read_text())
+    return json.loads(storage.read_text(storage.join(shard_dir, MANIFEST)))
 
 
 def count_rows(shard_dir: str | Path, split: str, fraction: float = 1.0, modality: str = "ct") -> int:
@@ -138,8 +147,9 @@ def count_rows(shard_dir: str | Path, split: str, fraction: float = 1.0, modalit
     import pyarrow.parquet as pq
 
     total = 0
-    for path in shard_files(shard_dir, modality):
-        table = pq.read_table(path, columns=["split", "fraction_rank"])
+    fs, paths = storage.for_reading(shard_files(shard_dir, modality))
+    for path in paths:
+        table = pq.read_table(path, columns=["split", "fraction_rank"], filesystem=fs)
         splits = np.asarray(table.column("split").to_pylist())
         ranks = table.column("fraction_rank").to_numpy()
         total += int(((splits == split) & (ranks < fraction if fraction < 1.0 else True)).sum())

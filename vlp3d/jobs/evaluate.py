@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "MAP with the pool size. Metrics and tables are logged to the model's MLflow run."
     )
     parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/vlp3d-clip@champion or runs:/ID/model")
-    parser.add_argument("--shards", required=True, help="shards root written by `vlp3d prepare`")
+    parser.add_argument("--shards", required=True,
+                        help="shards root written by `vlp3d prepare`: a folder or a URI (s3://bucket/shards)")
     data, evaluation = DataConfig(), EvalConfig()
     parser.add_argument("--split", default=data.eval_split,
                         help=f"split to evaluate (default: data.eval_split = {data.eval_split})")

@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.epilog = config_keys_epilog()
     add_config_arguments(parser)
     parser.add_argument("--corpus", help="corpus root (default: data.corpus)")
-    parser.add_argument("--out", help="shards root (default: data.shards)")
+    parser.add_argument("--out", help="shards root: a folder or a pyarrow filesystem URI such as s3://bucket/shards "
+                             "(prepared in <tracking.workdir>/staging/, then uploaded; docs/cluster.md) "
+                             "(default: data.shards)")
     return parser
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlp3d import logs
+from vlp3d import logs, storage
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files
 from vlp3d.evaluation.prompts import load_prompt_sets
@@ -24,10 +24,10 @@ class EvaluateReport:
     result: EvaluationResult
     run_id: str | None
     split: str
-    shard_dir: Path
+    shard_dir: Path | str  # a URI when the shards are on one
 
 
-def read_split(shard_dir: Path, split: str, batch_size: int = 64):
+def read_split(shard_dir: Path | str, split: str, batch_size: int = 64):
     """Yield numpy batches of one split's evaluation columns via Ray Data."""
     import ray
     from ray.data.expressions import col
@@ -35,7 +35,8 @@ def read_split(shard_dir: Path, split: str, batch_size: int = 64):
     files = shard_files(shard_dir, "ct")  # not the folder: read_parquet would recurse into xray/
     if not files:
         raise ValueError(f"{shard_dir}: no CT shard files (*.parquet)")
-    ds = ray.data.read_parquet(files, columns=EVAL_COLUMNS + ["split"])
+    fs, paths = storage.for_reading(files)  # shards on a URI: read through its pyarrow filesystem
+    ds = ray.data.read_parquet(paths, columns=EVAL_COLUMNS + ["split"], filesystem=fs)
     ds = ds.filter(expr=col("split") == split)
     yield from ds.select_columns(EVAL_COLUMNS).iter_batches(batch_size=batch_size, batch_format="numpy")
 

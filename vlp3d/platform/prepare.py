@@ -43,6 +43,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -54,7 +55,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 import vlp3d
-from vlp3d import logs
+from vlp3d import logs, storage
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.corpus import (
     LABEL_MAP_COLUMN,
@@ -102,7 +103,7 @@ class PrepareError(RuntimeError):
 
 @dataclass
 class PrepareResult:
-    shard_dir: Path
+    shard_dir: Path | str  # a URI when prepared into one
     manifest: dict
     skipped: bool = False
 
@@ -165,6 +166,9 @@ def _public_reason(record: dict) -> str:
 
 def failure_records(shard_dir: str | Path) -> list[dict]:
     """Failed rows of a shard folder with path, volume name, reason and attempts (`_failed/`), by row."""
+    if storage.is_uri(shard_dir):
+        files = storage.files_with_suffix(storage.join(shard_dir, FAILED_DIR), ".json")
+        return sorted((json.loads(storage.read_text(f)) for f in files), key=lambda r: r["row"])
     folder = Path(shard_dir) / FAILED_DIR
     return sorted((json.loads(p.read_text()) for p in folder.glob("*.json")), key=lambda r: r["row"])
 
@@ -238,8 +242,11 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=log.info,
             rows_per_file: int | None = None) -> PrepareResult:
     """Preprocess `corpus` into `out/<spec_hash>/`; unchanged input and spec is a no-op, a run that
     stopped halfway is resumed, a folder in use or holding another corpus raises (see the module
-    docstring). `rows_per_file`: Parquet rows per file (default 256, highres 16)."""
+    docstring). `rows_per_file`: Parquet rows per file (default 256, highres 16). `out` may be a
+    pyarrow filesystem URI (`prepare_to_uri`)."""
     logs.ensure_configured()
+    if storage.is_uri(out):
+        return prepare_to_uri(cfg, corpus, out, progress, rows_per_file)
     started = time.time()
     spec = spec_from_config(cfg)
     table = read_corpus(corpus, valid_fraction=cfg.data.valid_fraction)
@@ -260,13 +267,48 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=log.info,
     return PrepareResult(shard_dir, manifest)
 
 
-def _finished_manifest(shard_dir: Path, corpus: str, source_hash: str, progress) -> dict | None:
+def prepare_to_uri(cfg: ExperimentConfig, corpus: str, out: str, progress=log.info,
+                   rows_per_file: int | None = None) -> PrepareResult:
+    """`prepare` into a pyarrow filesystem URI (`s3://bucket/shards`, vlp3d.storage). Object stores
+    have neither the locks nor the atomic renames the safety rules above rest on, so the shards are
+    prepared under those rules in a local staging folder, `<tracking.workdir>/staging/<out>/` (an
+    interrupted run resumes there), then uploaded with `_manifest.json` last: a reader
+    (`resolve_shard_dir`) never takes a partly uploaded folder. A finished remote folder is never
+    overwritten (the same source: a no-op; another: PrepareError); the staging folder is deleted
+    once uploaded. There is no lock on the URI: run one prepare per URI at a time."""
+    storage.filesystem(out, "data.shards")  # a URI pyarrow cannot open: an error naming the key
+    spec = spec_from_config(cfg)
+    target = storage.join(out, spec.hash)
+    table = read_corpus(corpus, valid_fraction=cfg.data.valid_fraction)
+    table["fraction_rank"] = fraction_ranks(table, list(table.attrs["label_names"]))
+    finished = _finished_manifest(target, corpus, manifest_hash(table), progress)
+    if finished is not None:
+        return PrepareResult(target, finished, skipped=True)
+    staging = staging_folder(cfg, out)
+    progress(f"preparing in {staging}, then uploading to {target}")
+    staged = prepare(cfg, corpus, str(staging), progress, rows_per_file)
+    files = [p for p in staged.shard_dir.rglob("*") if p.is_file() and p.name != LOCK]
+    with logs.progress_bar(sum(p.stat().st_size for p in files), "upload shards", unit="B", unit_scale=True) as bar:
+        storage.upload(staged.shard_dir, str(target), last=(MANIFEST,), skip=(LOCK,),
+                       on_file=lambda path: bar.update(path.stat().st_size))
+    shutil.rmtree(staging)
+    progress(f"uploaded {len(files)} files to {target}")
+    return PrepareResult(target, staged.manifest, skipped=False)
+
+
+def staging_folder(cfg: ExperimentConfig, out: str) -> Path:
+    """Where `prepare_to_uri` prepares the shards for the URI `out`: <tracking.workdir>/staging/<out,
+    one folder name>/ (e.g. staging/s3_bucket_shards/)."""
+    return Path(cfg.tracking.workdir).resolve() / "staging" / re.sub(r"[^A-Za-z0-9._-]+", "_", out.rstrip("/"))
+
+
+def _finished_manifest(shard_dir: Path | str, corpus: str, source_hash: str, progress) -> dict | None:
     """The manifest of a finished folder of this source; None if unfinished; raises if it holds another."""
-    manifest_path = shard_dir / MANIFEST
-    if not manifest_path.is_file():
+    manifest_path = storage.join(shard_dir, MANIFEST)
+    if not storage.is_file(manifest_path):
         return None
     try:
-        existing = json.loads(manifest_path.read_text())
+        existing = json.loads(storage.read_text(manifest_path))
     except ValueError as err:
         raise PrepareError(
             f"{manifest_path} cannot be read ({err}); prepare never deletes a folder holding a manifest: "

@@ -7,7 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from vlp3d import logs
+import pyarrow.fs
+
+from vlp3d import logs, storage
 from vlp3d.config import ExperimentConfig
 
 
@@ -100,11 +102,32 @@ def artifact_location(cfg: ExperimentConfig) -> str | None:
     return None
 
 
-def storage_path(cfg: ExperimentConfig) -> str:
-    """Ray Train storage (checkpoints, run state): <workdir>/ray_results."""
-    path = Path(cfg.tracking.workdir).resolve() / "ray_results"
+def storage_location(cfg: ExperimentConfig) -> str:
+    """Ray Train storage (run state, checkpoints): tracking.storage (a folder or a pyarrow filesystem
+    URI), else <workdir>/ray_results (created)."""
+    if storage.is_uri(cfg.tracking.storage):
+        return cfg.tracking.storage.rstrip("/")
+    path = Path(cfg.tracking.storage or Path(cfg.tracking.workdir, "ray_results")).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+def run_storage(cfg: ExperimentConfig) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """(storage_path, storage_filesystem) of Ray Train's RunConfig: a URI's filesystem resolved here,
+    once (one pyarrow cannot open fails naming tracking.storage), and the path on it; a local
+    folder as it is (no filesystem)."""
+    location = storage_location(cfg)
+    if not storage.is_uri(location):
+        return location, None
+    fs, path = storage.filesystem(location, "tracking.storage")
+    return path, fs
+
+
+def checkpoint_location(cfg: ExperimentConfig, fs_path: str) -> Path | str:
+    """A checkpoint's path as Ray reports it (on run_storage's filesystem) as a local Path, or a
+    URI under tracking.storage."""
+    location = storage_location(cfg)
+    return storage.uri_of(location, fs_path) if storage.is_uri(location) else Path(fs_path)
 
 
 # the submitting checkout's commit and whether its tree differed from it ("true"/"false"), set by

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
-from vlp3d import logs
+from vlp3d import logs, storage
 from vlp3d.config import (
     ConfigError,
     ExperimentConfig,
@@ -34,7 +34,7 @@ from vlp3d.data.shards import count_rows, resolve_shard_dir, spec_from_config
 from vlp3d.objectives import objective_class
 from vlp3d.platform import tracking
 from vlp3d.platform.evaluate import evaluate_as_configured
-from vlp3d.platform.runtime import init_ray
+from vlp3d.platform.runtime import checkpoint_location, init_ray
 from vlp3d.search_space import VARIANT, SearchSpace, apply_params, parse_space, trial_label
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,12 @@ def stored_config(workdir: str | Path, name: str) -> tuple[ExperimentConfig, str
 
 def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
     """Trials run in Tune actors whose working directory is not the caller's: absolute paths only."""
-    data = {k: str(Path(v).resolve()) for k, v in (("shards", cfg.data.shards), ("corpus", cfg.data.corpus)) if v}
-    return replace(cfg, tracking={"workdir": str(Path(cfg.tracking.workdir).resolve())}, data=data)
+    data = {k: str(Path(v).resolve()) for k, v in (("shards", cfg.data.shards), ("corpus", cfg.data.corpus))
+            if v and not storage.is_uri(v)}
+    tracking_keys = {"workdir": str(Path(cfg.tracking.workdir).resolve())}
+    if cfg.tracking.storage and not storage.is_uri(cfg.tracking.storage):
+        tracking_keys["storage"] = str(Path(cfg.tracking.storage).resolve())
+    return replace(cfg, tracking=tracking_keys, data=data)
 
 
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "temperature", "samples_per_s")
@@ -360,7 +364,9 @@ def _finish_stopped(cfg: ExperimentConfig, run_name: str, history: pd.DataFrame 
     paths = history["checkpoint_path"].dropna() if history is not None and "checkpoint_path" in history else []
     evaluation = {}
     if len(paths):
-        model_uri = tracking.finish_training(run_id, cfg, Path(paths.iloc[-1]), {}, register=False, status="KILLED")
+        # the path on tracking.storage's filesystem (a remote checkpoint is logged from a download)
+        with storage.local_folder(checkpoint_location(cfg, paths.iloc[-1])) as local:
+            model_uri = tracking.finish_training(run_id, cfg, local, {}, register=False, status="KILLED")
         evaluation = evaluate_as_configured(cfg, model_uri).result.metrics
     tracking.end_run(tracking.uri(cfg), run_id, "KILLED", {tracking.TRIAL_STATUS_TAG: "stopped"})
     return run_id, evaluation

@@ -19,7 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlp3d import checkpoint as checkpoints
-from vlp3d import logs
+from vlp3d import logs, storage
 from vlp3d.config import ExperimentConfig, from_dict, to_dict
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, spec_from_config
 from vlp3d.encoders.export import count_parameters
@@ -38,7 +38,7 @@ from vlp3d.engine import (
 )
 from vlp3d.objectives import objective_class
 from vlp3d.platform import tracking
-from vlp3d.platform.runtime import init_ray, storage_path
+from vlp3d.platform.runtime import checkpoint_location, init_ray, run_storage
 
 # fault drills and tests: "STEP[:RANK[:raise|kill|nan]]", comma-separated (RANK default: the last
 # worker). raise and
@@ -62,8 +62,8 @@ class NonFiniteTrainingError(FloatingPointError):
 class PretrainResult:
     run_id: str
     run_name: str
-    checkpoint_dir: Path
-    shard_dir: Path
+    checkpoint_dir: Path | str  # a URI when tracking.storage is one
+    shard_dir: Path | str  # a URI when data.shards is one
     model_uri: str  # registered version, models:/NAME/VERSION
     metrics: dict
     elapsed_s: float
@@ -136,14 +136,14 @@ class Prefetched:
         return batch
 
 
-def shuffle_rows(shard_dir: Path, manifest: dict) -> int:
+def shuffle_rows(shard_dir: Path | str, manifest: dict) -> int:
     """Rows of the training shuffle buffer per worker: as many as fit in SHUFFLE_BUFFER_BYTES at the
     shards' average row size (every row of a small corpus: a full shuffle each epoch)."""
     from vlp3d.data.shards import shard_files
 
     files = shard_files(shard_dir, "ct")
     rows = max(1, int(manifest["counts"].get("by_modality", {}).get("ct", manifest["counts"]["written"])))
-    row_bytes = max(1.0, sum(Path(f).stat().st_size for f in files) / rows)
+    row_bytes = max(1.0, sum(storage.file_sizes(files)) / rows)
     return int(SHUFFLE_BUFFER_BYTES // row_bytes)
 
 
@@ -476,7 +476,7 @@ def validation_loss(module, weights: dict[str, float], shard, cfg: ExperimentCon
     return out
 
 
-def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "ct", held_out: bool = False,
+def _training_dataset(cfg: ExperimentConfig, shard_dir: Path | str, modality: str = "ct", held_out: bool = False,
                       columns: Sequence[str] | None = None):
     """The columns the objective reads (`Objective.columns`, or `columns`): the training split's
     `data.fraction` subset, or (`held_out`) the first `train.val_volumes` rows of `data.eval_split`
@@ -494,7 +494,8 @@ def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "c
         if cfg.train.sentence_dropout and modality == "ct" and not held_out:  # re-averaged per step
             columns = (*columns, *(c for c in ("sentence_embeddings", "sentence_mask") if c not in columns))
     columns = list(columns)
-    ds = ray.data.read_parquet(files, columns=columns + ["split", "fraction_rank"])
+    fs, paths = storage.for_reading(files)
+    ds = ray.data.read_parquet(paths, columns=columns + ["split", "fraction_rank"], filesystem=fs)
     if held_out:
         ds = ds.filter(expr=col("split") == cfg.data.eval_split)
         if cfg.train.val_volumes:
@@ -506,14 +507,14 @@ def _training_dataset(cfg: ExperimentConfig, shard_dir: Path, modality: str = "c
     ds = ds.select_columns(columns)
     if cfg.data.materialize == "never":
         return ds
-    size = sum(Path(f).stat().st_size for f in files)
+    size = sum(storage.file_sizes(files))
     budget = ray.available_resources().get("object_store_memory", 0) / 4
     if cfg.data.materialize == "always" or size * 2 < budget:
         return ds.materialize()
     return ds
 
 
-def preflight(cfg: ExperimentConfig) -> tuple[Path, dict]:
+def preflight(cfg: ExperimentConfig) -> tuple[Path | str, dict]:
     """Every check a run can fail before Ray starts (shards for this preprocessing spec, what the
     objective reads, batch split, encoder input, loss weights); returns (shard folder, manifest)."""
     if not cfg.data.shards:
@@ -571,6 +572,7 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
     from ray.data import ExecutionOptions
 
     notes = _run_notes()
+    storage_path, storage_filesystem = run_storage(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
@@ -585,7 +587,8 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_path(cfg),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=list(callbacks),
@@ -606,21 +609,24 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
         tracking.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
         raise
     metrics = dict(result.metrics or {})
-    checkpoint_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
-    if checkpoint_dir is not None:  # what rank 0 could not deliver to MLflow before it finished
-        tracking.deliver(uri, run_id, checkpoints.restore_unsent(checkpoint_dir))
-    stopped = ray.get(notes.get.remote())
-    ray.kill(notes)
-    if stopped:
-        tracking.end_run_quietly(uri, run_id, "FAILED", stopped)
-        raise NonFiniteTrainingError(f"run {run_name}: {stopped}")
-    if checkpoint_dir is None:
-        tracking.end_run_quietly(uri, run_id, "FAILED", f"finished without a checkpoint ({result.error})")
-        raise RuntimeError(f"training run {run_name} finished without a checkpoint (error: {result.error})")
-    bad = checkpoints.nonfinite_parameters_in(checkpoint_dir)
-    if bad:  # never registered (the worker refuses to write these; this guards older checkpoints)
-        tracking.end_run_quietly(uri, run_id, "FAILED", f"non-finite weights in {', '.join(bad[:5])}")
-        raise NonFiniteTrainingError(f"run {run_name}: checkpoint {checkpoint_dir} holds non-finite weights "
-                                     f"({', '.join(bad[:5])}); not registered.")
-    model_uri = tracking.finish_training(run_id, cfg, checkpoint_dir, metrics, register=register)
+    checkpoint_dir = checkpoint_location(cfg, result.checkpoint.path) if result.checkpoint is not None else None
+    with contextlib.ExitStack() as stack:
+        # a checkpoint on remote storage (tracking.storage = URI) is read from a local download
+        local = stack.enter_context(result.checkpoint.as_directory()) if result.checkpoint is not None else None
+        if local is not None:  # what rank 0 could not deliver to MLflow before it finished
+            tracking.deliver(uri, run_id, checkpoints.restore_unsent(local))
+        stopped = ray.get(notes.get.remote())
+        ray.kill(notes)
+        if stopped:
+            tracking.end_run_quietly(uri, run_id, "FAILED", stopped)
+            raise NonFiniteTrainingError(f"run {run_name}: {stopped}")
+        if local is None:
+            tracking.end_run_quietly(uri, run_id, "FAILED", f"finished without a checkpoint ({result.error})")
+            raise RuntimeError(f"training run {run_name} finished without a checkpoint (error: {result.error})")
+        bad = checkpoints.nonfinite_parameters_in(local)
+        if bad:  # never registered (the worker refuses to write these; this guards older checkpoints)
+            tracking.end_run_quietly(uri, run_id, "FAILED", f"non-finite weights in {', '.join(bad[:5])}")
+            raise NonFiniteTrainingError(f"run {run_name}: checkpoint {checkpoint_dir} holds non-finite weights "
+                                         f"({', '.join(bad[:5])}); not registered.")
+        model_uri = tracking.finish_training(run_id, cfg, Path(local), metrics, register=register)
     return PretrainResult(run_id, run_name, checkpoint_dir, shard_dir, model_uri, metrics, time.time() - started)
