@@ -16,6 +16,8 @@ from vlp3d.jobs import (
     models,
     prepare,
     pretrain,
+    probe,
+    promote,
     register,
     submit,
     sweep,
@@ -37,9 +39,11 @@ JOBS = {
     "pretrain": (pretrain, "pretrain on Ray Train, tracked in MLflow"),
     "sweep": (sweep, "Ray Tune sweep over config keys; scaling-law fits and plots in MLflow"),
     "evaluate": (evaluate, "zero-shot AUROC and retrieval on held-out shards"),
-    "embed": (embed, "embed CT volumes and reports with a logged model into a Parquet file"),
     "finetune": (finetune, "fine-tune a registered encoder: segmentation or classification, pretrained vs random"),
-    "register": (register, "point the 'champion' alias at a better model version"),
+    "embed": (embed, "embed CT volumes and reports with a logged model into a Parquet file"),
+    "probe": (probe, "linear probes on frozen image features vs random init, at label fractions"),
+    "promote": (promote, "move @champion to a version only if it is better beyond the paired bootstrap interval"),
+    "register": (register, "`promote` for a models:/NAME/VERSION URI"),
     "models": (models, "list image encoders and presets with parameters and memory"),
     "export": (export, "export the image encoder for MONAI SwinUNETR / UNETR"),
     "submit": (submit, "run a vlp3d command on a Ray cluster (Ray Jobs API, token auth)"),
@@ -52,7 +56,7 @@ EPILOG = """Start with `vlp3d demo`. Each command has --help.
 exit codes:
   0  ok
   1  failure: training stopped on non-finite losses or weights, no sweep trial finished,
-     `register` left the alias where it was, or an unexpected error (with its traceback)
+     `promote`/`register` left the alias where it was, or an unexpected error (with its traceback)
   2  bad input: config, files, corpus, model URI, or a shard folder in use or holding other shards"""
 
 

@@ -277,6 +277,10 @@ class EvalConfig:
         ("report",), "Prompt sets whose phrasings are averaged (per label and polarity) for the reported zero-shot "
         "scores; every set is also scored alone (prompts/<set>/macro_auroc).",
     )
+    probe_fractions: tuple[float, ...] = _f(
+        (0.01, 0.1, 1.0), "Shares of the training split's labels the linear probes (`vlp3d probe`) train on: "
+        "nested subsets of patients, each in (0, 1].",
+    )
 
 
 @dataclass(frozen=True)
@@ -314,7 +318,8 @@ class FinetuneConfig:
         (), "Segmentation: label-map classes to segment (names from the shards' manifest, e.g. [\"lung\", "
         "\"heart\"]); voxels of other classes count as background. Empty: every class.",
     )
-    labels: tuple[str, ...] = _f((), "Classification: labels to predict; empty: every label of the shards.")
+    labels: tuple[str, ...] = _f(
+        (), "Classification: labels to predict; empty: every label of the shards with a positive training volume.")
     head: Literal["linear", "mlp"] = _f("linear", "Classification head on the pooled encoder features.")
     registered_model: str = _f("", "Registered name of the fine-tuned model; empty: <pretrained name>-<task>.")
 
@@ -384,7 +389,6 @@ class TrackingConfig:
         "arrays still accepted); empty: any path. Set it for a model that will be served. Recorded in the model "
         "as model_config allowed_root; replaced at load time by mlflow.pyfunc.load_model(uri, "
         "model_config={'allowed_root': DIR}) or, e.g. under `mlflow models serve`, $VLP3D_ALLOWED_ROOT.")
-
 
 
 @dataclass(frozen=True)

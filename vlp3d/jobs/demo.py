@@ -70,10 +70,10 @@ def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int) -> DemoResult:
     from vlp3d.jobs.evaluate import render
     from vlp3d.jobs.prepare import summary
     from vlp3d.objectives import objective_class
-    from vlp3d.platform.evaluate import evaluate_as_configured
+    from vlp3d.platform.evaluate import evaluate_as_configured, promote
     from vlp3d.platform.prepare import PrepareError, prepare
     from vlp3d.platform.runtime import tracking_uri
-    from vlp3d.platform.tracking import promote
+    from vlp3d.platform.tracking import registered_name
     from vlp3d.platform.train import pretrain
 
     workdir = Path(cfg.tracking.workdir)
@@ -120,7 +120,11 @@ def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int) -> DemoResult:
     timings.append(("evaluate", time.time() - t))
 
     t = _stage(5, "register", f"{trained.model_uri} -> alias champion")
-    _, message = promote(uri, trained.model_uri, "champion", f"eval/{cfg.data.eval_split}/macro_auroc")
+    # a second demo run in the same workdir is a challenger: it must beat the champion beyond the
+    # paired bootstrap interval on the held-out split (vlp3d promote)
+    _, message = promote(uri, registered_name(cfg), trained.model_uri.rsplit("/", 1)[1], cfg.data.shards,
+                         cfg.data.eval_split, batch_size=cfg.eval.batch_size, n_boot=max(cfg.eval.bootstrap, 1000),
+                         prompts=cfg.eval.prompts, prompt_ensemble=cfg.eval.prompt_ensemble)
     print(message)
     timings.append(("register", time.time() - t))
     return DemoResult(cfg, report, trained, timings, uri)

@@ -125,7 +125,30 @@ def start_or_resume_run(cfg: ExperimentConfig, run_name: str, manifest: dict, sh
     _log_params(mlflow_client, run_id, logged_params(cfg))
     mlflow_client.log_text(run_id, to_toml(public_config(cfg)), "config.toml")
     mlflow_client.log_text(run_id, json.dumps(public_manifest(manifest), indent=2), "data/_manifest.json")
+    log_pretraining_patients(mlflow_client, run_id, shard_dir, cfg.data.train_split)
     return run_id
+
+
+PRETRAINING_PATIENTS = "data/pretraining_patients.json"
+
+
+def log_pretraining_patients(mlflow_client: MlflowClient, run_id: str, shard_dir: Path, split: str) -> None:
+    """Fingerprints (never the ids) of the patients of the pretraining split: what the leakage check
+    compares an evaluated split with, whatever shards it is read from later."""
+    from vlp3d.data.patients import patient_fingerprint, split_patients
+
+    patients = split_patients(shard_dir).get(split, set())
+    record = {"split": split, "fingerprints": sorted(patient_fingerprint(p) for p in patients)}
+    mlflow_client.log_text(run_id, json.dumps(record), PRETRAINING_PATIENTS)
+
+
+def pretraining_patients(uri_: str, run_id: str) -> dict | None:
+    """The record `log_pretraining_patients` wrote for a run ({split, fingerprints}), or None for a
+    run logged before it existed."""
+    try:
+        return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{PRETRAINING_PATIENTS}"))
+    except Exception:  # noqa: BLE001 - missing artifact: MlflowException or OSError by store
+        return None
 
 
 # error codes of a server that answered and refused (a retry cannot succeed)
@@ -352,9 +375,12 @@ def finish_training(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, me
 
 
 def log_evaluation(run_id: str, uri_: str, metrics: dict[str, float], tables: dict[str, pd.DataFrame],
-                   figures: dict | None = None) -> None:
+                   figures: dict | None = None, tags: dict[str, str] | None = None) -> None:
+    """Metrics, CSV tables (`eval/<name>.csv`), figures (`eval/<name>.png`) and tags of an evaluation,
+    into the model's run; then the model card of every registered version of that run is rewritten."""
     mlflow_client = client(uri_)
-    mlflow_client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    mlflow_client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+                            tags=[mlflow.entities.RunTag(k, str(v)) for k, v in (tags or {}).items()])
     with tempfile.TemporaryDirectory() as tmp:
         for name, table in tables.items():
             path = Path(tmp) / f"{name}.csv"
@@ -362,27 +388,216 @@ def log_evaluation(run_id: str, uri_: str, metrics: dict[str, float], tables: di
             mlflow_client.log_artifact(run_id, str(path), "eval")
         for name, figure in (figures or {}).items():
             mlflow_client.log_figure(run_id, figure, f"eval/{name}.png")
+    for version in registered_versions(uri_, run_id):
+        update_model_card(uri_, version.name, version.version)
 
 
-def promote(uri_: str, model_uri: str, alias: str = "champion", metric: str | None = None,
-            force: bool = False) -> tuple[bool, str]:
-    """Give `alias` to `models:/NAME/VERSION` if it beats the current holder on `metric` (higher wins)."""
+def registered_versions(uri_: str, run_id: str) -> list:
+    """The registered model versions logged by a run (none for a sweep trial)."""
+    return list(client(uri_).search_model_versions(f"run_id = '{run_id}'"))
+
+
+def model_version(uri_: str, model_uri: str):
+    """`models:/NAME/VERSION` or `models:/NAME@ALIAS` -> its ModelVersion; a ValueError naming the store otherwise."""
     mlflow_client = client(uri_)
-    name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
+    reference = model_uri.removeprefix("models:/")
     try:
-        current = mlflow_client.get_model_version_by_alias(name, alias)
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            return mlflow_client.get_model_version_by_alias(name, alias)
+        name, version = reference.rsplit("/", 1)
+        return mlflow_client.get_model_version(name, version)
+    except (ValueError, mlflow.exceptions.MlflowException) as err:
+        message = getattr(err, "message", str(err))
+        raise ValueError(f"no registered model version {model_uri} in the MLflow store {redact_userinfo(uri_)} "
+                         f"({message}); list them with `mlflow models` or the MLflow UI") from None
+
+
+def alias_holder(uri_: str, name: str, alias: str):
+    """The version holding `alias` of registered model `name`, or None."""
+    try:
+        return client(uri_).get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException:
-        current = None
-    if current is not None and current.version != version and not force and metric:
-        new_value = mlflow_client.get_run(mlflow_client.get_model_version(name, version).run_id).data.metrics.get(metric)
-        old_value = mlflow_client.get_run(current.run_id).data.metrics.get(metric)
-        if new_value is None:
-            return False, f"version {version} has no metric '{metric}' (evaluate it first); {alias} stays at v{current.version}"
-        if old_value is not None and new_value < old_value:
-            return False, (f"version {version} {metric}={new_value:.4f} < v{current.version} {old_value:.4f}; "
-                           f"{alias} stays at v{current.version}")
-    mlflow_client.set_registered_model_alias(name, alias, version)
-    return True, f"models:/{name}@{alias} -> version {version}"
+        return None
+
+
+PROMOTION_TAG = "vlp3d.promotion"
+
+
+def promote(uri_: str, model_uri: str, alias: str = "champion", comparison=None, metric: str = "",
+            split: str = "", split_hash: str = "", force: bool = False) -> tuple[bool, str]:
+    """Give `alias` to `models:/NAME/VERSION` when nobody holds it, when `force`, or when the
+    challenger beat the holder beyond the paired bootstrap interval of the difference (`comparison`:
+    vlp3d.evaluation.metrics.PairedDifference, its lower bound > 0). The decision, both figures, the
+    interval and the split hash are recorded as tags of the challenger version (`vlp3d.promotion.*`)."""
+    mlflow_client = client(uri_)
+    challenger = model_version(uri_, model_uri)
+    name, version = challenger.name, challenger.version
+    current = alias_holder(uri_, name, alias)
+    record = {"alias": alias, "metric": metric, "split": split, "split_hash": split_hash}
+    if current is None or current.version == version or force:
+        reason = ("forced" if force and current is not None and current.version != version else
+                  "already holds it" if current is not None and current.version == version else "no previous holder")
+        moved = current is None or current.version != version
+        decision = "promoted" if moved else "kept"
+        message = f"models:/{name}@{alias} -> version {version} ({reason})"
+    elif comparison is None:
+        raise ValueError(f"models:/{name}@{alias} is version {current.version}: moving it to version {version} needs "
+                         f"both evaluated on the same split (`vlp3d promote {name} --challenger {version} --shards ...`)"
+                         " or --force")
+    else:
+        moved = comparison.better
+        decision = "promoted" if moved else "rejected"
+        level = f"{comparison.level:.0%}"
+        figures = (f"{metric} v{version} {comparison.challenger:.4f} vs v{current.version} {comparison.champion:.4f}: "
+                   f"difference {comparison.difference:+.4f}, {level} paired bootstrap interval "
+                   f"[{comparison.ci_low:+.4f}, {comparison.ci_high:+.4f}] on split '{split}' ({split_hash})")
+        reason = ("the interval is above zero" if moved else
+                  "the interval is below zero (the challenger is worse)" if comparison.ci_high < 0 else
+                  "the interval includes zero (no difference beyond chance)" if comparison.ci_low <= 0 else
+                  "no finite resample")
+        message = (f"{figures}; {reason}: " + (f"models:/{name}@{alias} -> version {version}" if moved
+                                                else f"{alias} stays at version {current.version}"))
+        record.update({"champion_version": current.version, "champion_value": f"{comparison.champion:.6g}",
+                       "challenger_value": f"{comparison.challenger:.6g}",
+                       "difference": f"{comparison.difference:.6g}", "ci_low": f"{comparison.ci_low:.6g}",
+                       "ci_high": f"{comparison.ci_high:.6g}", "ci_level": level,
+                       "bootstrap": str(comparison.n_boot)})
+        reason = message
+    record.update({"decision": decision, "reason": reason})
+    for key, value in record.items():
+        if value != "":
+            mlflow_client.set_model_version_tag(name, version, f"{PROMOTION_TAG}.{key}", str(value))
+    if moved:
+        mlflow_client.set_registered_model_alias(name, alias, version)
+    update_model_card(uri_, name, version)
+    return moved, message
+
+
+def _eval_tables(mlflow_client: MlflowClient, run_id: str) -> dict[str, pd.DataFrame]:
+    """The CSV tables an evaluation logged under `eval/` of a run, by name."""
+    tables = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            files = [f.path for f in mlflow_client.list_artifacts(run_id, "eval") if f.path.endswith(".csv")]
+        except (OSError, mlflow.exceptions.MlflowException):
+            return tables
+        for path in files:
+            try:
+                tables[Path(path).stem] = pd.read_csv(mlflow_client.download_artifacts(run_id, path, tmp))
+            except pd.errors.EmptyDataError:  # e.g. no finding with both classes in the split
+                continue
+    return tables
+
+
+def _fmt(value, digits: int = 3) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "" if number != number else f"{number:.{digits}f}"
+
+
+def _interval(low, high) -> str:
+    return f"[{_fmt(low)}, {_fmt(high)}]" if _fmt(low) else ""
+
+
+def _markdown(rows: list[list], headers: list[str]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
+
+
+def model_card(name: str, version: str, run, tables: dict[str, pd.DataFrame], version_tags: dict[str, str]
+               ) -> tuple[str, dict[str, str]]:
+    """The markdown description and the tags of a registered version, from its run (tags, params,
+    metrics) and the evaluation tables logged to it."""
+    params, run_tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    steps, flops_per_step = params.get("train.max_steps", ""), params.get("compute/flops_per_step", "")
+    try:
+        flops = f"{float(steps) * float(flops_per_step):.3g}"
+    except ValueError:
+        flops = ""
+    facts = {
+        "method": run_tags.get("vlp3d.method", ""),
+        "image_encoder": f"{params.get('model.image_encoder', '')}/{params.get('model.size', '')}",
+        "text_encoder": params.get("model.text_encoder", ""),
+        "preprocess_hash": run_tags.get("vlp3d.preprocess_hash", ""),
+        "data_hash": run_tags.get("vlp3d.data_hash", ""),
+        "train_steps": steps,
+        "train_flops": flops,
+        "git_commit": run_tags.get("vlp3d.git_commit", ""),
+    }
+    preprocessing = (f"{params.get('data.shape', '')} voxels at {params.get('data.spacing_mm', '')} mm (RAS), "
+                     f"HU window {params.get('data.hu_window', '')}, stored {params.get('data.storage_dtype', '')} "
+                     f"({params.get('data.storage', '')}); spec hash `{facts['preprocess_hash']}`")
+    lines = [f"# {name} version {version}", "",
+             f"A 3D CT vision-language embedding model pretrained with vlp3d (MLflow run `{run.info.run_id}`): "
+             f"`mlflow.pyfunc.load_model(\"models:/{name}/{version}\")` embeds CT volumes and report texts into "
+             "one space.", "",
+             _markdown([["method", facts["method"]], ["image encoder", facts["image_encoder"]],
+                        ["text encoder", facts["text_encoder"]], ["preprocessing", preprocessing],
+                        ["data (source manifest hash)", f"`{facts['data_hash']}`, pretraining split "
+                                                        f"'{params.get('data.train_split', '')}'"],
+                        ["training", f"{steps} steps x global batch {params.get('train.global_batch', '')}, "
+                                     f"{flops or '?'} FLOPs"],
+                        ["code", f"vlp3d {run_tags.get('vlp3d.version', '')}, git `{facts['git_commit']}`"]],
+                       ["", ""])]
+    tags = {f"vlp3d.{k}": str(v) for k, v in facts.items() if v not in ("", "/")}
+    splits = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and k.endswith("/macro_auroc")})
+    for split in splits:
+        zero_shot, retrieval = tables.get(f"{split}_zero_shot"), tables.get(f"{split}_retrieval")
+        zero_shot = zero_shot if zero_shot is not None and "n" in zero_shot else pd.DataFrame(columns=["n"])
+        prefix = f"eval/{split}/"
+        macro, low, high = (metrics.get(prefix + k) for k in ("macro_auroc", "macro_auroc_ci_low", "macro_auroc_ci_high"))
+        n = int(zero_shot["n"].iloc[0]) if len(zero_shot) else int(metrics.get(prefix + "retrieval_pool", 0))
+        split_hash = run_tags.get(f"vlp3d.eval.{split}.split_hash", "")
+        rows = [[r.label, _fmt(r.auroc), _interval(r.auroc_ci_low, r.auroc_ci_high), _fmt(r.f1), r.positives]
+                for r in zero_shot.itertuples()]
+        rows.append(["**macro**", _fmt(macro), _interval(low, high), _fmt(metrics.get(prefix + "macro_f1")), ""])
+        lines += ["", f"## Zero-shot classification, split '{split}' ({n} volumes"
+                      + (f", split hash `{split_hash}`" if split_hash else "") + ")", "",
+                  _markdown(rows, ["finding", "AUROC", "95% CI", "F1", "positives"])]
+        tags[f"vlp3d.eval.{split}.macro_auroc"] = f"{_fmt(macro)} {_interval(low, high)}".strip()
+        if split_hash:
+            tags[f"vlp3d.eval.{split}.split_hash"] = split_hash
+        if retrieval is not None and len(retrieval):
+            pool = int(retrieval["pool"].iloc[0])
+            lines += ["", f"Retrieval among all {pool} volumes and reports of the split (pool size {pool}):", "",
+                      _markdown([[r.direction, _fmt(r._2), _fmt(r._3), _fmt(r._4), _fmt(r.MAP)]
+                                 for r in retrieval.itertuples()], ["direction", "R@1", "R@5", "R@10", "MAP"])]
+            tags[f"vlp3d.eval.{split}.retrieval_pool"] = str(pool)
+        lines += ["", f"Plots (run artifacts): `eval/{split}_roc.png` (ROC per finding), "
+                      f"`eval/{split}_reliability.png` (reliability of the zero-shot probabilities)."]
+    for key in sorted(k for k in tables if k.startswith("probe_") and not k.endswith("_per_label")):
+        probe = tables[key]
+        split = key.removeprefix("probe_")
+        rows = [[r.features, f"{r.fraction:.0%}", r.train_volumes, _fmt(r.auroc), _interval(r.auroc_ci_low, r.auroc_ci_high),
+                 int(r.labels) if r.labels == r.labels else "", r.skipped if isinstance(r.skipped, str) else ""]
+                for r in probe.itertuples()]
+        lines += ["", f"## Linear probe on frozen image features, tested on '{split}'", "",
+                  _markdown(rows, ["features", "labels used", "training volumes", "macro AUROC", "95% CI",
+                                   "findings", "skipped"]),
+                  "", f"Plot: `eval/{key}.png`; per finding: `eval/{key}_per_label.csv`."]
+        for r in probe.itertuples():
+            tags[f"vlp3d.probe.{split}.{r.features.replace(' ', '_')}.{r.fraction:g}"] = (
+                f"{_fmt(r.auroc)} {_interval(r.auroc_ci_low, r.auroc_ci_high)}".strip())
+    promotion = {k.removeprefix(PROMOTION_TAG + "."): v for k, v in version_tags.items() if k.startswith(PROMOTION_TAG)}
+    if promotion:
+        lines += ["", "## Promotion", "", f"{promotion.get('decision', '')}: {promotion.get('reason', '')}"]
+    return "\n".join(lines) + "\n", tags
+
+
+def update_model_card(uri_: str, name: str, version: str) -> None:
+    """Rewrite a registered version's description (markdown model card) and its `vlp3d.*` tags from
+    what its run holds now."""
+    mlflow_client = client(uri_)
+    model_version_ = mlflow_client.get_model_version(name, version)
+    run = mlflow_client.get_run(model_version_.run_id)
+    description, tags = model_card(name, version, run, _eval_tables(mlflow_client, run.info.run_id),
+                                   dict(model_version_.tags))
+    mlflow_client.update_model_version(name, version, description=description)
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, value[:5000])
 
 
 # --- sweeps: one parent run per sweep, one child run per trial (tagged mlflow.parentRunId) --------

@@ -1,0 +1,71 @@
+"""Job: move a registered model's `champion` alias to a version only if it is better beyond chance."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlp3d.config import DataConfig
+from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_from
+
+PROMOTION_BOOTSTRAP = 1000
+
+
+def add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a promotion (shared by `promote` and `register`)."""
+    from vlp3d.evaluation.zeroshot import PAIRED_METRICS
+
+    data = DataConfig()
+    parser.add_argument("--shards", default="",
+                        help="shards root written by `vlp3d prepare`, where both versions are evaluated (needed "
+                             "unless nobody holds the alias yet or with --force)")
+    parser.add_argument("--split", default=data.eval_split,
+                        help=f"split both versions are scored on (default: data.eval_split = {data.eval_split}); "
+                             "patients either model pretrained on are refused")
+    parser.add_argument("--metric", default="macro_auroc", choices=PAIRED_METRICS, metavar="METRIC",
+                        help="what is compared, higher is better: zero-shot macro_auroc (default) or a retrieval "
+                             f"metric ({', '.join(PAIRED_METRICS[1:])})")
+    parser.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+    parser.add_argument("--bootstrap", type=int, default=PROMOTION_BOOTSTRAP,
+                        help=f"paired bootstrap resamples of the patients (default {PROMOTION_BOOTSTRAP})")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=32, help="volumes per forward pass (default 32)")
+    parser.add_argument("--force", action="store_true",
+                        help="move the alias without comparing (recorded as forced on the version)")
+    add_tracking_arguments(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.description = (
+        "Evaluate a challenger version and the version holding the alias (default 'champion') on the same "
+        "split, and move the alias only if the challenger is better beyond the 95% paired bootstrap interval "
+        "of the difference (patients resampled together for both models; the lower bound must be above 0). "
+        "With no holder, the challenger gets the alias. The decision (both figures, the difference and its "
+        "interval, the split and its hash) is recorded as tags vlp3d.promotion.* of the challenger version "
+        "and in its model card. Exit code 0 when the alias moved, 1 when it stayed."
+    )
+    parser.add_argument("name", help="registered model name, e.g. vlp3d-clip")
+    parser.add_argument("--challenger", required=True, metavar="VERSION", help="version to promote, e.g. 2")
+    add_comparison_arguments(parser)
+    return parser
+
+
+def decide(args: argparse.Namespace, name: str, version: str) -> int:
+    from vlp3d.platform.evaluate import promote
+
+    moved, message = promote(tracking_uri_from(args), name, version, shards=args.shards, split=args.split,
+                             metric=args.metric, alias=args.alias, batch_size=args.batch_size,
+                             n_boot=args.bootstrap, seed=args.seed, force=args.force)
+    print(message)
+    return 0 if moved else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    return decide(args, args.name, args.challenger)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
