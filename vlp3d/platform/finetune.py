@@ -183,7 +183,7 @@ def plan(cfg: ExperimentConfig) -> Plan:
         names, index = [classes[0], *wanted], [0, *(classes.index(c) for c in wanted)]
     else:
         labels = list(manifest["label_names"])
-        wanted = list(ft.labels) or labels
+        wanted = list(ft.labels) or _labels_with_positives(shard_dir, labels, cfg.data.train_split)
         unknown = [c for c in wanted if c not in labels]
         if unknown or not wanted:
             raise ValueError(f"finetune.labels: {unknown or 'none'} are not labels of the shards; choose from {labels}")
@@ -205,6 +205,19 @@ def plan(cfg: ExperimentConfig) -> Plan:
     network = NetworkSpec(ft.task, encoder, pretrained.cfg.model.size, _roi(cfg, pretrained.cfg), len(names), ft.head)
     run_cfg = replace(cfg, model=to_dict(pretrained.cfg.model))
     return Plan(run_cfg, pretrained, shard_dir, manifest, network, names, index, n_train)
+
+
+def _labels_with_positives(shard_dir, labels: list[str], split: str) -> list[str]:
+    """The labels with at least one positive volume in `split` (a label never positive cannot be learned)."""
+    import pyarrow.parquet as pq
+
+    positives = np.zeros(len(labels))
+    for path in shard_files(shard_dir, "ct"):
+        table = pq.read_table(path, columns=["labels", "split"])
+        rows = np.asarray(table.column("split").to_pylist()) == split
+        if rows.any():
+            positives += np.stack(table.column("labels").to_numpy(zero_copy_only=False))[rows].sum(0)
+    return [name for name, count in zip(labels, positives, strict=True) if count > 0]
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -272,7 +285,14 @@ def _dataset(plan_: Plan):
     columns = ["image", "image_shape", LABEL_MAP if plan_.network.task == SEGMENTATION else "labels"]
     ds = _training_dataset(cfg, plan_.shard_dir, columns=columns)
     if plan_.network.task == SEGMENTATION:
-        ds = ds.filter(lambda row: row[LABEL_MAP] is not None and len(row[LABEL_MAP]) > 0)
+        from ray.data.dataset import MaterializedDataset
+
+        materialized = isinstance(ds, MaterializedDataset)
+        # a small CPU share: while training, the workers hold the CPUs (a sweep trial keeps only
+        # tune.trial_cpus), and a filter task asking for a whole CPU would wait for ever
+        ds = ds.filter(lambda row: row[LABEL_MAP] is not None and len(row[LABEL_MAP]) > 0, num_cpus=0.1)
+        if materialized:  # filtered now, before the workers start
+            ds = ds.materialize()
     return ds
 
 
@@ -422,7 +442,7 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from vlp3d.platform.runtime import init_ray
+    from vlp3d.platform.runtime import init_ray, run_storage
 
     started = time.time()
     plan_ = plan(cfg)
@@ -439,7 +459,7 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
             "label_names": plan_.manifest["label_names"], "mlflow_run_id": run_id,
             "finetune": {"network": plan_.network.to_dict(), "names": plan_.names, "index": plan_.index,
                          "overlap": ft.sw_overlap, "pretrained_model": plan_.pretrained.uri, "init": ft.init}}
-    storage_path, storage_filesystem = _ray_storage(cfg)
+    storage_path, storage_filesystem = run_storage(cfg)  # tracking.storage, as pretraining
     trainer = TorchTrainer(
         finetune_loop_per_worker,
         train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
@@ -487,16 +507,6 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
         raise
     return FinetuneResult(run_id, run_name, folder, model_uri, plan_.pretrained.uri, metrics, table,
                           time.time() - started, dict(result.metrics or {}))
-
-
-def _ray_storage(cfg: ExperimentConfig):
-    """Ray Train's storage (path, filesystem) for the run: the one pretraining uses (vlp3d.platform.runtime;
-    `run_storage` where tracking.storage exists, else <workdir>/ray_results)."""
-    from vlp3d.platform import runtime
-
-    if hasattr(runtime, "run_storage"):
-        return runtime.run_storage(cfg)
-    return runtime.storage_path(cfg), None
 
 
 def _eval_rows(plan_: Plan, split: str, fraction: float = 1.0) -> list[dict]:
