@@ -465,9 +465,12 @@ def promote(uri_: str, model_uri: str, alias: str = "champion", comparison=None,
                        "bootstrap": str(comparison.n_boot)})
         reason = message
     record.update({"decision": decision, "reason": reason})
+    record = {f"{PROMOTION_TAG}.{key}": str(value) for key, value in record.items() if value != ""}
+    for key in challenger.tags:  # an earlier decision's figures must not mix with this one's
+        if key.startswith(PROMOTION_TAG + ".") and key not in record:
+            mlflow_client.delete_model_version_tag(name, version, key)
     for key, value in record.items():
-        if value != "":
-            mlflow_client.set_model_version_tag(name, version, f"{PROMOTION_TAG}.{key}", str(value))
+        mlflow_client.set_model_version_tag(name, version, key, value)
     if moved:
         mlflow_client.set_registered_model_alias(name, alias, version)
     update_model_card(uri_, name, version)
@@ -476,7 +479,21 @@ def promote(uri_: str, model_uri: str, alias: str = "champion", comparison=None,
 
 def _eval_tables(mlflow_client: MlflowClient, run_id: str) -> dict[str, pd.DataFrame]:
     """The CSV tables an evaluation logged under `eval/` of a run, by name."""
-    tables = {}
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    saved = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+    os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"  # a bar per small CSV buries the output
+    try:
+        return _download_tables(mlflow_client, run_id)
+    finally:
+        if saved is None:
+            os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
+        else:
+            os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = saved
+
+
+def _download_tables(mlflow_client: MlflowClient, run_id: str) -> dict[str, pd.DataFrame]:
+    tables: dict[str, pd.DataFrame] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             files = [f.path for f in mlflow_client.list_artifacts(run_id, "eval") if f.path.endswith(".csv")]
