@@ -161,6 +161,8 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
         self.metadata = dict(metadata or {})
 
     def load_context(self, context) -> None:
+        # a model logged before the metadata moved into the instance unpickles without it
+        self.metadata = dict(getattr(self, "metadata", None) or {})
         config = dict(context.model_config or {})
         self.allowed_root = os.environ.get(ALLOWED_ROOT_ENV) or str(config.get("allowed_root") or "")
         self.embedder = Embedder(context.artifacts["checkpoint"], device=str(config.get("device") or "auto"),

@@ -23,6 +23,16 @@ uri = tracking_uri
 RUN_NAME_TAG = "vlp3d.run_name"
 
 
+def __getattr__(name: str):
+    """Models logged before the pyfunc moved to vlp3d.platform.pyfunc pickled its class under this
+    module's name (`vlp3d.platform.tracking.Vlp3dEmbedder`): they still load."""
+    if name == "Vlp3dEmbedder":
+        from vlp3d.platform.pyfunc import Vlp3dEmbedder
+
+        return Vlp3dEmbedder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def client(cfg_or_uri: ExperimentConfig | str) -> MlflowClient:
     """A client for the config's store, also made MLflow's current one (its fluent API logs models).
     MLflow also exports the URI as $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI, where the next
