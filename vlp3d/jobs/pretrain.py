@@ -28,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"run {result.run_name} (mlflow {result.run_id}) finished in {result.elapsed_s:.0f} s; "
           f"final loss {result.metrics.get('loss', float('nan')):.3f}")
     print(f"checkpoint: {result.checkpoint_dir}")
+    if result.model_uri.startswith("models:/"):
+        name, version = result.model_uri.removeprefix("models:/").rsplit("/", 1)
+        print(f"registered: {result.model_uri} (aliases unchanged; to make it @champion when it beats the holder: "
+              f"vlp3d promote {name} --challenger {version} --shards {result.shard_dir})")
     return 0
 
 
