@@ -207,8 +207,6 @@ def decode_label_map(value, shape) -> np.ndarray | None:
     return decode_image(value, shape, "uint8")
 
 
-
-
 def encode_image(volume: np.ndarray) -> bytes:
     """Highres storage: little-endian bytes in C order (inverse of `decode_image`)."""
     return np.ascontiguousarray(volume, dtype=volume.dtype.newbyteorder("<")).tobytes(order="C")
