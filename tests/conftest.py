@@ -84,3 +84,18 @@ def s3_server(tmp_path_factory):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_env_unchanged():
+    """Each test leaves $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI as it found them: MLflow 3's
+    `set_tracking_uri` exports the URI, which every later config without `tracking.tracking_uri`
+    would take for the user's store (tests use tests/mlflow_store.current_store)."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {key: os.environ.get(key) for key in keys}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

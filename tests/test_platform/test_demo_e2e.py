@@ -7,6 +7,8 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
+from tests.mlflow_store import current_store
+
 
 def test_demo_writes_shards_run_and_champion(tiny_demo, capsys):
     manifest = json.loads(next((tiny_demo / "shards").glob("*/_manifest.json")).read_text())
@@ -32,12 +34,8 @@ def test_demo_writes_shards_run_and_champion(tiny_demo, capsys):
     import mlflow
     import pytest
 
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with current_store(uri):
         metadata = mlflow.models.get_model_info("models:/vlp3d-clip@champion").metadata
-    finally:
-        mlflow.set_tracking_uri(before)
     assert metadata["label_names"] == manifest["label_names"] and metadata["objective"] == "clip"
     assert metadata["logit_scale"] == pytest.approx(1 / run.data.metrics["train/temperature"])
     assert metadata["prompt_ensemble"] == ["report"] and "{Name}." in metadata["prompt_templates"]["report"]["positive"]

@@ -7,6 +7,8 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from tests.mlflow_store import current_store
+
 
 def test_finetune_segmentation_is_tracked_and_registered_with_its_source(tiny_demo, capsys):
     from vlp3d.cli import main
@@ -35,13 +37,9 @@ def test_finetune_segmentation_is_tracked_and_registered_with_its_source(tiny_de
         assert 0.0 < metrics[f"eval/valid/dice_everywhere/{name}"] < 0.5
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} == {"eval/segmentation.csv"}
     # the registered model predicts structure volumes from a NIfTI file
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with current_store(uri):
         model = mlflow.pyfunc.load_model(f"models:/vlp3d-clip-segmentation/{version.version}")
         volume = next((tiny_demo / "corpus" / "valid").rglob("*.nii.gz"))
         predicted = model.predict(pd.DataFrame({"image": [str(volume)]}))
-    finally:
-        mlflow.set_tracking_uri(before)
     assert list(predicted.columns) == ["lung_ml", "heart_ml"]
     assert all(math.isfinite(v) and v >= 0 for v in predicted.iloc[0])

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.mlflow_store import current_store
+
 CHAMPION = "models:/vlp3d-clip@champion"
 REPORT = "There is a pleural effusion. No lung nodule."
 
@@ -35,13 +37,9 @@ def test_champion_restores_in_a_fresh_virtualenv(tiny_demo, tmp_path):
     from vlp3d.inference import Embedder, VolumeInput
 
     uri = f"sqlite:///{tiny_demo / 'mlflow.db'}"
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with current_store(uri):
         requirements = mlflow.pyfunc.get_model_dependencies(CHAMPION)
         run_id = mlflow.models.get_model_info(CHAMPION).run_id
-    finally:
-        mlflow.set_tracking_uri(before)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # pip as configured on this machine (the package index CI installs .venv from)

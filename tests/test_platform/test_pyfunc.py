@@ -9,18 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.mlflow_store import current_store
+
 CHAMPION = "models:/vlp3d-clip@champion"
 RESCALE = {"rescale_slope": [1.0], "rescale_intercept": [-1024.0]}
 
 
 @pytest.fixture(scope="module")
 def store(tiny_demo):
-    import mlflow
-
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tiny_demo / 'mlflow.db'}")
-    yield tiny_demo
-    mlflow.set_tracking_uri(before)
+    with current_store(f"sqlite:///{tiny_demo / 'mlflow.db'}"):
+        yield tiny_demo
 
 
 @pytest.fixture(scope="module")

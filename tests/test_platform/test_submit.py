@@ -133,6 +133,7 @@ def test_a_job_records_the_submitting_checkouts_commit_and_whether_it_was_dirty(
     from vlp3d.platform import tracking
     from vlp3d.platform.runtime import GIT_COMMIT_ENV, GIT_DIRTY_ENV
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # passed through when set: not what is tested here
     checkout = tmp_path / "checkout"
     _touch(checkout, "train.py")
     _git(checkout, "init", "-q")

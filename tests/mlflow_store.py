@@ -1,0 +1,31 @@
+"""MLflow's current store for a block of a test, without leaking it to later tests.
+
+`mlflow.set_tracking_uri` also exports $MLFLOW_TRACKING_URI (MLflow 3), which every later config
+without `tracking.tracking_uri` takes for the user's store: a test that sets a store and "restores"
+the previous one with `set_tracking_uri(before)` leaves that variable behind. This puts both back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextlib.contextmanager
+def current_store(uri: str):
+    import mlflow
+
+    saved = {key: os.environ.get(key) for key in ENV}
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(before)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
