@@ -106,7 +106,7 @@ _NOT_INHERITED = {"image", "modality", "VolumeName", "RescaleSlope", "RescaleInt
 
 
 def label_map_name(volume_name: str) -> str:
-    """File name of a CT's label map in a CT-RATE-layout corpus: train_1_a_1.nii.gz -> train_1_a_1_label.nii.gz
+    """File name of a CT's label map in a CT-RATE-layout corpus: <name>.nii.gz -> <name>_label.nii.gz
     (never the CT's own name: a search for the CT by name finds the CT)."""
     stem = volume_name.removesuffix(".gz").removesuffix(".nii")
     return f"{stem}_label.nii.gz"

@@ -164,7 +164,10 @@ def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> d
         raise ValueError(f"empty report (sections {list(spec.report_sections)} are all missing or blank)")
     modality = normalise_modality(row.get("modality"))
     if modality == "xray":
-        return _xray_row(row, spec, label_names, text, sentences)
+        out = _xray_row(row, spec, label_names, text, sentences)
+        if LABEL_MAP_COLUMN in row:  # no label map for a radiograph, but the same columns in both folders
+            out[LABEL_MAP] = b""
+        return out
     path = row["image"]
     if not Path(path).exists():
         raise FileNotFoundError(f"volume file not found: {path}")
