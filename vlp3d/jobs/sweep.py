@@ -70,16 +70,7 @@ def render(result) -> str:
                                         "parameters, or training FLOPs on the compute frontier)"))
     else:
         lines.append("scaling fits: none (neither data.fraction nor model.size varies)")
-    failed = table[table["status"] == "error"] if len(table) else table
-    if len(failed):
-        lines.append(format_table(failed[["trial_id", "label", "error"]].values.tolist(), ["trial", "config", "error"],
-                                  title="failed trials (their Ray logs are in the sweep folder's trial folders)"))
-    if result.best_trial:
-        lines.append(f"best trial: {result.best_trial}")
-    lines.append(f"{len(table)} trials in {result.elapsed_s:.0f} s; folder {result.folder}")
-    lines.append("plots:   " + ", ".join(str(p.name) for p in result.figures) + f" (in {result.folder / 'plots'})")
-    lines.append(f"mlflow:  parent run {result.parent_run_id}; mlflow ui --backend-store-uri {result.tracking_uri}")
-    return "\n\n".join(lines)
+    return "\n\n".join(lines + _footer(result, table))
 
 
 def render_finetune(result, keys: list[str]) -> str:
@@ -93,6 +84,12 @@ def render_finetune(result, keys: list[str]) -> str:
     lines = [format_table(rows, ["trial", "status", *keys, "labelled volumes",
                                  *(c.removeprefix("eval_") for c in scores), "wall"],
                           title=f"sweep {result.name}: fine-tuning trials (held-out split)")]
+    return "\n\n".join(lines + _footer(result, table))
+
+
+def _footer(result, table) -> list[str]:
+    """The end of a sweep summary: failed trials, the best one, timing, where plots and runs are."""
+    lines = []
     failed = table[table["status"] == "error"] if len(table) else table
     if len(failed):
         lines.append(format_table(failed[["trial_id", "label", "error"]].values.tolist(), ["trial", "config", "error"],
@@ -102,7 +99,7 @@ def render_finetune(result, keys: list[str]) -> str:
     lines.append(f"{len(table)} trials in {result.elapsed_s:.0f} s; folder {result.folder}")
     lines.append("plots:   " + ", ".join(str(p.name) for p in result.figures) + f" (in {result.folder / 'plots'})")
     lines.append(f"mlflow:  parent run {result.parent_run_id}; mlflow ui --backend-store-uri {result.tracking_uri}")
-    return "\n\n".join(lines)
+    return lines
 
 
 def _pool(table) -> str:

@@ -438,11 +438,8 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
     pass Tune's `callbacks`, the MLflow `parent_run_id`, extra `tags` and `register=False` (the model is
     logged, not registered), as for `vlp3d.platform.train.pretrain`."""
     logs.ensure_configured()
-    import ray.train
-    from ray.data import ExecutionOptions
-    from ray.train.torch import TorchTrainer
-
-    from vlp3d.platform.runtime import init_ray, run_storage
+    from vlp3d.platform.runtime import init_ray
+    from vlp3d.platform.train import torch_trainer
 
     started = time.time()
     plan_ = plan(cfg)
@@ -459,26 +456,13 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
             "label_names": plan_.manifest["label_names"], "mlflow_run_id": run_id,
             "finetune": {"network": plan_.network.to_dict(), "names": plan_.names, "index": plan_.index,
                          "overlap": ft.sw_overlap, "pretrained_model": plan_.pretrained.uri, "init": ft.init}}
-    storage_path, storage_filesystem = run_storage(cfg)  # tracking.storage, as pretraining
-    trainer = TorchTrainer(
-        finetune_loop_per_worker,
-        train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
-                           "network": plan_.network.to_dict(), "index": plan_.index, "meta": meta,
-                           "encoder_state": plan_.pretrained.encoder_state if ft.init == "pretrained" else None,
-                           "storage_dtype": plan_.manifest["spec"]["storage_dtype"],
-                           "print_progress": progress is not None, "log_level": logs.level_name()},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=list(callbacks),
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if logs.is_debug() else "WARNING"),
-        ),
-        datasets={"train": _dataset(plan_)},
-        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-    )
+    trainer = torch_trainer(  # the pretraining launcher's workers, storage, restores and data order
+        cfg, finetune_loop_per_worker, run_name, {"train": _dataset(plan_)}, callbacks,
+        {"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
+         "network": plan_.network.to_dict(), "index": plan_.index, "meta": meta,
+         "encoder_state": plan_.pretrained.encoder_state if ft.init == "pretrained" else None,
+         "storage_dtype": plan_.manifest["spec"]["storage_dtype"],
+         "print_progress": progress is not None, "log_level": logs.level_name()})
     if progress is not None:
         progress(f"fine-tuning {plan_.pretrained.uri} ({plan_.network.encoder}/{plan_.network.size}, init {ft.init}) "
                  f"for {ft.task} of {len(plan_.names)} {'classes' if ft.task == SEGMENTATION else 'labels'} on "

@@ -533,6 +533,41 @@ def preflight(cfg: ExperimentConfig) -> tuple[Path | str, dict]:
     return shard_dir, manifest
 
 
+
+def torch_trainer(cfg: ExperimentConfig, loop, run_name: str, datasets: dict, callbacks: Sequence = (),
+                  loop_config: dict | None = None):
+    """The TorchTrainer of a pretraining or fine-tuning run: `cluster.num_workers` DDP workers of
+    `cluster.cpus_per_worker` CPUs, run state and checkpoints on `tracking.storage`, `train.max_failures`
+    restores, `train.keep_checkpoints` kept, and Ray Data in a fixed order (no locality reordering: the
+    same blocks reach the same worker in every run and after every restart, which exact resume and
+    reproducible runs rely on)."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_filesystem = run_storage(cfg)
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks),
+            # Train's INFO lines (one per report and worker) would bury vlp3d's progress lines
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if logs.is_debug() else "WARNING"),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+
+
 def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=log.info, callbacks: Sequence = (),
              parent_run_id: str | None = None, register: bool = True, tags: dict[str, str] | None = None
              ) -> PretrainResult:
@@ -543,8 +578,7 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
     and `progress=None` (no progress lines, from here or from the rank-0 worker).
     """
     logs.ensure_configured()
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    import ray
 
     started = time.time()
     shard_dir, manifest = preflight(cfg)
@@ -567,37 +601,15 @@ def pretrain(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
         xray = _training_dataset(cfg, shard_dir, "xray")
         if xray is not None:
             datasets["train_2d"] = xray
-    # Ray Data in a fixed order (no locality reordering): the same blocks reach the same worker
-    # in every run and after every restart, which exact resume and reproducible runs rely on
-    from ray.data import ExecutionOptions
-
     notes = _run_notes()
-    storage_path, storage_filesystem = run_storage(cfg)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
-                           "text_dim": text_dim, "meta": meta, "has_2d": "train_2d" in datasets,
-                           "has_valid": "valid" in datasets, "print_progress": progress is not None,
-                           "log_level": logs.level_name(),
-                           "inject_fault": os.environ.get(FAULT_ENV, ""), "notes": notes,
-                           "shuffle_rows": shuffle_rows(shard_dir, manifest)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=list(callbacks),
-            # Train's INFO lines (one per report and worker) would bury vlp3d's progress lines
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if logs.is_debug() else "WARNING"),
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-    )
+    trainer = torch_trainer(
+        cfg, train_loop_per_worker, run_name, datasets, callbacks,
+        {"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
+         "text_dim": text_dim, "meta": meta, "has_2d": "train_2d" in datasets,
+         "has_valid": "valid" in datasets, "print_progress": progress is not None,
+         "log_level": logs.level_name(),
+         "inject_fault": os.environ.get(FAULT_ENV, ""), "notes": notes,
+         "shuffle_rows": shuffle_rows(shard_dir, manifest)})
     if progress is not None:
         progress(f"training {cfg.train.max_steps} steps on {cfg.cluster.num_workers} workers "
                  f"(global batch {cfg.train.global_batch}); run {run_name}")
