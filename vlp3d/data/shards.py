@@ -41,7 +41,7 @@ import numpy as np
 from vlp3d import storage
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.corpus import LABEL_MAP_COLUMN, metadata_scaling, metadata_spacing
-from vlp3d.data.hounsfield import NotCTError, not_ct_reason
+from vlp3d.data.hounsfield import require_ct
 from vlp3d.data.radiograph import load_radiograph, resize_2d
 from vlp3d.data.report import report_text
 from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_volume, quantise
@@ -158,7 +158,7 @@ def count_rows(shard_dir: str | Path, split: str, fraction: float = 1.0, modalit
 
 def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> dict:
     """One manifest row -> one shard row (without token ids / text embeddings). Raises on bad input,
-    and with `NotCTError` on a CT row whose volume is not CT (`vlp3d.data.hounsfield.not_ct_reason`)."""
+    and with `NotCTError` on a CT row whose volume is not CT (`vlp3d.data.hounsfield.require_ct`)."""
     text, sentences = report_text(row, spec.report_sections)
     if not sentences:
         raise ValueError(f"empty report (sections {list(spec.report_sections)} are all missing or blank)")
@@ -172,9 +172,7 @@ def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> d
     if not Path(path).exists():
         raise FileNotFoundError(f"volume file not found: {path}")
     hu, affine, decision = load_volume_hu(path, metadata_scaling(row))
-    not_ct = not_ct_reason(hu, decision)
-    if not_ct:
-        raise NotCTError(not_ct)
+    require_ct(hu, decision)
     warnings = list(decision.warnings)
     header_spacing = [float(v) for v in nib.affines.voxel_sizes(affine)]
     listed = metadata_spacing(row)
