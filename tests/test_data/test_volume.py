@@ -134,3 +134,15 @@ def test_require_ct_marks_the_case_a_rescale_would_fix():
     with pytest.raises(NotCTError, match="label mask") as masked:
         check(mask)
     assert not masked.value.uncertain_hu
+
+
+def test_a_corrupt_nifti_is_a_value_error_naming_the_file(tmp_path):
+    """Prepare records it as a failed row and the served model answers 400, rather than a traceback."""
+    from vlp3d.inference import VolumeInput, load_ct
+
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a volume")
+    with pytest.raises(ValueError, match="not a readable NIfTI file"):
+        load_nifti_hu(str(bad))
+    with pytest.raises(ValueError, match=r"broken\.nii\.gz.*not a readable NIfTI file"):
+        load_ct(VolumeInput(path=str(bad), name=str(bad)))

@@ -93,11 +93,12 @@ class PreprocessSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-
-
 def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray, HUDecision]:
     """Read a NIfTI file; return (HU array, affine, decision). Raises ValueError on unreadable data."""
-    img = nib.load(path)
+    try:
+        img = nib.load(path)
+    except nib.filebasedimages.ImageFileError as err:  # not NIfTI, truncated, not gzip: bad input, said as such
+        raise ValueError(f"not a readable NIfTI file ({err})") from None
     if len(img.shape) != 3:
         raise ValueError(f"expected a 3D volume, got shape {img.shape}")
     proxy = img.dataobj
