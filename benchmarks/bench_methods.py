@@ -109,9 +109,19 @@ def main(argv: list[str] | None = None) -> int:
             timed.append((path, replace(cfg, train={"max_steps": steps, "warmup_steps": warmup,
                                                     "checkpoint_every": steps})))
         configs = timed
+    # runs already in WORKDIR/methods.json (same config, seed, budget, steps and batch) are reused, so a
+    # benchmark stopped part-way, or extended by more seeds or configs, only runs what is missing
+    store = Path(args.workdir, "methods.json")
+    kept = json.loads(store.read_text()) if store.is_file() else []
     records = []
     for path, cfg in configs:
         for seed in args.seeds:
+            key = (path, seed, args.budget, cfg.train.max_steps, cfg.train.global_batch)
+            done = [r for r in kept if (r["config"], r["seed"], r["budget"], r["steps"], r["global_batch"]) == key]
+            if done:
+                print(f"{Path(path).stem} seed {seed}: reusing the run in {store}", flush=True)
+                records.append(done[-1])
+                continue
             run_cfg = dataclasses.replace(replace(cfg, train={"seed": seed}), name=f"{cfg.name}-seed{seed}")
             started = time.time()
             result = run_pipeline(run_cfg, args.n)
@@ -129,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 "r2v_r5": m["r2v/recall_at_5"], "pool": int(m["retrieval_pool"]), "pretrain_s": timings["pretrain"],
                 "total_s": time.time() - started, "model_uri": result.trained.model_uri,
             })
-            Path(args.workdir, "methods.json").write_text(json.dumps(records, indent=2))
+            kept.append(records[-1])
+            store.write_text(json.dumps(kept, indent=2))
 
     rows = []
     for path, cfg in configs:
