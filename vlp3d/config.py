@@ -73,6 +73,16 @@ class ModelConfig:
     image_encoder: str = _f("resnet3d", "Registered image encoder (`vlp3d models` lists them).")
     size: Literal["tiny", "small", "base", "large"] = _f("tiny", "Size preset of the image encoder.")
     gradient_checkpointing: bool = _f(False, "Recompute image-encoder activations in backward (less memory, ~1.5x compute).")
+    attention: Literal["auto", "fused", "manual"] = _f(
+        "auto",
+        "Attention kernel of transformer image encoders (swin3d, vit3d): 'fused' = "
+        "torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels on GPU), "
+        "'manual' = MONAI's matmul-softmax-matmul, 'auto' = whichever a short measurement on this device "
+        "finds faster. Weights and state-dict keys are the same either way.",
+    )
+    compile: bool = _f(
+        False, "Wrap the image encoder in torch.compile (compile time is reported apart from step time).",
+    )
     text_encoder: str = _f("minilm", "'minilm' (offline package) or a Hugging Face model path or hub name.")
     embed_dim: int = _f(384, "Dimension of the shared embedding space ('locked'/'residual' text heads: the text encoder's width).")
     text_head: Literal["locked", "residual", "linear"] = _f(
