@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Resize, SpatialPad
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -130,6 +129,9 @@ def load_radiograph(path: str | Path) -> tuple[np.ndarray, RadiographInfo]:
 
 def resize_2d(image01: np.ndarray, shape_2d: tuple[int, int]) -> np.ndarray:
     """Zero-pad (centred) to the aspect ratio of `shape_2d`, then resize to it (float32)."""
+    # imported here: MONAI costs seconds to import, and training workers never resize radiographs
+    from monai.transforms import Resize, SpatialPad
+
     rows, cols = image01.shape
     target_rows, target_cols = shape_2d
     if rows * target_cols > cols * target_rows:  # too tall: widen

@@ -18,25 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import (
-    CenterSpatialCropd,
-    Compose,
-    CropForegroundd,
-    Orientationd,
-    ResizeWithPadOrCropd,
-    ScaleIntensityRanged,
-    Spacingd,
-    SpatialPadd,
-)
 
 from vlp3d.config import DataConfig, ModelConfig
 from vlp3d.data.dicom import is_dicom_path, load_dicom_hu
 from vlp3d.data.hounsfield import HUDecision, to_hounsfield
+
+if TYPE_CHECKING:  # MONAI is imported where a volume is transformed: importing it costs seconds, and a
+    # training worker, which reads prepared shards, never needs it
+    from monai.data import MetaTensor
+    from monai.transforms import ScaleIntensityRanged
 
 _DATA, _MODEL = DataConfig(), ModelConfig()  # the spec's defaults are the config's: one source
 
@@ -138,6 +133,8 @@ IMAGE, LABEL = "image", "label"  # keys of the transform chain: the CT and its (
 
 
 def _window(spec: PreprocessSpec) -> ScaleIntensityRanged:
+    from monai.transforms import ScaleIntensityRanged
+
     return ScaleIntensityRanged(keys=IMAGE, a_min=spec.hu_window[0], a_max=spec.hu_window[1], b_min=0.0, b_max=1.0,
                                 clip=True)
 
@@ -156,6 +153,8 @@ def _crop_to_body(data: dict, threshold_hu: float, margin_mm: float = FOREGROUND
     volume = data[IMAGE]
     if not bool((volume > threshold_hu).any()):
         return data
+    from monai.transforms import CropForegroundd
+
     margin = np.ceil(margin_mm / _voxel_sizes(volume)).astype(int).tolist()
     crop = CropForegroundd(keys=list(data), source_key=IMAGE, select_fn=lambda x: x > threshold_hu, margin=margin,
                            allow_smaller=True)
@@ -179,6 +178,16 @@ def preprocess_volume(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec,
     grid as `hu`) through the same transforms: one chain of MONAI dictionary transforms, the label
     map resampled with nearest-neighbour interpolation, cropped with the volume (the body box is
     the CT's) and padded with 0 (background). Returns (image, uint8 label map or None)."""
+    from monai.data import MetaTensor
+    from monai.transforms import (
+        CenterSpatialCropd,
+        Compose,
+        Orientationd,
+        ResizeWithPadOrCropd,
+        Spacingd,
+        SpatialPadd,
+    )
+
     data = {IMAGE: MetaTensor(torch.from_numpy(np.ascontiguousarray(hu))[None], affine=torch.from_numpy(affine))}
     if label_map is not None:
         label_map = np.asarray(label_map)

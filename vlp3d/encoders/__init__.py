@@ -1,10 +1,9 @@
 """Image and text encoders, built by name from config.
 
-Importing this package imports every image-encoder module, each of which registers its
-builder in `vlp3d.encoders.registry.IMAGE_ENCODERS` (`@register(name)`).
+Each image-encoder module registers its builder in `vlp3d.encoders.registry.IMAGE_ENCODERS`
+(`@register(name)`); the registry imports a module the first time its encoder is asked for.
 """
 
-from vlp3d.encoders import resnet, swin, unimedi, vit  # noqa: F401  (each registers its builder)
 from vlp3d.encoders.registry import IMAGE_ENCODERS, SIZES, accepted_options, build_image_encoder
 from vlp3d.encoders.text import TextEncoder, resolve_text_encoder
 

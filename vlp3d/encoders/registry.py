@@ -1,8 +1,10 @@
 """The registry of 3D image encoders. Each encoder returns (pooled [B, C], tokens [B, N, C]).
 
-Each encoder module registers its builder with `@register(name)`; `vlp3d.encoders` imports
-them all, so `IMAGE_ENCODERS` is complete once `vlp3d.encoders` is imported. This module
-imports no encoder, so encoder modules import it without a circle.
+Each encoder module registers its builder with `@register(name)`. `IMAGE_ENCODERS` imports an
+encoder's module the first time that encoder is asked for (`ENCODER_MODULES`), and every module
+when it is listed: swin3d and vit3d build on MONAI, which takes seconds to import, and a training
+worker that builds a resnet3d never needs it. This module imports no encoder, so encoder modules
+import it without a circle.
 
 Registered names (`model.image_encoder`), each with size presets tiny/small/base/large
 (`model.size`):
@@ -15,13 +17,56 @@ Registered names (`model.image_encoder`), each with size presets tiny/small/base
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 
 from torch import nn
 
-IMAGE_ENCODERS: dict[str, Callable[..., nn.Module]] = {}
+# model.image_encoder -> the module that registers it (imported on first use)
+ENCODER_MODULES = {
+    "resnet3d": "vlp3d.encoders.resnet",
+    "swin3d": "vlp3d.encoders.swin",
+    "vit3d": "vlp3d.encoders.vit",
+    "unimedi_vit": "vlp3d.encoders.unimedi",
+}
+
+
+class _Registry(MutableMapping):
+    """name -> builder; a name in ENCODER_MODULES is imported when it is looked up, all of them when
+    the registry is iterated or counted. Builders registered from elsewhere (`@register`) work too."""
+
+    def __init__(self) -> None:
+        self._builders: dict[str, Callable[..., nn.Module]] = {}
+
+    def _load(self, name: str) -> None:
+        if name not in self._builders and name in ENCODER_MODULES:
+            importlib.import_module(ENCODER_MODULES[name])
+
+    def __getitem__(self, name: str) -> Callable[..., nn.Module]:
+        self._load(name)
+        return self._builders[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in ENCODER_MODULES or name in self._builders
+
+    def __setitem__(self, name: str, builder: Callable[..., nn.Module]) -> None:
+        self._builders[name] = builder
+
+    def __delitem__(self, name: str) -> None:
+        del self._builders[name]
+
+    def __iter__(self) -> Iterator[str]:
+        for name in ENCODER_MODULES:
+            self._load(name)
+        return iter(dict(self._builders))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+IMAGE_ENCODERS: MutableMapping[str, Callable[..., nn.Module]] = _Registry()
 SIZES = ("tiny", "small", "base", "large")
 
 
