@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -119,7 +120,8 @@ def check_encoder_input(cfg: ExperimentConfig) -> None:
 
 def build_model(cfg: ExperimentConfig, text_dim: int | None = None) -> VisionLanguageModel:
     torch.manual_seed(cfg.train.seed)
-    options = {"image_size_2d": cfg.data.shape_2d}  # for encoders that also read 2D images (unimedi_vit)
+    # for the encoders that take them: 2D image size (unimedi_vit), attention path (swin3d, vit3d)
+    options = {"image_size_2d": cfg.data.shape_2d, "attention": cfg.model.attention}
     encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.size, img_size=model_input_shape(cfg),
                                   gradient_checkpointing=cfg.model.gradient_checkpointing,
                                   **accepted_options(cfg.model.image_encoder, options))
@@ -161,6 +163,34 @@ def build_pretrainer(cfg: ExperimentConfig, text_dim: int | None = None) -> tupl
     model = build_model(cfg, text_dim=text_dim)
     objective = objective_class(cfg.objective.name)(cfg, model, text_dim)
     return Pretrainer(model, objective), weights
+
+
+def compile_image_encoder(model: VisionLanguageModel, backend: str = "inductor") -> None:
+    """`model.compile`: torch.compile the image encoder in place (`nn.Module.compile`), so the module,
+    its parameters and its state-dict keys stay as they are: checkpoints and exports hold the plain
+    keys, never an `OptimizedModule`'s `_orig_mod.` prefix. Call it before the DDP wrapper. Tracing
+    and compiling happen at the encoder's first call for each input shape and train/eval mode (run
+    those calls inside `compile_errors`). A first call under a TorchDispatchMode (FlopCounterMode)
+    runs eager and leaves the encoder uncompiled for good: count FLOPs on a later step."""
+    model.image_encoder.compile(backend=backend)
+
+
+@contextlib.contextmanager
+def compile_errors():
+    """torch.compile's backend failures (no working C++ compiler for its CPU code, no Triton for its
+    GPU kernels) as a ConfigError that names `model.compile` and the fix."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        yield
+    except BackendCompilerFailed as err:
+        cause = getattr(err, "inner_exception", None) or err
+        raise ConfigError(
+            f"model.compile = true: torch.compile could not compile the image encoder on this machine "
+            f"({type(cause).__name__}: {str(cause).strip()[:500]}). Install what it needs (a C++ compiler such as "
+            "g++ for CPU training, Triton for CUDA GPUs, e.g. `apt-get install g++` / `pip install triton`), "
+            "or set model.compile = false."
+        ) from err
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -243,7 +273,8 @@ def to_model_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> d
     out = {}
     for key, name in (("image", "volume"), ("crops", "crops"), ("image_2d", "image_2d")):
         if key in batch:
-            out[name] = dequantise(batch[key]).unsqueeze(-4 if key == "crops" else 1).to(device, non_blocking=True)
+            # copied as stored (uint8 / float16: 2-4x less than float32), then dequantised on the device
+            out[name] = dequantise(batch[key].to(device, non_blocking=True)).unsqueeze(-4 if key == "crops" else 1)
     for key in ("report_embedding", "report_embedding_2d", "input_ids", "attention_mask", "labels",
                 "sentence_embeddings", "sentence_mask"):
         if key in batch:
