@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -209,3 +209,25 @@ def _cpu_step_peak(
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def saved_activation_bytes(step: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `step()` runs (forward only).
+
+    Counted with torch.autograd.graph.saved_tensors_hooks, leaving out the storages of `exclude`
+    (pass the parameters: they are resident anyway). Tensors saved inside a non-reentrant
+    torch.utils.checkpoint region go to the checkpoint's own hooks and are recomputed in backward,
+    so they are not counted: the number is the activation memory held from forward to backward.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(saved.values())

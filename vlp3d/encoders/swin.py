@@ -9,6 +9,7 @@ from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformer, SwinTr
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
+from vlp3d.encoders.attention import AttentionPaths, fuse_window_attention
 from vlp3d.encoders.registry import check_size, register, require_einops
 
 # feature_size per preset (METHODS.md: 48 is "Swin-B", 96 is "Swin-L"); SwinUNETR needs a multiple of 12
@@ -19,7 +20,7 @@ SWIN_PATCH = 2
 SWIN_WINDOW = 7
 
 
-class SwinEncoder3d(nn.Module):
+class SwinEncoder3d(AttentionPaths, nn.Module):
     """MONAI Swin Transformer (patch 2, window 7, four stages) as a (pooled, tokens) encoder.
 
     The backbone is built with exactly the arguments `SwinUNETR(in_channels, out_channels,
@@ -32,6 +33,9 @@ class SwinEncoder3d(nn.Module):
     in (x, y, z) raster order (z fastest). Stage outputs are layer-normalised without affine
     parameters, as SwinUNETR's `normalize=True` does, so `tokens` equals what SwinUNETR's
     decoder receives as its deepest skip.
+
+    `attention` ('auto' | 'fused' | 'manual', see vlp3d.encoders.attention) picks the window
+    attention path; `attention_path` is the one in use (None while 'auto' is unmeasured).
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class SwinEncoder3d(nn.Module):
         window_size: int = SWIN_WINDOW,
         dropout_path_rate: float = 0.0,
         gradient_checkpointing: bool = False,
+        attention: str = "manual",
     ):
         super().__init__()
         if feature_size % 12 != 0:
@@ -83,6 +88,8 @@ class SwinEncoder3d(nn.Module):
         self.out_dim = feature_size * 2 ** len(depths)
         self._gradient_checkpointing = gradient_checkpointing
         self._sync_checkpointing()
+        fuse_window_attention(self.swinViT)
+        self._init_attention(attention)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -105,6 +112,18 @@ class SwinEncoder3d(nn.Module):
         self._sync_checkpointing()
         return self
 
+    def _use_fused(self, fused: bool) -> None:
+        for module in fuse_window_attention(self.swinViT):
+            module.fused = fused
+
+    @property
+    def attention_key(self) -> tuple:
+        return ("swin3d", self.feature_size, self.in_channels, self.depths, self.num_heads,
+                self.window_size, self.gradient_checkpointing)
+
+    def _attention_probe(self, volume: torch.Tensor) -> torch.Tensor:
+        return self.swinViT(volume, normalize=True)[-1]
+
     def check_input(self, spatial_shape: Sequence[int]) -> None:
         """Raise ValueError unless every spatial size is divisible by patch_size**5 (32)."""
         factor = self.patch_size**5
@@ -121,6 +140,7 @@ class SwinEncoder3d(nn.Module):
         [B, F, X/2, Y/2, Z/2], [B, 2F, X/4, ...], [B, 4F, X/8, ...], [B, 8F, X/16, ...], [B, 16F, X/32, ...].
         """
         self.check_input(volume.shape[2:])
+        self._resolve_attention(volume)
         return self.swinViT(volume, normalize=True)
 
     def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,8 +157,10 @@ def build_swin3d(
     gradient_checkpointing: bool = False,
     in_channels: int = 1,
     dropout_path_rate: float = 0.0,
+    attention: str = "manual",
 ) -> SwinEncoder3d:
-    """Preset `size` (feature size tiny 12, small 24, base 48, large 96); validates `img_size` if given."""
+    """Preset `size` (feature size tiny 12, small 24, base 48, large 96); validates `img_size` if given.
+    `attention`: 'auto' | 'fused' | 'manual' (`model.attention`)."""
     require_einops("swin3d")
     check_size("swin3d", size, SWIN_PRESETS)
     encoder = SwinEncoder3d(
@@ -146,6 +168,7 @@ def build_swin3d(
         in_channels=in_channels,
         dropout_path_rate=dropout_path_rate,
         gradient_checkpointing=gradient_checkpointing,
+        attention=attention,
     )
     if img_size is not None:
         encoder.check_input(tuple(img_size))

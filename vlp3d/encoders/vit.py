@@ -9,6 +9,7 @@ import torch.utils.checkpoint
 from monai.networks.nets import ViT
 from torch import nn
 
+from vlp3d.encoders.attention import AttentionPaths
 from vlp3d.encoders.registry import check_size, register, require_einops
 
 # (hidden_size, mlp_dim, num_heads). MONAI UNETR hard-codes 12 transformer blocks and reads
@@ -24,7 +25,7 @@ VIT_DEPTH = 12
 DEFAULT_IMG_SIZE = (48, 48, 48)
 
 
-class ViTEncoder3d(nn.Module):
+class ViTEncoder3d(AttentionPaths, nn.Module):
     """MONAI ViT (conv patch embedding, learnable positional embedding, no [CLS]) as an encoder.
 
     The backbone lives under the attribute `vit` and is built with the arguments MONAI
@@ -35,6 +36,9 @@ class ViTEncoder3d(nn.Module):
     divisible by `patch_size` (16). Input [B, C_in, X, Y, Z] of exactly that shape.
     Returns pooled [B, H] = mean of the final (layer-normed) tokens, tokens [B, N, H] with
     N = X*Y*Z / 16**3 in (x, y, z) raster order, H = `out_dim` = hidden_size.
+
+    `attention` ('auto' | 'fused' | 'manual', see vlp3d.encoders.attention) sets MONAI's
+    `SABlock.use_flash_attention` of every block; `attention_path` is the one in use.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class ViTEncoder3d(nn.Module):
         dropout_rate: float = 0.0,
         qkv_bias: bool = False,
         gradient_checkpointing: bool = False,
+        attention: str = "manual",
     ):
         super().__init__()
         img_size = tuple(int(s) for s in img_size)
@@ -80,7 +85,25 @@ class ViTEncoder3d(nn.Module):
         self.qkv_bias = qkv_bias
         self.in_channels = in_channels
         self.out_dim = hidden_size
+        self.dropout_rate = dropout_rate
         self.gradient_checkpointing = gradient_checkpointing
+        self._init_attention(attention)
+
+    def _use_fused(self, fused: bool) -> None:
+        for block in self.vit.blocks:
+            block.attn.use_flash_attention = fused
+
+    def train(self, mode: bool = True) -> ViTEncoder3d:
+        super().train(mode)
+        # MONAI's fused path passes SABlock.dropout_rate as dropout_p even in eval: keep it training-only
+        for block in self.vit.blocks:
+            block.attn.dropout_rate = self.dropout_rate if mode else 0.0
+        return self
+
+    @property
+    def attention_key(self) -> tuple:
+        return ("vit3d", self.hidden_size, self.mlp_dim, self.num_heads, self.num_layers, self.patch_size,
+                self.in_channels, self.gradient_checkpointing)
 
     def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """volume [B, C_in, *img_size] -> (pooled [B, H], tokens [B, N, H]); same tokens as UNETR.vit(volume)[0]."""
@@ -89,6 +112,12 @@ class ViTEncoder3d(nn.Module):
                 f"vit3d was built for img_size {self.img_size} (its positional embedding is fixed) but got "
                 f"input {tuple(volume.shape[2:])}; build it with img_size = data.shape (or the crop size)."
             )
+        self._resolve_attention(volume)
+        tokens = self._attention_probe(volume)
+        return tokens.mean(dim=1), tokens
+
+    def _attention_probe(self, volume: torch.Tensor) -> torch.Tensor:
+        """The final layer-normed tokens [B, N, H]."""
         x = self.vit.patch_embedding(volume)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.vit.blocks:
@@ -96,8 +125,7 @@ class ViTEncoder3d(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        tokens = self.vit.norm(x)
-        return tokens.mean(dim=1), tokens
+        return self.vit.norm(x)
 
 
 @register("vit3d")
@@ -108,8 +136,10 @@ def build_vit3d(
     in_channels: int = 1,
     patch_size: int = 16,
     dropout_rate: float = 0.0,
+    attention: str = "manual",
 ) -> ViTEncoder3d:
-    """Preset `size` of ViTEncoder3d; `img_size` defaults to (48, 48, 48), the default `data.shape`."""
+    """Preset `size` of ViTEncoder3d; `img_size` defaults to (48, 48, 48), the default `data.shape`.
+    `attention`: 'auto' | 'fused' | 'manual' (`model.attention`)."""
     require_einops("vit3d")
     check_size("vit3d", size, VIT_PRESETS)
     hidden_size, mlp_dim, num_heads = VIT_PRESETS[size]
@@ -123,4 +153,5 @@ def build_vit3d(
         in_channels=in_channels,
         dropout_rate=dropout_rate,
         gradient_checkpointing=gradient_checkpointing,
+        attention=attention,
     )
