@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.mlflow_store import current_store
@@ -24,6 +25,17 @@ def test_demo_writes_shards_run_and_champion(tiny_demo, capsys):
     assert run.data.tags["vlp3d.preprocess_hash"] == manifest["spec_hash"]
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 4]  # rank 0 only: one value per logged step
+    # the step-time split of each logging window: data wait + compute = step time, all finite
+    import math
+
+    for step in (2, 4):
+        times = {key: [m.value for m in client.get_metric_history(run.info.run_id, f"train/{key}") if m.step == step]
+                 for key in ("time/data_wait_s", "time/compute_s", "step_time_s", "data_wait_share")}
+        assert all(len(v) == 1 and math.isfinite(v[0]) and v[0] >= 0 for v in times.values()), times
+        wait, compute, total = times["time/data_wait_s"][0], times["time/compute_s"][0], times["step_time_s"][0]
+        assert compute > 0 and wait + compute == pytest.approx(total)
+        assert times["data_wait_share"][0] == pytest.approx(wait / total)
+    assert "train/compile_s" not in run.data.metrics  # model.compile is off in the demo
     assert "eval/valid/macro_auroc" in run.data.metrics
     assert 0 < run.data.metrics["eval/valid/retrieval_pool"] <= 24
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -32,7 +44,6 @@ def test_demo_writes_shards_run_and_champion(tiny_demo, capsys):
     assert any(m.source_run_id == run.info.run_id for m in logged)
     # what a user of the model needs besides embeddings: logit scale, label names, the prompt ensemble
     import mlflow
-    import pytest
 
     with current_store(uri):
         metadata = mlflow.models.get_model_info("models:/vlp3d-clip@champion").metadata

@@ -31,6 +31,8 @@ from vlp3d.engine import (
     build_pretrainer,
     build_scheduler,
     check_encoder_input,
+    compile_errors,
+    compile_image_encoder,
     drop_sentences,
     term_weights,
     to_model_batch,
@@ -76,20 +78,23 @@ def data_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def epoch_batches(shard, position: dict[str, list[int]], name: str, batch_size: int, seed: int, rank: int,
-                  collate_for=None, shuffle_rows: int = 0):
+                  collate_for=None, shuffle_rows: int = 0, pin_memory: bool = False):
     """Endless batches of a Ray Train dataset shard, epoch after epoch. `position[name]` =
     [epoch, batches of it consumed] always names the next batch, so the checkpoint a resumed
     run starts from says where to continue: the epoch is replayed with its seed and the batches
     already trained on are skipped. Rows are shuffled in a buffer of `shuffle_rows` (at least 4
     batches): Ray Data hands each worker the same blocks in the same order every epoch (the price
-    of determinism), so the buffer is what mixes an epoch's batches."""
+    of determinism), so the buffer is what mixes an epoch's batches. Batches stay in host memory
+    (`DeviceBatches` copies them to the device), page-locked with `pin_memory` (by Ray, in its
+    collate threads) so that those copies can run asynchronously."""
     while True:
         epoch, done = position.setdefault(name, [0, 0])
         epoch_seed = data_seed(seed, rank, epoch)
         found = 0
         for index, batch in enumerate(shard.iter_torch_batches(
                 batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=max(4 * batch_size, shuffle_rows),
-                local_shuffle_seed=epoch_seed, collate_fn=collate_for(epoch_seed) if collate_for else None)):
+                local_shuffle_seed=epoch_seed, collate_fn=collate_for(epoch_seed) if collate_for else None,
+                device="cpu", pin_memory=pin_memory)):
             found += 1
             if index < done:
                 continue
@@ -111,7 +116,7 @@ class Prefetched:
         import queue
         import threading
 
-        self.position, self.name = position, name
+        self.position, self.name, self.failed = position, name, None
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         own = {name: list(position[name])} if name in position else {}
 
@@ -128,11 +133,67 @@ class Prefetched:
         return self
 
     def __next__(self):
-        item = self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        batch, after = item
+        batch, after = self.take()
+        self.commit(after)
+        return batch
+
+    def take(self, block: bool = True):
+        """(batch, data position after it) without moving `position` (see `commit`); None when not
+        blocking and no batch is ready. A failure of the reading thread is raised by a blocking take."""
+        import queue
+
+        if self.failed is None:
+            try:
+                item = self.queue.get(block=block)
+            except queue.Empty:
+                return None
+            if not isinstance(item, BaseException):
+                return item
+            self.failed = item
+        if not block:
+            return None
+        raise self.failed
+
+    def commit(self, after: list[int]) -> None:
+        """The batch taken with this position is being trained on: checkpoints continue after it."""
         self.position[self.name] = after
+
+
+class DeviceBatches:
+    """Model batches on `device` (`convert`: host batch -> `to_model_batch` on the device) from a
+    `Prefetched`. On CUDA the host batches are pinned and the next batch's host-to-device copy (and
+    dequantisation) is issued on a side stream while the current step computes: the compute stream
+    waits for it when the batch is taken (`wait_stream`), and `record_stream` keeps the caching
+    allocator from reusing its memory before the compute stream is done with it. Its data position
+    is committed only when it is taken, so checkpoints never skip it. On CPU: `convert` of the next
+    batch, nothing ahead (the same batches, in the same order, as without this class)."""
+
+    def __init__(self, batches: Prefetched, convert, device: torch.device):
+        self.batches, self.convert, self.device = batches, convert, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ahead = None  # (batch on the device, data position after it)
+
+    def __iter__(self):
+        return self
+
+    def _issue(self, block: bool):
+        item = self.batches.take(block)
+        if item is None:
+            return None
+        host, after = item
+        with torch.cuda.stream(self.stream):
+            return self.convert(host), after
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.stream is None:
+            return self.convert(next(self.batches))
+        batch, after = self.ahead or self._issue(block=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.stream)
+        for tensor in batch.values():
+            tensor.record_stream(compute)
+        self.batches.commit(after)
+        self.ahead = self._issue(block=False)  # when the reading thread has it ready: no waiting here
         return batch
 
 
@@ -233,6 +294,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     balancer.load_state_dict(state.term_multipliers)
     # e.g. UniMedI's 2D tokenizer gets no gradient in a 3D-only batch (and vice versa)
     unused = pretrainer.objective.find_unused_parameters(weights, pretrainer.model.image_encoder)
+    if cfg.model.compile:  # before the DDP wrapper; the first step compiles (timed apart: train/compile_s)
+        compile_image_encoder(pretrainer.model)
     module = ray.train.torch.prepare_model(pretrainer, parallel_strategy_kwargs={"find_unused_parameters": unused})
     unwrapped = module.module if hasattr(module, "module") else module
     encoder_params = [p for p in unwrapped.model.image_encoder.parameters() if p.requires_grad]
@@ -252,29 +315,38 @@ def train_loop_per_worker(loop_config: dict) -> None:
     spec = loop_config["meta"]["spec"]
     position = state.position
     train_shard, collate_for = ray.train.get_dataset_shard("train"), pretrainer.objective.collate(cfg, spec)
-    batches = Prefetched(lambda own: epoch_batches(train_shard, own, "train", local_batch, cfg.train.seed, rank,
-                                                   collate_for=collate_for,
-                                                   shuffle_rows=loop_config.get("shuffle_rows", 0)),
-                         position, "train", cfg.train.prefetch_batches)
+    pin = device.type == "cuda"  # page-locked host batches: asynchronous copies to the GPU
+    batches = DeviceBatches(
+        Prefetched(lambda own: epoch_batches(train_shard, own, "train", local_batch, cfg.train.seed, rank,
+                                             collate_for=collate_for, shuffle_rows=loop_config.get("shuffle_rows", 0),
+                                             pin_memory=pin),
+                   position, "train", cfg.train.prefetch_batches),
+        lambda host: to_model_batch(host, device), device)
     batches_2d = None
     if loop_config.get("has_2d"):
         shard_2d = ray.train.get_dataset_shard("train_2d")
-        batches_2d = Prefetched(lambda own: epoch_batches(shard_2d, own, "train_2d", local_batch, cfg.train.seed, rank),
-                                position, "train_2d", cfg.train.prefetch_batches)
+        batches_2d = DeviceBatches(
+            Prefetched(lambda own: epoch_batches(shard_2d, own, "train_2d", local_batch, cfg.train.seed, rank,
+                                                 pin_memory=pin),
+                       position, "train_2d", cfg.train.prefetch_batches),
+            lambda host: to_model_batch({"image_2d": host["image"], "report_embedding_2d": host["report_embedding"]},
+                                        device), device)
     valid = ray.train.get_dataset_shard("valid") if loop_config.get("has_valid") else None
     faults = parse_faults(loop_config.get("inject_fault", ""), world_size)
     window: list[dict] = []
     in_a_row = 0
-    started, samples = time.time(), 0
-    window_started, data_wait = time.perf_counter(), 0.0  # data wait: time in next(batches) this window
+    # throughput and step times leave out the step that compiles (model.compile): train/compile_s
+    compiling, compile_s = cfg.model.compile, None
+    started, samples, timed_steps = time.time(), 0, 0
+    # this window's wall time, steps and data wait (time in next(batches)); CUDA is synchronised at log points only
+    window_started, window_steps, data_wait = time.perf_counter(), 0, 0.0
     while step < cfg.train.max_steps:
         waited = time.perf_counter()
-        batch = to_model_batch(next(batches), device)
+        batch = next(batches)
         if batches_2d is not None:
-            raw_2d = next(batches_2d)
-            batch.update(to_model_batch({"image_2d": raw_2d["image"], "report_embedding_2d": raw_2d["report_embedding"]},
-                                        device))
-        data_wait += time.perf_counter() - waited
+            batch.update(next(batches_2d))
+        fetched = time.perf_counter()
+        data_wait += fetched - waited
         if cfg.train.augment:
             augment_batch(batch, generator)
         if cfg.train.sentence_dropout and "sentence_embeddings" in batch:
@@ -284,9 +356,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _poison(batch)
         module.train()
         # FLOPs of one step (forward + backward, matmuls/convs/attention), counted by torch on rank 0
-        counter = FlopCounterMode(display=False) if rank == 0 and not compute["flops_per_step"] else None
+        # (not on the compiling step: a first call under FlopCounterMode would leave the encoder eager)
+        counter = (FlopCounterMode(display=False) if rank == 0 and not compute["flops_per_step"] and not compiling
+                   else None)
         effective = balancer.effective()  # the weights of this step (balancing moves them after it)
-        with counter or contextlib.nullcontext():
+        with counter or contextlib.nullcontext(), compile_errors():
             metrics = train_step(module, effective, batch, optimizer, scheduler, cfg.train.precision, scaler,
                                  after_step=functools.partial(unwrapped.after_step, step + 1),
                                  measure_params=encoder_params if balancer.due(step + 1) else None)
@@ -296,7 +370,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if logger and not resumed_from:  # MLflow params are write-once
                 logger.log_params({f"compute/{k}": v for k, v in compute.items()})
         step += 1
-        samples += local_batch * world_size
+        if compiling:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compiling, compile_s = False, time.perf_counter() - fetched
+            started, window_started, window_steps, data_wait = time.time(), time.perf_counter(), 0, 0.0
+        else:
+            samples += local_batch * world_size
+            timed_steps += 1
+            window_steps += 1
         for fault in faults:
             _inject_fault(fault, step, rank, loop_config["run_id"])
         if metrics.pop("skipped"):
@@ -325,12 +407,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics = window_means(window)
             metrics["skipped_steps"] = state.skipped_steps
             metrics["temperature"] = 1.0 / unwrapped.model.scale().item()
-            metrics["samples_per_s"] = samples / max(1e-9, time.time() - started)
-            window_s = max(1e-9, time.perf_counter() - window_started)
-            metrics["data_wait_share"] = min(1.0, data_wait / window_s)  # of this window's wall time
-            metrics["step_time_s"] = window_s / max(1, len(window))
+            if compile_s is not None:  # once, at the first log point after the compiling step
+                metrics["compile_s"], compile_s = compile_s, None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the window's queued GPU work counts as its compute
+            metrics.update(step_times(time.perf_counter() - window_started, window_steps, data_wait))
+            if timed_steps:
+                metrics["samples_per_s"] = samples / max(1e-9, time.time() - started)
             window.clear()
-            window_started, data_wait = time.perf_counter(), 0.0
+            window_started, window_steps, data_wait = time.perf_counter(), 0, 0.0
             if validate:
                 metrics.update(validation_loss(module, weights, valid, cfg, spec, local_batch, device))
             if logger:
@@ -338,7 +423,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                     for k, v in metrics.items()}, step)
                 if loop_config.get("print_progress", True) and (step % print_every == 0 or last) and "loss" in metrics:
                     log.info(progress_line(step, cfg.train.max_steps, metrics, weights,
-                                           eta_s=(time.time() - started) / (step - resumed_from) * (cfg.train.max_steps - step)))
+                                           eta_s=(time.time() - started) / timed_steps * (cfg.train.max_steps - step)
+                                           if timed_steps else math.inf))
             metrics.update(compute, step=step)
             if step % cfg.train.checkpoint_every == 0 or last:
                 bad = checkpoints.nonfinite_parameters(unwrapped)  # the same on every rank (DDP)
@@ -366,6 +452,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(metrics)
 
 
+def step_times(window_s: float, steps: int, data_wait_s: float) -> dict[str, float]:
+    """A logging window's step-time split, averaged over its `steps` timed steps: `time/data_wait_s`
+    (waiting for the next batch: reading, collation and copy to the device not hidden by the
+    prefetch), `time/compute_s` (the rest of the step: augmentation, forward, backward, optimizer,
+    logging), `step_time_s` (their sum) and `data_wait_share` (of the window's wall time). Empty
+    for a window without timed steps (only the compiling step)."""
+    if steps <= 0:
+        return {}
+    window_s = max(1e-9, window_s)
+    data_wait_s = min(data_wait_s, window_s)
+    return {"time/data_wait_s": data_wait_s / steps, "time/compute_s": (window_s - data_wait_s) / steps,
+            "step_time_s": window_s / steps, "data_wait_share": data_wait_s / window_s}
+
+
 def window_means(window: list[dict]) -> dict[str, float]:
     """Each metric's mean over the steps of a logging window that have it (per-term gradient shares
     exist on measured steps only)."""
@@ -381,7 +481,9 @@ def progress_line(step: int, max_steps: int, metrics: dict, weights: dict[str, f
              f"loss {metrics['loss']:.4f}" + (f" ({terms})" if terms and len(weights) > 1 else "")]
     if "val/loss" in metrics:
         parts.append(f"val {metrics['val/loss']:.4f}")
-    parts += [f"lr {metrics['lr']:.1e}", f"{metrics['samples_per_s']:.1f} samples/s"]
+    parts.append(f"lr {metrics['lr']:.1e}")
+    if "samples_per_s" in metrics:
+        parts.append(f"{metrics['samples_per_s']:.1f} samples/s")
     if "data_wait_share" in metrics:
         parts.append(f"data wait {metrics['data_wait_share']:.0%}")
     if step < max_steps and math.isfinite(eta_s):
