@@ -81,7 +81,9 @@ class ModelConfig:
         "finds faster. Weights and state-dict keys are the same either way.",
     )
     compile: bool = _f(
-        False, "Wrap the image encoder in torch.compile (compile time is reported apart from step time).",
+        False, "Compile the image encoder with torch.compile (inductor) in each training worker, before the DDP "
+        "wrapper; weights and state-dict keys are unchanged. The first step compiles: its time is logged as "
+        "train/compile_s and left out of throughput and step times. Needs a C++ compiler on CPU, Triton on CUDA.",
     )
     text_encoder: str = _f("minilm", "'minilm' (offline package) or a Hugging Face model path or hub name.")
     embed_dim: int = _f(384, "Dimension of the shared embedding space ('locked'/'residual' text heads: the text encoder's width).")
@@ -250,7 +252,8 @@ class TrainConfig:
     max_failures: int = _f(2, "Worker-group restarts tolerated; training resumes from the last checkpoint.")
     prefetch_batches: int = _f(
         16, "Batches each worker prepares ahead in a background thread (read, shuffle, collate), so the next "
-        "batches and each epoch's shuffle-buffer refill overlap training (train/data_wait_share shows what is left).",
+        "batches and each epoch's shuffle-buffer refill overlap training (train/time/data_wait_s and "
+        "train/data_wait_share show what is left). On CUDA the batches are pinned and copied to the GPU a step ahead.",
     )
     augment: bool = _f(True, "Random intensity jitter and small shifts on training volumes (and on each of T3D's crops).")
     sentence_dropout: float = _f(
