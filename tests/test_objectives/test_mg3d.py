@@ -10,6 +10,7 @@ from tests.method_overrides import TINY
 from tests.test_objectives import gloo
 from tests.test_objectives.gloo import WORLD
 from vlp3d.config import load_config
+from vlp3d.encoders.export import saved_activation_bytes
 from vlp3d.engine import build_pretrainer, term_weights
 from vlp3d.objectives.heads import masked_mse, patch_mask, upsample_mask
 from vlp3d.objectives.mg3d import (
@@ -113,6 +114,17 @@ def test_disentangled_gates_are_sigmoid_not_softmax_and_padding_is_ignored():
     torch.testing.assert_close(aggregator(image, padded, mask), one)
 
 
+def _batch(reports: list[str]) -> dict[str, torch.Tensor]:
+    """A 32^3 MG-3D batch of len(reports) volumes with tokenised reports."""
+    from vlp3d.encoders.text import TextEncoder
+
+    b = len(reports)
+    tokens = TextEncoder("minilm", max_tokens=32).tokenize(reports)
+    return {"volume": torch.rand(b, 1, 32, 32, 32), "report_embedding": F.normalize(torch.randn(b, 384), dim=-1),
+            "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+            "sentence_embeddings": torch.randn(b, 4, 384), "sentence_mask": torch.ones(b, 4, dtype=torch.bool)}
+
+
 def test_mg3d_objective_terms_and_ablations():
     cfg = load_config(None, [*TINY, "objective.name=mg3d", "data.shape=[32,32,32]"])
     assert cfg.objective.align_weight == 0.1 and cfg.objective.head_lr_mult == 5.0  # METHODS.md defaults
@@ -120,12 +132,7 @@ def test_mg3d_objective_terms_and_ablations():
     pre, weights = build_pretrainer(cfg, text_dim=384)
     assert weights == {"align": 0.1, "mim": 1.0, "mlm": 1.0, "sentence_consistency": 0.1,
                        "disentangled": 0.1, "sentence_match": 0.1}
-    from vlp3d.encoders.text import TextEncoder
-
-    tokens = TextEncoder("minilm", max_tokens=32).tokenize(["Small nodule in the left lung.", "No effusion."])
-    batch = {"volume": torch.rand(2, 1, 32, 32, 32), "report_embedding": F.normalize(torch.randn(2, 384), dim=-1),
-             "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-             "sentence_embeddings": torch.randn(2, 4, 384), "sentence_mask": torch.ones(2, 4, dtype=torch.bool)}
+    batch = _batch(["Small nodule in the left lung.", "No effusion."])
     terms = pre(batch)
     assert set(terms) == set(weights) and all(torch.isfinite(v) for v in terms.values())
     sum(weights[k] * v for k, v in terms.items()).backward()
@@ -135,6 +142,31 @@ def test_mg3d_objective_terms_and_ablations():
     assert set(term_weights(no_inter)) == {"align", "mim", "mlm", "sentence_consistency"}
     with pytest.raises(ValueError, match="weight 0"):
         term_weights(load_config(None, [*TINY, "objective.name=mg3d", *[f"{MG3DObjective.weight_key(t)}=0" for t in weights]]))
+
+
+def test_checkpointing_the_extra_passes_saves_activations_and_keeps_losses_and_gradients():
+    cfg = load_config(None, [*TINY, "objective.name=mg3d", "data.shape=[32,32,32]", "model.gradient_checkpointing=true"])
+    pre, weights = build_pretrainer(cfg, text_dim=384)
+    assert pre.objective.checkpointing
+    pre.model.image_encoder.gradient_checkpointing = False  # measure the objective's own checkpointing alone
+    batch = _batch(["Small nodule in the left lung.", "No effusion."])
+    runs = {}
+    for checkpointing in (False, True):
+        pre.objective.checkpointing = checkpointing
+        pre.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same MIM and MLM masks
+        terms = {}
+        saved = saved_activation_bytes(lambda out=terms: out.update(pre(batch)), pre.parameters())
+        sum(weights[k] * v for k, v in terms.items()).backward()
+        grads = {n: p.grad.clone() for n, p in pre.named_parameters() if p.grad is not None}
+        runs[checkpointing] = saved, {k: v.detach() for k, v in terms.items()}, grads
+    (plain, plain_terms, plain_grads), (recomputed, terms, grads) = runs[False], runs[True]
+    assert recomputed < 0.85 * plain, (recomputed, plain)  # 50 MB instead of 64 MB (torch 2.13 CPU)
+    for key in plain_terms:
+        torch.testing.assert_close(terms[key], plain_terms[key], msg=key)
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --- 2-process parity of the gathered inter-patient terms ---------------------------------------
@@ -209,12 +241,7 @@ def test_every_trainable_parameter_gets_a_gradient():
     """DDP without find_unused_parameters fails on any parameter left out of the loss."""
     cfg = load_config("configs/mg3d_demo.toml", ["data.shape=[32,32,32]"])
     pre, weights = build_pretrainer(cfg, text_dim=384)
-    from vlp3d.encoders.text import TextEncoder
-
-    tokens = TextEncoder("minilm", max_tokens=32).tokenize(["Small nodule.", "No effusion."])
-    batch = {"volume": torch.rand(2, 1, 32, 32, 32), "report_embedding": F.normalize(torch.randn(2, 384), dim=-1),
-             "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-             "sentence_embeddings": torch.randn(2, 4, 384), "sentence_mask": torch.ones(2, 4, dtype=torch.bool)}
+    batch = _batch(["Small nodule.", "No effusion."])
     sum(weights[k] * v for k, v in pre(batch).items()).backward()
     missing = [n for n, p in pre.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing

@@ -20,14 +20,22 @@ Terms (unweighted; weights come from `objective.align_weight` and `objective.mg3
 - `sentence_match`: report similarity = cosine of the stored report vectors (the normalised
   mean of sentence vectors); pairs >= 0.9 -> 1, <= 0.6 -> 0, others ignored, self-pairs dropped;
   predicted = cosine of 128-d image features; L1 over kept pairs of the global batch.
+
+With `model.gradient_checkpointing` the extra passes are recomputed in backward too
+(torch.utils.checkpoint, non-reentrant, only while training with grad enabled): the whole `mim`
+branch (masked-view encoder pass, fusion, decoder, loss) as one region that keeps only its
+inputs, and the fusion of the clean tokens with the masked report. Inside the `mim` region the
+encoder's own block checkpointing still applies, so its blocks run three times; in exchange no
+activation of the masked view outlives the forward.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
@@ -121,6 +129,7 @@ class MG3DObjective(Objective):
         self.shape = tuple(cfg.data.shape)
         self.grid, width = probe_encoder(model.image_encoder, self.shape)
         self.embed_dim = cfg.model.embed_dim
+        self.checkpointing = cfg.model.gradient_checkpointing
         needs_text = bool(self.active & {"mim", "mlm", "sentence_consistency"})
         if needs_text:
             self.fusion = FusionModule(width, text_dim, o.fusion_dim, o.fusion_layers)
@@ -171,13 +180,12 @@ class MG3DObjective(Objective):
         if "mim" in self.active:
             token_mask = patch_mask(self.grid, volume.shape[0], self.cfg.mim_mask_ratio, volume.device)
             voxel_mask = upsample_mask(token_mask, self.grid, self.shape)
-            _, masked_tokens = model.image_encoder(volume.masked_fill(voxel_mask, 0.0))
-            fused_image, _ = self.fusion(masked_tokens, clean_states, attention)
-            out["mim"] = masked_mse(self.decoder(fused_image), volume, voxel_mask)
+            out["mim"] = self._recomputed(self._mim_loss, model.image_encoder, volume, voxel_mask,
+                                          clean_states, attention)
         if self.active & {"mlm", "sentence_consistency"}:
             masked = whole_word_mask(ids, attention, self.is_subword, self.special, self.cfg.mlm_mask_prob)
             masked_states = self._text_states(ids.masked_fill(masked, self.mask_id), attention)
-            _, fused_text = self.fusion(tokens, masked_states, attention)
+            _, fused_text = self._recomputed(self.fusion, tokens, masked_states, attention)
             if "mlm" in self.active:
                 hidden = self.mlm_transform(fused_text[masked])
                 word_embeddings = self.text_encoder.model.get_input_embeddings().weight
@@ -192,6 +200,19 @@ class MG3DObjective(Objective):
         if "sentence_match" in self.active:
             out["sentence_match"] = self.sentence_match_loss(pooled, report)
         return out
+
+    def _recomputed(self, function: Callable, *args):
+        """`function(*args)`, checkpointed under model.gradient_checkpointing while training with grad."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+    def _mim_loss(self, encoder: nn.Module, volume: torch.Tensor, voxel_mask: torch.Tensor,
+                  text_states: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """`mim`: encode the masked volume, fuse with the report, decode; MSE on the masked voxels."""
+        _, masked_tokens = encoder(volume.masked_fill(voxel_mask, 0.0))
+        fused_image, _ = self.fusion(masked_tokens, text_states, attention)
+        return masked_mse(self.decoder(fused_image), volume, voxel_mask)
 
     def disentangled_loss(self, pooled: torch.Tensor, image: torch.Tensor, batch) -> torch.Tensor:
         return disentangled_infonce(self.aggregator, pooled, image, batch["sentence_embeddings"].float(),
