@@ -25,8 +25,8 @@ Examples:
     .venv/bin/python benchmarks/bench_step.py --device cuda --preset paper        # the published set-ups
     .venv/bin/python benchmarks/bench_step.py --device cuda --encoder swin3d --size small --batch 4 train.precision=bf16
 
-Until the image encoders act on `model.attention`, it is passed through the config and recorded,
-without effect.
+`model.attention` acts on the transformer encoders (swin3d, vit3d, through `engine.build_model`);
+resnet3d has no attention, so for it the two paths differ by torch.compile (and precision) only.
 """
 
 from __future__ import annotations
