@@ -160,7 +160,7 @@ def measure_memory(
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-            _train_step(encoder, volume, autocast_dtype)
+            train_step(encoder, volume, autocast_dtype)
             torch.cuda.synchronize(device)
             step_peak = torch.cuda.max_memory_allocated(device) - before
             method = "torch.cuda.max_memory_allocated"
@@ -173,9 +173,10 @@ def measure_memory(
     return MemoryReport(step_peak_bytes=int(step_peak), resident_bytes=int(resident), method=method)
 
 
-def _train_step(
-    encoder: nn.Module, volume: torch.Tensor, autocast_dtype: torch.dtype | None
+def train_step(
+    encoder: nn.Module, volume: torch.Tensor, autocast_dtype: torch.dtype | None = None
 ) -> None:
+    """One forward (under autocast to `autocast_dtype` if given) and backward of a mean-square loss."""
     with torch.autocast(
         volume.device.type,
         dtype=autocast_dtype or torch.float32,
@@ -192,7 +193,7 @@ def _cpu_step_peak(
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _train_step(encoder, volume, autocast_dtype)
+        train_step(encoder, volume, autocast_dtype)
     # "[memory]" events carry +bytes for an allocation and -bytes for a free
     try:
         raw = prof.profiler.kineto_results.events()
