@@ -72,7 +72,11 @@ class DataConfig:
 class ModelConfig:
     image_encoder: str = _f("resnet3d", "Registered image encoder (`vlp3d models` lists them).")
     size: Literal["tiny", "small", "base", "large"] = _f("tiny", "Size preset of the image encoder.")
-    gradient_checkpointing: bool = _f(False, "Recompute image-encoder activations in backward (less memory, ~1.5x compute).")
+    gradient_checkpointing: bool = _f(
+        False,
+        "Recompute image-encoder activations in backward (less memory, ~1.5x compute); MG-3D also "
+        "recomputes its masked-view encoder pass, fusion and decoder.",
+    )
     attention: Literal["auto", "fused", "manual"] = _f(
         "auto",
         "Attention kernel of transformer image encoders (swin3d, vit3d): 'fused' = "
