@@ -292,13 +292,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="both",
         help="Gradient checkpointing setting(s) to run.",
     )
-    parser.add_argument(
-        "--attention",
-        nargs="+",
-        choices=ATTENTION_PATHS,
-        default=list(ATTENTION_PATHS),
-        help="Attention paths of swin3d/vit3d to run side by side (default: manual fused).",
-    )
+    paths = list(ATTENTION_PATHS)
+    parser.add_argument("--attention", nargs="+", choices=paths, default=paths,
+                        help="Attention paths of swin3d/vit3d to run side by side (default: both).")
     parser.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16", "both"),
