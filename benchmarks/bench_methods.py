@@ -37,7 +37,7 @@ from vlp3d.jobs.demo import demo_config, run_pipeline
 from vlp3d.table import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIGS = [  # CLIP first (the time budget's reference); unimedi's corpus has radiographs for all
+DEFAULT_CONFIGS = [  # CLIP first (the time budget's reference)
     "configs/demo.toml",
     "configs/unimedi_demo.toml",
     "configs/t3d_demo.toml",
@@ -72,14 +72,14 @@ def _grad_shares(result) -> dict[str, float]:
             if k.startswith("train/grad_share/")}
 
 
-def seconds_per_step(cfg, n: int) -> float:
+def seconds_per_step(cfg, n: int, radiographs: bool) -> float:
     """Training seconds per step of `cfg`, from a short run (its start-up excluded: two probe lengths)."""
     times = []
     for steps in (PROBE_STEPS // 2, PROBE_STEPS):
         probe = dataclasses.replace(
             replace(cfg, train={"max_steps": steps, "warmup_steps": 1, "checkpoint_every": steps, "val_every": 0,
                                 "grad_share_every": 0}), name=f"{cfg.name}-probe{steps}")
-        times.append(dict(run_pipeline(probe, n).timings)["pretrain"])
+        times.append(dict(run_pipeline(probe, n, radiographs=radiographs).timings)["pretrain"])
     return max(1e-3, (times[1] - times[0]) / (PROBE_STEPS - PROBE_STEPS // 2))
 
 
@@ -97,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     # every config is validated before any work starts
     configs = [(path, demo_config(str(ROOT / path) if not Path(path).is_absolute() else path, args.workdir,
                                   args.overrides)) for path in args.configs]
+    # one corpus for every config: with radiographs if any method trains on 2D images (written once;
+    # adding them later would rewrite the corpus under the shards already prepared from it)
+    from vlp3d.objectives import objective_class
+
+    radiographs = any(objective_class(cfg.objective.name).uses_2d for _, cfg in configs)
     if args.budget == "time":
         reference = None
         timed = []
         for path, cfg in configs:
-            per_step = seconds_per_step(cfg, args.n)
+            per_step = seconds_per_step(cfg, args.n, radiographs)
             reference = reference or per_step * cfg.train.max_steps
             steps = max(PROBE_STEPS, round(reference / per_step))
             warmup = round(cfg.train.warmup_steps * steps / cfg.train.max_steps)
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             run_cfg = dataclasses.replace(replace(cfg, train={"seed": seed}), name=f"{cfg.name}-seed{seed}")
             started = time.time()
-            result = run_pipeline(run_cfg, args.n)
+            result = run_pipeline(run_cfg, args.n, radiographs=radiographs)
             m = result.report.result.metrics
             timings = dict(result.timings)
             records.append({

@@ -51,13 +51,15 @@ class DemoResult:
     tracking_uri: str
 
 
-def run_pipeline(cfg: ExperimentConfig, n: int, seed: int = 0) -> DemoResult:
+def run_pipeline(cfg: ExperimentConfig, n: int, seed: int = 0, radiographs: bool = False) -> DemoResult:
     """synth (reused when already written) -> prepare -> pretrain -> evaluate -> register, in `cfg.tracking.workdir`.
+    The corpus gets radiographs when the method trains on 2D images or `radiographs` is set (a caller
+    running several methods in one workdir sets it, so the corpus is written once for all of them).
     $MLFLOW_TRACKING_URI points at the demo's store while it runs and is put back afterwards (a
     second pipeline in the same process, e.g. bench_methods.py or a test, must not inherit it)."""
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        return _run_pipeline(cfg, n, seed)
+        return _run_pipeline(cfg, n, seed, radiographs)
     finally:
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -65,7 +67,7 @@ def run_pipeline(cfg: ExperimentConfig, n: int, seed: int = 0) -> DemoResult:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int) -> DemoResult:
+def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int, radiographs: bool) -> DemoResult:
     from vlp3d.data.phantom import synthesize
     from vlp3d.jobs.evaluate import render
     from vlp3d.jobs.prepare import summary
@@ -87,7 +89,7 @@ def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int) -> DemoResult:
     t = _stage(1, "synth", f"{n} phantom CTs -> {cfg.data.corpus}")
     stamp = Path(cfg.data.corpus) / "_synth.json"
     # UniMedI trains on 2D images too: the phantom's frontal projections
-    params = {"n": n, "seed": seed, "radiographs": objective_class(cfg.objective.name).uses_2d}
+    params = {"n": n, "seed": seed, "radiographs": radiographs or objective_class(cfg.objective.name).uses_2d}
     existing = json.loads(stamp.read_text()) if stamp.is_file() else {}
     if existing and all(existing.get(k) == v for k, v in params.items() if k != "radiographs") and \
             (existing.get("radiographs") or not params["radiographs"]):
