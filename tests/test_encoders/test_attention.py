@@ -116,7 +116,9 @@ def test_auto_measures_once_per_configuration_and_matches_manual(monkeypatch, ca
     volume = torch.rand(2, 1, 16, 16, 32)
     with torch.no_grad():
         auto(volume)
-    assert auto.attention_path is None and not calls  # no measurement without a graph
+    auto.eval()(volume)
+    assert auto.attention_path is None and not calls  # measured only in a training forward with a graph
+    auto.train()
     with caplog.at_level("INFO", logger="vlp3d.encoders.attention"):
         ours = auto(volume)
     assert auto.attention == "auto" and auto.attention_path in ATTENTION_PATHS

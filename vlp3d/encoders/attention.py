@@ -5,12 +5,13 @@
   (same parameters and buffers, so the same state-dict keys); vit3d switches MONAI's own
   `SABlock.use_flash_attention`.
 - 'manual': MONAI's matmul-softmax-matmul.
-- 'auto': the first training forward (grad enabled) times one batch-1 forward+backward of the
+- 'auto': the first training-mode forward with grad enabled times one batch-1 forward+backward of the
   encoder on both paths (a few repetitions each, on the run's device, input shape and autocast
   dtype) and keeps the faster; the choice is cached per (device type, encoder configuration,
   input shape, autocast dtype) in this process, logged, and readable as `encoder.attention_path`
-  (`encoder.attention_timings` holds the seconds per step of each path). Until then (e.g. under
-  no_grad) 'auto' runs the fused path, as MONAI does at inference.
+  (`encoder.attention_timings` holds the seconds per step of each path). Until then (e.g. in
+  eval mode or under no_grad) 'auto' runs the fused path, as MONAI does at inference. Each DDP
+  worker measures for itself; the two paths compute the same function, so workers may differ.
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ class AttentionPaths:
         raise NotImplementedError
 
     def _resolve_attention(self, volume: torch.Tensor) -> None:
-        """Pick the path for 'auto' on the first forward that builds a graph."""
-        if self.attention_path is None and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        """Pick the path for 'auto' on the first training-mode forward that builds a graph."""
+        if (self.attention_path is None and self.training and torch.is_grad_enabled()
+                and not torch.is_inference_mode_enabled()):
             resolve_auto(self, volume)
 
 
