@@ -18,8 +18,9 @@ profiler's allocation trace.
 swin3d and vit3d run with both attention paths side by side (`--attention`, config
 `model.attention`): 'manual' (MONAI's matmul-softmax-matmul) and 'fused'
 (scaled_dot_product_attention); the other encoders have one path ('-').
-FLOP/step = FLOPs of one forward+backward without recomputation, counted with
-torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions and attention kernels);
+FLOP/step = model FLOPs of one forward+backward without recomputation, counted with
+torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions) on the manual attention path
+for both paths (it has no formula for torch's CPU flash-attention kernel);
 TFLOP/s = that over the step time; MFU = TFLOP/s over the device's nominal dense bf16 peak
 (H100/H200 SXM 989, A100 312, L40S 362 TFLOP/s; `--peak-tflops` overrides, and on CPU MFU is
 '-' without it). On CUDA, `max batch` is the largest power-of-two batch whose training step
@@ -182,10 +183,13 @@ def bench_one(
         seconds = time_steps(encoder, volume, steps, warmup, autocast_dtype)
         row.step_ms = 1000 * seconds
         row.samples_per_s = input_shape[0] / seconds
-        key = (name, size, attention, input_shape, precision)
+        # model FLOPs, the same for both attention paths: counted on the manual one, since
+        # FlopCounterMode has no formula for some fused kernels (torch's CPU flash attention)
+        key = (name, size, input_shape, precision)
         flops = {} if flops is None else flops
         if key not in flops:
-            flops[key] = count_flops(name, size, attention, input_shape, device, autocast_dtype)
+            flops[key] = count_flops(name, size, "manual" if attention != "-" else "-", input_shape, device,
+                                     autocast_dtype)
         row.gflop_per_step = flops[key] / 1e9
         row.tflops = flops[key] / seconds / 1e12
         row.mfu = flops[key] / seconds / peak if peak else None
