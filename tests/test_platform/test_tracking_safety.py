@@ -117,3 +117,18 @@ def test_refused_calls_are_dropped_and_unavailable_ones_retried(code, retried):
 
     logger.client = Failing()
     assert (logger._attempt([("params", {"a": "1"})]) is not None) is retried
+
+
+def test_a_tracking_uri_with_a_password_is_never_printed_by_mlflow(tmp_path, monkeypatch):
+    """MLflow writes "View run NAME at: URL" to stdout when a run on a server ends, the URL built
+    from the tracking URI, user:password included; vlp3d turns that off for such a URI."""
+    from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+
+    from tests.mlflow_store import current_store
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    with current_store(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert not MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()  # no secret: MLflow's links stay
+        tracking.client("http://vlp3d:hunter2@127.0.0.1:9")
+        assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()
