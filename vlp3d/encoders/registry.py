@@ -22,6 +22,8 @@ import importlib.util
 import inspect
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 
+import torch
+import torch.utils.checkpoint
 from torch import nn
 
 # model.image_encoder -> the module that registers it (imported on first use)
@@ -125,3 +127,12 @@ def require_einops(name: str) -> None:
             f"model.image_encoder = {name!r} uses MONAI blocks that need the package 'einops' "
             "(a MONAI optional dependency): pip install einops."
         )
+
+
+def recompute(enabled: bool, module: nn.Module, function: Callable, *args):
+    """`function(*args)`, under activation checkpointing (non-reentrant torch.utils.checkpoint: only
+    the inputs are kept, the activations are recomputed in backward) when `enabled` and `module` is
+    training with grad enabled; a plain call otherwise (evaluation, no_grad)."""
+    if enabled and module.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+    return function(*args)

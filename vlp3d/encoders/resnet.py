@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
-from vlp3d.encoders.registry import check_size, register
+from vlp3d.encoders.registry import check_size, recompute, register
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -79,10 +78,7 @@ class ResNet3d(nn.Module):
     def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.stem(volume)
         for stage in self.stages:
-            if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(stage, h, use_reentrant=False)
-            else:
-                h = stage(h)
+            h = recompute(self.gradient_checkpointing, self, stage, h)
         tokens = h.flatten(2).transpose(1, 2)
         return tokens.mean(dim=1), tokens
 

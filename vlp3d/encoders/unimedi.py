@@ -6,11 +6,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
-from vlp3d.encoders.registry import check_size, register
+from vlp3d.encoders.registry import check_size, recompute, register
 
 # (hidden_size, depth, num_heads): ViT-Ti, ViT-S, ViT-B, ViT-L
 UNIMEDI_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -218,14 +217,8 @@ class UniMedIViT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image [B, C, H, W] or [B, C, X, Y, Z] -> (pooled [CLS] [B, C], patch tokens [B, N, C])."""
         x = self.embed(image, token_mask)
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(
-                    block.forward_features, x, use_reentrant=False
-                )
-            else:
-                x = block.forward_features(x)
+            x = recompute(self.gradient_checkpointing, self, block.forward_features, x)
         x = self.norm(x)
         return x[:, 0], x[:, 1:]
 

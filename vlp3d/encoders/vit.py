@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.utils.checkpoint
 from monai.networks.nets import ViT
 from torch import nn
 
 from vlp3d.encoders.attention import AttentionPaths
-from vlp3d.encoders.registry import check_size, register, require_einops
+from vlp3d.encoders.registry import check_size, recompute, register, require_einops
 
 # (hidden_size, mlp_dim, num_heads). MONAI UNETR hard-codes 12 transformer blocks and reads
 # blocks 3, 6 and 9 as skips, so every preset keeps depth 12 and scales width: tiny and small
@@ -119,12 +118,8 @@ class ViTEncoder3d(AttentionPaths, nn.Module):
     def _attention_probe(self, volume: torch.Tensor) -> torch.Tensor:
         """The final layer-normed tokens [B, N, H]."""
         x = self.vit.patch_embedding(volume)
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.vit.blocks:
-            if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = recompute(self.gradient_checkpointing, self, block, x)
         return self.vit.norm(x)
 
 

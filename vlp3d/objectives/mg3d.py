@@ -32,14 +32,14 @@ activation of the masked view outlives the forward.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
 from vlp3d.config import ExperimentConfig
+from vlp3d.encoders.registry import recompute
 from vlp3d.encoders.text import TextEncoder, mean_pool
 from vlp3d.objectives.base import Objective
 from vlp3d.objectives.clip import ClipLoss
@@ -180,12 +180,12 @@ class MG3DObjective(Objective):
         if "mim" in self.active:
             token_mask = patch_mask(self.grid, volume.shape[0], self.cfg.mim_mask_ratio, volume.device)
             voxel_mask = upsample_mask(token_mask, self.grid, self.shape)
-            out["mim"] = self._recomputed(self._mim_loss, model.image_encoder, volume, voxel_mask,
+            out["mim"] = recompute(self.checkpointing, self, self._mim_loss, model.image_encoder, volume, voxel_mask,
                                           clean_states, attention)
         if self.active & {"mlm", "sentence_consistency"}:
             masked = whole_word_mask(ids, attention, self.is_subword, self.special, self.cfg.mlm_mask_prob)
             masked_states = self._text_states(ids.masked_fill(masked, self.mask_id), attention)
-            _, fused_text = self._recomputed(self.fusion, tokens, masked_states, attention)
+            _, fused_text = recompute(self.checkpointing, self, self.fusion, tokens, masked_states, attention)
             if "mlm" in self.active:
                 hidden = self.mlm_transform(fused_text[masked])
                 word_embeddings = self.text_encoder.model.get_input_embeddings().weight
@@ -200,12 +200,6 @@ class MG3DObjective(Objective):
         if "sentence_match" in self.active:
             out["sentence_match"] = self.sentence_match_loss(pooled, report)
         return out
-
-    def _recomputed(self, function: Callable, *args):
-        """`function(*args)`, checkpointed under model.gradient_checkpointing while training with grad."""
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
-        return function(*args)
 
     def _mim_loss(self, encoder: nn.Module, volume: torch.Tensor, voxel_mask: torch.Tensor,
                   text_states: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
