@@ -324,6 +324,7 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
     from vlp3d.downstream import build_network
     from vlp3d.engine import AUTOCAST_DTYPES, warmup_cosine
     from vlp3d.platform.train import (
+        DeviceBatches,
         Prefetched,
         _gather,
         _quiet_train_reports,
@@ -370,8 +371,12 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     collate = collate_for(spec.task, spec.img_size, loop_config["index"], loop_config["storage_dtype"])
     position = state.position
-    batches = Prefetched(lambda own: epoch_batches(shard, own, "train", local_batch, cfg.train.seed, rank,
-                                                   collate_for=collate), position, "train", cfg.train.prefetch_batches)
+    # as pretraining feeds its batches: pinned on CUDA, the next one copied on a side stream
+    batches = DeviceBatches(
+        Prefetched(lambda own: epoch_batches(shard, own, "train", local_batch, cfg.train.seed, rank,
+                                             collate_for=collate, pin_memory=device.type == "cuda"),
+                   position, "train", cfg.train.prefetch_batches),
+        lambda host: {key: host[key].to(device, non_blocking=True) for key in ("volume", "target")}, device)
     log_every = max(1, min(cfg.train.log_every, ft.max_steps))
     print_every = max(log_every, ft.max_steps // 10 // log_every * log_every)
     window: list[dict] = []
@@ -379,7 +384,7 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
     autocast = AUTOCAST_DTYPES.get(cfg.train.precision)
     while step < ft.max_steps:
         batch = next(batches)
-        volume, target = batch["volume"].to(device), batch["target"].to(device)
+        volume, target = batch["volume"], batch["target"]
         module.train()
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             loss = criterion(module(volume).float(), target)
