@@ -17,7 +17,7 @@ UniMedI's radiographs, MG-3D's token ids and sentence embeddings). Per path:
     max batch   CUDA: the batch doubled from --batch until torch.cuda.OutOfMemoryError, the last
                 that fitted (the cache emptied after each try); '-' on CPU or with --no-max-batch
     MFU         FLOPs of one step (torch.utils.flop_counter.FlopCounterMode) x steps/s over the
-                device's nominal dense bf16 peak (H100/H200 989, A100 312 TFLOP/s; --peak-tflops
+                device's nominal dense bf16 peak (H100/H200 989, A100 312, L40S 362 TFLOP/s; --peak-tflops
                 for others or for CPU); '-' when no peak is known
 
 Examples:
@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_encoders import peak_flops  # the nominal bf16 peak per GPU, one table
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -57,7 +58,6 @@ from vlp3d.table import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # nominal dense bf16 FLOP/s
 # small enough for a CPU: tiny encoders at 32^3 (3D) and 32^2 (2D)
 TINY = ["model.size=tiny", "data.shape=[32,32,32]", "objective.t3d.crop_shape=[32,32,32]", "data.shape_2d=[32,32]",
         "data.max_tokens=32", "data.max_sentences=4"]
@@ -164,15 +164,6 @@ def largest_batch(step: Step, start: int, limit: int) -> int:
     return fits
 
 
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
-    return None
-
-
 def run_path(cfg, device: torch.device, args, path: str) -> dict:
     """Measure one method on one path; returns its record."""
     step = Step(cfg, device, args.compile_backend)
@@ -275,7 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.compile backend of the fast path (default inductor, what training uses; "
                              "aot_eager traces the same graphs without generating code, for a quick check)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's peak TFLOP/s for MFU (default: H100/H200 989, A100 312 dense bf16; "
+                        help="the device's peak TFLOP/s for MFU (default: H100/H200 989, A100 312, L40S 362 dense bf16; "
                              "none on CPU)")
     parser.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search on CUDA")
     parser.add_argument("--max-batch-limit", type=int, default=1024,
