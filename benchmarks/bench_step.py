@@ -43,18 +43,16 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlp3d.config import OBJECTIVES, load_config
-from vlp3d.engine import (
+from vlp3d.objectives import objective_class
+from vlp3d.objectives.model import model_input_shape, text_dim_for
+from vlp3d.table import format_table
+from vlp3d.train.step import compile_errors, train_step
+from vlp3d.train.tasks.pretrain import (
     build_optimizer,
     build_pretrainer,
     build_scheduler,
-    compile_errors,
     compile_image_encoder,
-    model_input_shape,
-    text_dim_for,
-    train_step,
 )
-from vlp3d.objectives import objective_class
-from vlp3d.table import format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

@@ -36,14 +36,9 @@ def plain_loop(cfg, shard_dir: Path, steps: int, warmup: int, threads: int) -> d
     import pyarrow.parquet as pq
 
     from vlp3d.data.shards import shard_files
-    from vlp3d.engine import (
-        augment,
-        build_optimizer,
-        build_pretrainer,
-        build_scheduler,
-        to_model_batch,
-        train_step,
-    )
+    from vlp3d.train.batches import augment, to_model_batch
+    from vlp3d.train.step import train_step
+    from vlp3d.train.tasks.pretrain import build_optimizer, build_pretrainer, build_scheduler
 
     torch.set_num_threads(threads)
     table = pq.read_table(shard_files(shard_dir, "ct"), columns=["image", "report_embedding", "split"])
@@ -74,8 +69,8 @@ def plain_loop(cfg, shard_dir: Path, steps: int, warmup: int, threads: int) -> d
 def ray_run(cfg, name: str, warmup: int) -> dict:
     from mlflow.tracking import MlflowClient
 
+    from vlp3d.platform.pretrain import pretrain
     from vlp3d.platform.runtime import tracking_uri
-    from vlp3d.platform.train import pretrain
 
     started = time.time()
     result = pretrain(cfg, run_name=name, progress=None)

@@ -5,15 +5,14 @@ the training loop's compile timing is tests/test_platform/test_demo_e2e.py's bus
 import pytest
 import torch
 
-from vlp3d import checkpoint as checkpoints
 from vlp3d.config import ConfigError, load_config
-from vlp3d.engine import (
+from vlp3d.train import checkpoint as checkpoints
+from vlp3d.train.step import compile_errors, train_step
+from vlp3d.train.tasks.pretrain import (
     build_optimizer,
     build_pretrainer,
     build_scheduler,
-    compile_errors,
     compile_image_encoder,
-    train_step,
 )
 
 OVERRIDES = ["data.shape=[16,16,16]", "model.embed_dim=32", "model.text_head='linear'", "train.max_steps=4"]

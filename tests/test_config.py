@@ -227,7 +227,7 @@ def test_flatten_describe_and_logged_params_walk_the_method_tables():
 
 
 def test_stored_configs_with_flat_method_keys_still_load(tmp_path):
-    from vlp3d import checkpoint
+    from vlp3d.train import checkpoint
 
     old = tmp_path / "config.toml"  # as checkpoints and models stored it before the method tables
     old.write_text('name = "old"\n[objective]\nname = "t3d"\ntemperature = 0.07\ncrop_shape = [32, 32, 32]\n'

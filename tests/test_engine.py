@@ -8,13 +8,8 @@ import torch
 from torch.nn import functional as F
 
 from vlp3d.config import load_config
-from vlp3d.engine import (
-    build_optimizer,
-    build_pretrainer,
-    build_scheduler,
-    train_step,
-    warmup_cosine,
-)
+from vlp3d.train.step import train_step, warmup_cosine
+from vlp3d.train.tasks.pretrain import build_optimizer, build_pretrainer, build_scheduler
 
 FLOOR = 0.02
 
@@ -83,7 +78,7 @@ def test_one_train_step_moves_the_weights_and_the_schedule():
 
 
 def test_augment_batch_jitters_t3d_crops_one_by_one():
-    from vlp3d.engine import augment_batch
+    from vlp3d.train.batches import augment_batch
 
     crops = torch.rand(2, 3, 1, 8, 8, 8)
     batch = augment_batch({"crops": crops.clone(), "report_embedding": torch.zeros(2, 4)}, torch.Generator().manual_seed(0))
@@ -96,7 +91,7 @@ def test_augment_batch_jitters_t3d_crops_one_by_one():
 
 
 def test_term_balancer_reports_shares_and_moves_multipliers_towards_the_weights():
-    from vlp3d.engine import TermBalancer
+    from vlp3d.train.step import TermBalancer
 
     off = TermBalancer({"align": 0.1, "mim": 1.0}, every=10)
     assert off.due(10) and not off.due(11) and not TermBalancer({"align": 1.0}, every=10).due(10)  # one term: no shares
@@ -120,7 +115,7 @@ def test_term_balancer_reports_shares_and_moves_multipliers_towards_the_weights(
 
 def test_sentence_dropout_re_averages_a_random_subset_of_the_stored_sentences():
     from vlp3d.encoders.text import report_embedding_from_sentences
-    from vlp3d.engine import drop_sentences
+    from vlp3d.train.batches import drop_sentences
 
     sentences = F.normalize(torch.randn(3, 4, 8), dim=-1)
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)

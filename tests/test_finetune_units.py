@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from vlp3d.data.shards import encode_image
-from vlp3d.platform.finetune import class_lookup, collate_for, random_crop
 from vlp3d.platform.sweep import label_efficiency_table
+from vlp3d.train.tasks.finetune import class_lookup, collate_for, random_crop
 
 
 def test_random_crop_takes_the_same_window_of_volume_and_labels():
@@ -29,7 +29,7 @@ def test_collate_remaps_classes_and_decodes_label_maps():
     labels[:4], labels[4:6], labels[6:] = 1, 2, 3  # body, lung, heart
     volume[labels == 2] = 0.1
     batch = {"image": np.stack([volume]), "image_shape": np.array([[8, 8, 8]], dtype=np.int32),
-             "label_map": np.array([encode_image(labels)], dtype=object)}
+             "label_map": np.array([encode_image(labels)], dtype=object), "row": np.array([0])}
     # segment lung and heart only (background 0, lung 1, heart 2): body becomes background
     out = collate_for("segmentation", (8, 8, 8), [0, 2, 3], "float16")(seed=0)(batch)
     assert out["volume"].shape == (1, 1, 8, 8, 8) and out["target"].shape == (1, 1, 8, 8, 8)

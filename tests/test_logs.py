@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from vlp3d import logs
-from vlp3d.platform.train import progress_line
+from vlp3d.train.loop import progress_line
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def test_configure_sets_one_handler_and_passes_the_level_to_child_processes(rest
     assert sum(getattr(h, "_vlp3d_handler", False) for h in root.handlers) == 1
     assert logs.is_debug() and logs.level_name() == "debug"
     logs.configure("warning")
-    assert logging.getLogger("vlp3d.platform.train").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("vlp3d.train").getEffectiveLevel() == logging.WARNING
     with pytest.raises(ValueError, match="--log-level 'loud'"):
         logs.configure("loud")
 

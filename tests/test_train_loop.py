@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from vlp3d.engine import to_model_batch
-from vlp3d.platform.train import DeviceBatches, Prefetched, step_times
+from vlp3d.train.batches import to_model_batch
+from vlp3d.train.feed import DeviceBatches, Prefetched
+from vlp3d.train.loop import step_times
 
 
 def _numbered(own, name="train"):

@@ -1,5 +1,5 @@
 """The NaN/inf guard of `engine.train_step` (alone and across two gloo ranks) and the checkpoint
-folder round trip (vlp3d.checkpoint)."""
+folder round trip (vlp3d.train.checkpoint)."""
 
 import math
 import random
@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tests.test_objectives import gloo
-from vlp3d import checkpoint as checkpoints
 from vlp3d.config import ExperimentConfig, replace
-from vlp3d.engine import train_step
+from vlp3d.train import checkpoint as checkpoints
+from vlp3d.train.step import train_step
 
 
 class Toy(nn.Module):

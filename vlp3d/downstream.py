@@ -205,8 +205,8 @@ class FineTuned:
     classes or labels, preprocessing spec, sliding-window settings) as a predictor."""
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu"):
-        from vlp3d import checkpoint as checkpoints
         from vlp3d.data.volume import PreprocessSpec
+        from vlp3d.train import checkpoint as checkpoints
 
         checkpoint_dir = Path(checkpoint_dir)
         self.meta = checkpoints.read_meta(checkpoint_dir)

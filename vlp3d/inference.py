@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlp3d import checkpoint as checkpoints
 from vlp3d.data.hounsfield import HUDecision, NotCTError, require_ct, to_hounsfield
 from vlp3d.data.report import split_sentences
 from vlp3d.data.volume import PreprocessSpec, body_level, dequantise, load_volume_hu, preprocess_hu
 from vlp3d.encoders.text import TextEncoder, embed_reports
-from vlp3d.engine import VisionLanguageModel, build_model
 from vlp3d.objectives import objective_class
+from vlp3d.objectives.model import VisionLanguageModel, build_model
+from vlp3d.train import checkpoint as checkpoints
 
 RESCALE_COLUMNS = ("rescale_slope", "rescale_intercept")  # the pyfunc's and `vlp3d embed`'s names
 
@@ -120,7 +120,7 @@ def load_ct(item: VolumeInput, assume_hu: bool = False) -> tuple[np.ndarray, np.
 
 
 class Embedder:
-    """The embedding model of a checkpoint folder (vlp3d.checkpoint: model.pt, config.toml, meta.json).
+    """The embedding model of a checkpoint folder (vlp3d.train.checkpoint: model.pt, config.toml, meta.json).
     `text_encoder`: a folder holding the checkpoint's text encoder, in place of the name it was trained
     with (a logged model carries its own copy of a local one)."""
 

@@ -18,7 +18,7 @@ from vlp3d.encoders.export import (
     unetr_kwargs,
     unetr_state_dict,
 )
-from vlp3d.engine import build_model
+from vlp3d.objectives.model import build_model
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 # swin3d at 32^3: stage 1 (16^3 tokens) and 2 (8^3) pad to whole 7^3 windows and have shifted

@@ -90,7 +90,7 @@ def test_export_refuses_wrong_encoder():
 
 
 def test_image_encoder_weights_from_full_model_state_dict():
-    from vlp3d.engine import VisionLanguageModel
+    from vlp3d.objectives.model import VisionLanguageModel
 
     encoder = build_image_encoder("swin3d", "tiny")
     model = VisionLanguageModel(encoder, text_dim=384)

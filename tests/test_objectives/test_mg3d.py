@@ -11,7 +11,6 @@ from tests.test_objectives import gloo
 from tests.test_objectives.gloo import WORLD
 from vlp3d.config import load_config
 from vlp3d.encoders.export import saved_activation_bytes
-from vlp3d.engine import build_pretrainer, term_weights
 from vlp3d.objectives.heads import masked_mse, patch_mask, upsample_mask
 from vlp3d.objectives.mg3d import (
     DisentangledAggregator,
@@ -21,6 +20,8 @@ from vlp3d.objectives.mg3d import (
     sentence_match,
     whole_word_mask,
 )
+from vlp3d.objectives.model import term_weights
+from vlp3d.train.tasks.pretrain import build_pretrainer
 
 
 def test_mim_loss_ignores_unmasked_voxels():

@@ -10,9 +10,9 @@ import pytest
 from tests.method_overrides import TINY
 from vlp3d.config import OBJECTIVES, ObjectiveConfig, key_annotation, load_config
 from vlp3d.encoders.unimedi import UniMedIViT
-from vlp3d.engine import model_input_shape
 from vlp3d.objectives import REGISTRY, objective_class
 from vlp3d.objectives.base import Objective
+from vlp3d.objectives.model import model_input_shape
 
 
 def test_config_method_names_and_registry_agree():
@@ -70,7 +70,7 @@ def test_find_unused_parameters_matches_the_gradients(active):
     import torch
     from torch.nn import functional as F
 
-    from vlp3d.engine import build_pretrainer
+    from vlp3d.train.tasks.pretrain import build_pretrainer
 
     terms = objective_class("t3d").terms
     cfg = load_config(None, [*TINY, "objective.name=t3d", "objective.t3d.crop_shape=[16,16,16]", "data.shape=[32,32,32]",

@@ -9,7 +9,6 @@ from torch.nn import functional as F
 from tests.method_overrides import TINY
 from vlp3d.config import load_config
 from vlp3d.encoders import build_image_encoder
-from vlp3d.engine import build_pretrainer
 from vlp3d.objectives.t3d import corrupt, sample_crops, tile_corners
 from vlp3d.objectives.unimedi import (
     dino_loss,
@@ -19,6 +18,7 @@ from vlp3d.objectives.unimedi import (
     slice_mosaic,
     update_center,
 )
+from vlp3d.train.tasks.pretrain import build_pretrainer
 
 
 def test_ema_update_matches_the_formula():
@@ -121,7 +121,7 @@ def test_unimedi_needs_the_shared_vit():
 def test_choosing_a_method_alone_gives_a_runnable_config(method):
     """objective.name applies the method's encoder, data and optimiser defaults, so the encoder
     takes the model input (checked on the meta device: no weights are allocated)."""
-    from vlp3d.engine import check_encoder_input
+    from vlp3d.objectives.model import check_encoder_input
 
     cfg = load_config(None, [f"objective.name={method}"])
     assert cfg.model.image_encoder == {"mg3d": "swin3d", "t3d": "swin3d", "unimedi": "unimedi_vit"}[method]

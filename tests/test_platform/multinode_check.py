@@ -78,7 +78,6 @@ def main(workdir: str) -> int:
     from ray.data.expressions import col
 
     import vlp3d.platform.prepare as prepare_module
-    import vlp3d.platform.train as train_module
     from vlp3d.config import load_config
     from vlp3d.data.phantom import synthesize
 
@@ -136,10 +135,12 @@ def main(workdir: str) -> int:
         train_rows = sorted(int(r) for r in table[table.split == cfg.data.train_split].row)
 
         # the real training dataset (same filter/materialise logic as pretrain), plus the row id
+        from vlp3d.data.shards import shard_files
         from vlp3d.objectives import objective_class
+        from vlp3d.platform.ray_data import shard_dataset
 
         columns = [*dict.fromkeys([*objective_class(cfg.objective.name).columns, "row"])]
-        dataset = train_module._training_dataset(cfg, result.shard_dir, columns=columns)
+        dataset = shard_dataset(cfg, shard_files(result.shard_dir), columns, cfg.data.train_split, cfg.data.fraction)
         assert "row" in dataset.columns(), f"training dataset columns {dataset.columns()} lack the row id"
         # both parities of the training-row count: equal=True may drop up to world_size - 1 rows
         t0 = time.time()

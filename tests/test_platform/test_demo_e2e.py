@@ -90,13 +90,15 @@ def test_rerun_resumes_nothing_lost(tiny_demo, ray_session):
 def test_data_fraction_reads_nested_training_subsets(tiny_demo):
     from vlp3d.config import load_config
     from vlp3d.data.shards import resolve_shard_dir, spec_from_config
-    from vlp3d.platform.train import _training_dataset
+    from vlp3d.platform.ray_data import pretraining_datasets
+    from vlp3d.train.tasks.pretrain import local_datasets
 
     counts = {}
     for fraction in (0.5, 1.0):
         cfg = load_config(tiny_demo / "config.toml", [f"data.fraction={fraction}", "data.materialize='never'"])
         shard_dir = resolve_shard_dir(cfg.data.shards, spec_from_config(cfg).hash)
-        counts[fraction] = _training_dataset(cfg, shard_dir).count()
-    manifest = json.loads((shard_dir / "_manifest.json").read_text())
+        manifest = json.loads((shard_dir / "_manifest.json").read_text())
+        counts[fraction] = pretraining_datasets(cfg, shard_dir, manifest)["train"].count()
+        assert local_datasets(cfg, shard_dir, manifest)["train"].rows() == counts[fraction]  # the same rows without Ray
     assert counts[1.0] == manifest["counts"]["by_split"]["train"]
     assert 0 < counts[0.5] < counts[1.0]

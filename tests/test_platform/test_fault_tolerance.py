@@ -83,7 +83,7 @@ def reference(tiny_demo, tmp_path_factory):
     """The uninterrupted run. The server goes down once Ray Train starts the run (the driver has
     described it in MLflow; no worker has logged yet) and comes back after the first checkpoint:
     steps 1-2 are logged into an outage."""
-    from vlp3d.platform.train import pretrain
+    from vlp3d.platform.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("mlflow-server")
     server = MlflowServer(root)
@@ -158,7 +158,8 @@ def test_no_secret_report_or_patient_file_in_the_mlflow_store(reference, tiny_de
 def killed(tiny_demo):
     """SIGKILL of the rank-1 worker at step 3, then of the rank-0 worker (the one logging to
     MLflow) at step 6: two restores in one run."""
-    from vlp3d.platform.train import FAULT_ENV, pretrain
+    from vlp3d.platform.pretrain import pretrain
+    from vlp3d.train.loop import FAULT_ENV
 
     cfg = load_config(tiny_demo / "config.toml", COMMON)
     with pytest.MonkeyPatch.context() as patch:
@@ -182,7 +183,8 @@ def test_sigkilled_workers_resume_exactly(killed, reference, tiny_demo):
 
 def test_nan_steps_are_skipped_then_stop_the_run_which_resumes_by_name(reference, tiny_demo):
     from vlp3d.platform import tracking
-    from vlp3d.platform.train import FAULT_ENV, NonFiniteTrainingError, pretrain
+    from vlp3d.platform.pretrain import NonFiniteTrainingError, pretrain
+    from vlp3d.train.loop import FAULT_ENV
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tiny_demo / 'mlflow.db'}")
     versions = len(client.search_model_versions("name='vlp3d-clip'"))

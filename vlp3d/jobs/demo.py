@@ -16,7 +16,7 @@ from vlp3d.table import format_table
 
 if TYPE_CHECKING:
     from vlp3d.platform.evaluate import EvaluateReport
-    from vlp3d.platform.train import PretrainResult
+    from vlp3d.platform.pretrain import PretrainResult
 
 DEFAULT_WORKDIR = "vlp3d-runs/demo"
 
@@ -74,9 +74,9 @@ def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int, radiographs: bool) -
     from vlp3d.objectives import objective_class
     from vlp3d.platform.evaluate import evaluate_as_configured, promote
     from vlp3d.platform.prepare import PrepareError, prepare
+    from vlp3d.platform.pretrain import pretrain
     from vlp3d.platform.runtime import tracking_uri
     from vlp3d.platform.tracking import registered_name
-    from vlp3d.platform.train import pretrain
 
     workdir = Path(cfg.tracking.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlp3d.platform.train import pretrain
+    from vlp3d.platform.pretrain import pretrain
 
     cfg = resolve_config(args)
     result = pretrain(cfg, run_name=args.run_name)

@@ -1,15 +1,10 @@
 """`vlp3d finetune`: a registered pretrained encoder fine-tuned on a labelled downstream task with Ray Train.
 
-The same machinery as pretraining (`vlp3d.platform.train`): a TorchTrainer of `cluster.num_workers` DDP
-workers reading the shards through Ray Data (`_training_dataset`, `epoch_batches`, `Prefetched`: exact
-resume from the data position in the checkpoint), checkpoints in the format of `vlp3d.checkpoint`,
-metrics from rank 0 through `tracking.RankZeroLogger`, a rerun of the same run name resuming from its
-last checkpoint. What differs is the network (`vlp3d.downstream.build_network`), the loss and the data:
-
-- segmentation: random crops of `finetune.roi_size` from the volumes and their voxel label maps
-  (shard column `label_map`), Dice + cross-entropy (MONAI `DiceCELoss`);
-- classification: the volume centre-cropped/padded to the encoder's input, the shards' 0/1 labels,
-  BCE with logits.
+The training loop of pretraining (`vlp3d.train.loop`) runs the fine-tuning task
+(`vlp3d.train.tasks.finetune`: network, loss, crops) on `cluster.num_workers` Ray Train workers or in this
+process (`--local`): exact resume from the checkpoint's data position, fp16 grad scaling, the non-finite
+skip, metrics from rank 0 through `tracking.RankZeroLogger`, a rerun of the same run name resuming from
+its last checkpoint.
 
 Only the training patients inside the nested `finetune.label_fraction` subset (the shards'
 `fraction_rank`, as `data.fraction` for pretraining) are used. After training the driver evaluates the
@@ -32,12 +27,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 import vlp3d
-from vlp3d import checkpoint as checkpoints
 from vlp3d import logs
-from vlp3d.config import ExperimentConfig, from_dict, replace, to_dict
+from vlp3d.config import ExperimentConfig, replace, to_dict
 from vlp3d.data.shards import (
     LABEL_MAP,
     count_rows,
@@ -55,6 +48,10 @@ from vlp3d.downstream import (
     NetworkSpec,
 )
 from vlp3d.platform import tracking
+from vlp3d.platform.launch import RUNTIME_TAG, base_loop_config, run_local, run_on_ray
+from vlp3d.platform.runtime import init_ray
+from vlp3d.train import checkpoint as checkpoints
+from vlp3d.train.tasks.finetune import class_lookup, local_datasets
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +124,7 @@ def resolve_pretrained(cfg: ExperimentConfig) -> Pretrained:
 
 
 def _roi(cfg: ExperimentConfig, pretrained_cfg: ExperimentConfig) -> tuple[int, int, int]:
-    from vlp3d.engine import model_input_shape
+    from vlp3d.objectives.model import model_input_shape
 
     roi = tuple(cfg.finetune.roi_size) or tuple(model_input_shape(pretrained_cfg))
     if len(roi) != 3 or any(int(s) < 1 for s in roi):
@@ -220,236 +217,24 @@ def _labels_with_positives(shard_dir, labels: list[str], split: str) -> list[str
     return [name for name, count in zip(labels, positives, strict=True) if count > 0]
 
 
-# --- data --------------------------------------------------------------------------------------
-
-
-def _volume(image, shape, storage_dtype: str) -> np.ndarray:
-    from vlp3d.data.volume import dequantise
-
-    stored = decode_image(image, shape, storage_dtype)
-    return dequantise(torch.from_numpy(np.array(stored))).numpy()
-
-
-def class_lookup(index: Sequence[int]) -> np.ndarray:
-    """uint8 table: label-map value -> training class (0 for values not segmented)."""
-    table = np.zeros(256, dtype=np.int64)
-    for new, old in enumerate(index):
-        table[old] = new
-    return table
-
-
-def random_crop(volume: np.ndarray, labels: np.ndarray, roi, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The same random `roi` crop of a volume and its label map (both zero-padded, centred, to at least `roi`)."""
-    pad = [(max(0, r - s) // 2, max(0, r - s) - max(0, r - s) // 2) for s, r in zip(volume.shape, roi, strict=True)]
-    volume, labels = np.pad(volume, pad), np.pad(labels, pad)
-    start = [int(rng.integers(0, s - r + 1)) for s, r in zip(volume.shape, roi, strict=True)]
-    window = tuple(slice(a, a + r) for a, r in zip(start, roi, strict=True))
-    return volume[window], labels[window]
-
-
-def collate_for(task: str, roi, index: Sequence[int], storage_dtype: str):
-    """`collate_for(seed)` -> a Ray Data collate function: shard rows -> {"volume": [B, 1, *roi] float,
-    "target": [B, 1, *roi] int64 classes | [B, L] float labels}; crops drawn from a generator seeded by the
-    epoch's seed (a resumed run replays them)."""
-    lookup = class_lookup(index) if task == SEGMENTATION else None
-
-    def make(seed: int):
-        rng = np.random.default_rng(seed)
-
-        def collate(batch: dict) -> dict:
-            volumes, targets = [], []
-            for i in range(len(batch["image"])):
-                volume = _volume(batch["image"][i], batch["image_shape"][i], storage_dtype)
-                if task == SEGMENTATION:
-                    labels = lookup[decode_label_map(batch[LABEL_MAP][i], batch["image_shape"][i])]
-                    volume, labels = random_crop(volume, labels, roi, rng)
-                    targets.append(torch.from_numpy(np.ascontiguousarray(labels))[None])
-                else:
-                    from vlp3d.downstream import fit_to
-
-                    volume = fit_to(torch.from_numpy(volume), roi).numpy()
-                    targets.append(torch.as_tensor(np.asarray(batch["labels"][i])[list(index)], dtype=torch.float32))
-                volumes.append(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None])
-            return {"volume": torch.stack(volumes), "target": torch.stack(targets)}
-
-        return collate
-
-    return make
-
-
-def _dataset(plan_: Plan):
-    """Ray Data: the training split's rows inside the label fraction (with a label map, for segmentation)."""
-    from vlp3d.platform.train import _training_dataset
-
-    cfg = replace(plan_.cfg, data={"fraction": plan_.cfg.finetune.label_fraction})
-    columns = ["image", "image_shape", LABEL_MAP if plan_.network.task == SEGMENTATION else "labels"]
-    ds = _training_dataset(cfg, plan_.shard_dir, columns=columns)
-    if plan_.network.task == SEGMENTATION:
-        from ray.data.dataset import MaterializedDataset
-
-        materialized = isinstance(ds, MaterializedDataset)
-        # a small CPU share: while training, the workers hold the CPUs (a sweep trial keeps only
-        # tune.trial_cpus), and a filter task asking for a whole CPU would wait for ever
-        ds = ds.filter(lambda row: row[LABEL_MAP] is not None and len(row[LABEL_MAP]) > 0, num_cpus=0.1)
-        if materialized:  # filtered now, before the workers start
-            ds = ds.materialize()
-    return ds
-
-
-# --- the training loop (every Ray Train worker) ----------------------------------------------------
-
-
-def _optimizer(net: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
-    """AdamW: encoder weights at finetune.lr x finetune.encoder_lr_mult (frozen at 0), the rest at finetune.lr;
-    no weight decay on biases and norms."""
-    ft = cfg.finetune
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, param in net.named_parameters():
-        is_encoder = name.startswith(("encoder.", "swinViT.", "vit."))
-        if is_encoder and ft.encoder_lr_mult == 0:
-            param.requires_grad_(False)
-            continue
-        groups.setdefault((is_encoder, param.ndim <= 1 or name.endswith(".bias")), []).append(param)
-    return torch.optim.AdamW([
-        {"params": params, "lr": ft.lr * (ft.encoder_lr_mult if is_encoder else 1.0),
-         "weight_decay": 0.0 if no_decay else ft.weight_decay, "name": "encoder" if is_encoder else "head"}
-        for (is_encoder, no_decay), params in sorted(groups.items())])
-
-
-def finetune_loop_per_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: build the network (pretrained or random), then train it."""
-    import ray.train
-    import ray.train.torch
-
-    from vlp3d.downstream import build_network
-    from vlp3d.engine import AUTOCAST_DTYPES, warmup_cosine
-    from vlp3d.platform.train import (
-        DeviceBatches,
-        Prefetched,
-        _gather,
-        _quiet_train_reports,
-        epoch_batches,
-        window_means,
-    )
-
-    logs.configure(loop_config.get("log_level"))
-    if not logs.is_debug():
-        _quiet_train_reports()
-    cfg = from_dict(loop_config["experiment"])
-    ft = cfg.finetune
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    if not cfg.cluster.use_gpu:
-        torch.set_num_threads(max(1, math.floor(cfg.cluster.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    spec = NetworkSpec.from_dict(loop_config["network"])
-    torch.manual_seed(cfg.train.seed)  # the same decoder/head initialisation for 'pretrained' and 'random'
-    net, _ = build_network(spec, loop_config["encoder_state"] if ft.init == "pretrained" else None)
-    net.to(device)
-    optimizer = _optimizer(net, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, ft.warmup_steps, ft.max_steps))
-    if spec.task == SEGMENTATION:
-        from monai.losses import DiceCELoss
-
-        criterion = DiceCELoss(to_onehot_y=True, softmax=True)
-    else:
-        criterion = nn.BCEWithLogitsLoss()
-    no_objective = nn.Module()  # the checkpoint format's objective state: fine-tuning has none
-    state = checkpoints.TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = checkpoints.restore(folder, net, no_objective, optimizer, scheduler, None, map_location=device)
-    if len(state.rng) == world_size:
-        checkpoints.restore_rng(state.rng[rank])
-    else:
-        checkpoints.seed_everything(cfg.train.seed * 1000 + rank + state.step)
-    step = resumed_from = state.step
-    module = ray.train.torch.prepare_model(net)
-    logger = tracking.RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    local_batch = ft.global_batch // world_size
-    shard = ray.train.get_dataset_shard("train")
-    collate = collate_for(spec.task, spec.img_size, loop_config["index"], loop_config["storage_dtype"])
-    position = state.position
-    # as pretraining feeds its batches: pinned on CUDA, the next one copied on a side stream
-    batches = DeviceBatches(
-        Prefetched(lambda own: epoch_batches(shard, own, "train", local_batch, cfg.train.seed, rank,
-                                             collate_for=collate, pin_memory=device.type == "cuda"),
-                   position, "train", cfg.train.prefetch_batches),
-        lambda host: {key: host[key].to(device, non_blocking=True) for key in ("volume", "target")}, device)
-    log_every = max(1, min(cfg.train.log_every, ft.max_steps))
-    print_every = max(log_every, ft.max_steps // 10 // log_every * log_every)
-    window: list[dict] = []
-    started = time.time()
-    autocast = AUTOCAST_DTYPES.get(cfg.train.precision)
-    while step < ft.max_steps:
-        batch = next(batches)
-        volume, target = batch["volume"], batch["target"]
-        module.train()
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss = criterion(module(volume).float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
-        else:
-            state.skipped_steps += 1
-        scheduler.step()
-        step += 1
-        if finite:
-            window.append({"loss": loss.item(), "grad_norm": grad_norm.item()})
-        last = step >= ft.max_steps
-        if step % log_every and not last:
-            continue
-        metrics = window_means(window) if window else {}
-        window.clear()
-        metrics.update(lr=scheduler.get_last_lr()[-1], skipped_steps=state.skipped_steps,
-                       samples_per_s=(step - resumed_from) * ft.global_batch / max(1e-9, time.time() - started))
-        if logger:
-            logger.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step)
-            if loop_config.get("print_progress", True) and (step % print_every == 0 or last) and "loss" in metrics:
-                log.info(f"finetune step {step}/{ft.max_steps} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.1e} "
-                         f"| {metrics['samples_per_s']:.1f} volumes/s")
-        metrics["step"] = step
-        if step % cfg.train.checkpoint_every == 0 or last:
-            bad = checkpoints.nonfinite_parameters(net)
-            if bad:
-                raise FloatingPointError(f"fine-tuning step {step}: non-finite weights in {', '.join(bad[:5])}; "
-                                         "lower finetune.lr or use train.precision = 'fp32'")
-            state.step, state.position = step, {k: list(v) for k, v in position.items()}
-            state.rng = _gather(checkpoints.capture_rng())
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    logger.flush(2.0)
-                    state.unsent_logs = logger.pending()
-                    checkpoints.save(tmp, net, no_objective, optimizer, scheduler, None, state, cfg,
-                                     loop_config["meta"])
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt)
-    if logger:
-        logger.flush(30.0)
-
-
 # --- the driver ------------------------------------------------------------------------------------
 
 
 def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.info, callbacks: Sequence = (),
-             parent_run_id: str | None = None, register: bool = True, tags: dict[str, str] | None = None
-             ) -> FinetuneResult:
-    """Fine-tune `cfg.finetune.model` on `cfg.finetune.task`; a rerun with the same `run_name` resumes. Sweeps
-    pass Tune's `callbacks`, the MLflow `parent_run_id`, extra `tags` and `register=False` (the model is
-    logged, not registered), as for `vlp3d.platform.train.pretrain`."""
+             parent_run_id: str | None = None, register: bool = True, tags: dict[str, str] | None = None,
+             local: bool = False, on_report=None) -> FinetuneResult:
+    """Fine-tune `cfg.finetune.model` on `cfg.finetune.task`; a rerun with the same `run_name` resumes. `local`
+    runs the loop in this process (no Ray), else on Ray Train workers. Sweeps pass Tune's `callbacks` (or a
+    local trial's `on_report`), the MLflow `parent_run_id`, extra `tags` and `register=False` (the model is
+    logged, not registered), as for `vlp3d.platform.pretrain.pretrain`."""
     logs.ensure_configured()
-    from vlp3d.platform.runtime import init_ray
-    from vlp3d.platform.train import torch_trainer
+    from vlp3d.platform.pretrain import NonFiniteTrainingError
 
     started = time.time()
     plan_ = plan(cfg)
     cfg, ft = plan_.cfg, plan_.cfg.finetune
-    init_ray(cfg)
+    if not local:
+        init_ray(cfg)
     run_name = run_name or f"{cfg.name}-{ft.task}-{ft.init}-{time.strftime('%Y%m%d-%H%M%S')}"
     extra_tags = {PRETRAINED_TAG: plan_.pretrained.uri, TASK_TAG: ft.task, "vlp3d.init": ft.init,
                   "vlp3d.label_fraction": str(ft.label_fraction),
@@ -457,33 +242,38 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
     if parent_run_id:
         extra_tags["mlflow.parentRunId"] = parent_run_id
     run_id = tracking.start_or_resume_run(cfg, run_name, plan_.manifest, plan_.shard_dir, extra_tags)
+    uri = tracking.uri(cfg)
+    tracking.client(uri).set_tag(run_id, RUNTIME_TAG, "local" if local else "ray_train")
     meta = {"spec": plan_.manifest["spec"], "spec_hash": plan_.manifest["spec_hash"],
             "label_names": plan_.manifest["label_names"], "mlflow_run_id": run_id,
             "finetune": {"network": plan_.network.to_dict(), "names": plan_.names, "index": plan_.index,
                          "overlap": ft.sw_overlap, "pretrained_model": plan_.pretrained.uri, "init": ft.init}}
-    trainer = torch_trainer(  # the pretraining launcher's workers, storage, restores and data order
-        cfg, finetune_loop_per_worker, run_name, {"train": _dataset(plan_)}, callbacks,
-        {"experiment": to_dict(cfg), "tracking_uri": tracking.uri(cfg), "run_id": run_id,
-         "network": plan_.network.to_dict(), "index": plan_.index, "meta": meta,
-         "encoder_state": plan_.pretrained.encoder_state if ft.init == "pretrained" else None,
-         "storage_dtype": plan_.manifest["spec"]["storage_dtype"],
-         "print_progress": progress is not None, "log_level": logs.level_name()})
+    loop_config = {**base_loop_config(cfg, "finetune", run_id, uri, meta, progress is not None),
+                   "encoder_state": plan_.pretrained.encoder_state if ft.init == "pretrained" else None}
     if progress is not None:
+        where = "this process (local runtime)" if local else f"{cfg.cluster.num_workers} workers"
         progress(f"fine-tuning {plan_.pretrained.uri} ({plan_.network.encoder}/{plan_.network.size}, init {ft.init}) "
                  f"for {ft.task} of {len(plan_.names)} {'classes' if ft.task == SEGMENTATION else 'labels'} on "
                  f"{plan_.n_train} '{cfg.data.train_split}' volumes (label fraction {ft.label_fraction}), "
-                 f"{ft.max_steps} steps on {cfg.cluster.num_workers} workers; run {run_name}")
-    uri = tracking.uri(cfg)
+                 f"{ft.max_steps} steps on {where}; run {run_name}")
     try:
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"fine-tuning run {run_name} finished without a checkpoint (error: {result.error})")
+        if local:
+            finished = run_local(cfg, run_name, loop_config, local_datasets(cfg, plan_.shard_dir, ft.task), on_report)
+        else:
+            from vlp3d.platform.ray_data import finetuning_datasets
+
+            finished = run_on_ray(cfg, run_name, loop_config, finetuning_datasets(cfg, plan_.shard_dir, ft.task),
+                                  callbacks)
+        if finished.stopped:
+            raise NonFiniteTrainingError(f"run {run_name}: {finished.stopped}")
+        if finished.checkpoint is None:
+            raise RuntimeError(f"fine-tuning run {run_name} finished without a checkpoint (error: {finished.error})")
         folder = Path(cfg.tracking.workdir).resolve() / "finetuned" / run_name
-        with result.checkpoint.as_directory() as local:  # a local copy: evaluated and logged with the model
-            tracking.deliver(uri, run_id, checkpoints.restore_unsent(local))
+        with finished.local_checkpoint() as local_copy:  # evaluated and logged with the model
+            tracking.deliver(uri, run_id, checkpoints.restore_unsent(local_copy))
             folder.mkdir(parents=True, exist_ok=True)
             for name in (checkpoints.MODEL, checkpoints.CONFIG, checkpoints.META):
-                (folder / name).write_bytes((Path(local) / name).read_bytes())
+                (folder / name).write_bytes((Path(local_copy) / name).read_bytes())
         metrics, table = evaluate_finetuned(folder, plan_, progress)
         tracking.log_summary_metrics(uri, run_id, metrics)
         with tempfile.TemporaryDirectory() as tmp:
@@ -495,7 +285,7 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
         tracking.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
         raise
     return FinetuneResult(run_id, run_name, folder, model_uri, plan_.pretrained.uri, metrics, table,
-                          time.time() - started, dict(result.metrics or {}))
+                          time.time() - started, finished.metrics)
 
 
 def _eval_rows(plan_: Plan, split: str, fraction: float = 1.0) -> list[dict]:

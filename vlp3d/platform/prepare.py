@@ -75,7 +75,7 @@ from vlp3d.data.shards import (
     spec_from_config,
 )
 from vlp3d.data.volume import PreprocessSpec
-from vlp3d.engine import text_dim_for
+from vlp3d.objectives.model import text_dim_for
 from vlp3d.platform.runtime import init_ray
 
 FAILED_DIR = "_failed"

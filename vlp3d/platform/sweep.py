@@ -112,7 +112,7 @@ def _check_metric(name: str, key: str) -> None:
 def check_sweep(cfg: ExperimentConfig) -> tuple[SearchSpace, list[ExperimentConfig]]:
     """Everything that would make a trial fail, checked before any starts: the space's keys and
     values, and every configuration it can produce (shards, objective, encoder input, weights)."""
-    from vlp3d.platform.train import preflight
+    from vlp3d.train.tasks.pretrain import preflight
 
     space = parse_space(cfg.tune.space, cfg.tune.variants)
     _check_metric(cfg.tune.metric, "tune.metric")
@@ -234,7 +234,7 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from vlp3d.platform.train import pretrain
+    from vlp3d.platform.pretrain import pretrain
 
     os.environ["MLFLOW_TRACKING_URI"] = sweep["tracking_uri"]
     # one line per trial event comes from the driver; keep the trial's own chatter out of the log

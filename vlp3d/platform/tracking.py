@@ -339,8 +339,8 @@ def model_metadata(cfg: ExperimentConfig, checkpoint_dir: Path, metrics: dict) -
     uri).metadata`): the method and encoder, the logit scale the zero-shot softmax uses, the label
     names of the pretraining shards, and the prompt ensemble evaluation used (templates with `{name}`,
     `{Name}`, `{a}`; vlp3d.evaluation.prompts)."""
-    from vlp3d.checkpoint import read_meta
     from vlp3d.evaluation.prompts import load_prompt_sets
+    from vlp3d.train.checkpoint import read_meta
 
     temperature = metrics.get("temperature")
     sets = load_prompt_sets(cfg.eval.prompts)
