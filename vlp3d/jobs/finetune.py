@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="pretrained model, models:/NAME@ALIAS or models:/NAME/VERSION (sets finetune.model), "
                              "e.g. models:/vlp3d-clip@champion after `vlp3d demo`")
     parser.add_argument("--run-name", help="Ray Train / MLflow run name; re-use one to resume it from its last checkpoint")
+    parser.add_argument("--local", action="store_true",
+                        help="run the training loop in this process without Ray (one rank; the same task, loop and "
+                             "losses as one Ray Train worker): for debugging a step with pdb or a profiler, and for "
+                             "tests. cluster.num_workers and train.max_failures are ignored; checkpoints still go "
+                             "under tracking.storage/<run name>/ and a rerun with --local --run-name resumes")
     return parser
 
 
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from vlp3d.platform.finetune import finetune
 
     cfg = resolve_config(args, [f"finetune.model={args.model}"] if args.model else None)
-    result = finetune(cfg, run_name=args.run_name)
+    result = finetune(cfg, run_name=args.run_name, local=args.local)
     print(summary(result))
     print(f"run {result.run_name} (mlflow {result.run_id}) finished in {result.elapsed_s:.0f} s")
     print(f"fine-tuned model: {result.model_uri} (from {result.pretrained_uri})")

@@ -17,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.epilog = config_keys_epilog()
     add_config_arguments(parser, config_required=False)
     parser.add_argument("--run-name", help="Ray Train / MLflow run name; re-use one to resume it from its last checkpoint")
+    parser.add_argument("--local", action="store_true",
+                        help="run the training loop in this process without Ray (one rank; the same task, loop and "
+                             "losses as one Ray Train worker): for debugging a step with pdb or a profiler, and for "
+                             "tests. cluster.num_workers and train.max_failures are ignored; checkpoints still go "
+                             "under tracking.storage/<run name>/ and a rerun with --local --run-name resumes")
     return parser
 
 
@@ -24,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from vlp3d.platform.pretrain import pretrain
 
     cfg = resolve_config(args)
-    result = pretrain(cfg, run_name=args.run_name)
+    result = pretrain(cfg, run_name=args.run_name, local=args.local)
     print(f"run {result.run_name} (mlflow {result.run_id}) finished in {result.elapsed_s:.0f} s; "
           f"final loss {result.metrics.get('loss', float('nan')):.3f}")
     print(f"checkpoint: {result.checkpoint_dir}")

@@ -18,6 +18,7 @@ from vlp3d.config import ExperimentConfig, from_dict
 from vlp3d.platform.runtime import run_storage
 from vlp3d.train.loop import LoopOptions, run
 from vlp3d.train.runtime import Tracker, gather_objects
+from vlp3d.train.tasks import make_task
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +107,6 @@ def _quiet_train_reports() -> None:
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
-def make_task(loop_config: dict, cfg: ExperimentConfig):
-    """The task a worker runs, from what the driver put in `loop_config`."""
-    if loop_config["task"] == "finetune":
-        from vlp3d.train.tasks.finetune import FinetuneTask
-
-        return FinetuneTask(cfg, loop_config["meta"], loop_config.get("encoder_state"))
-    from vlp3d.train.tasks.pretrain import PretrainTask
-
-    return PretrainTask(cfg, loop_config["meta"], loop_config.get("shuffle_rows", 0))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

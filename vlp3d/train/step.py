@@ -176,7 +176,7 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
     if nonfinite:
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.update()
+            scaler.update()  # lowers the scale (fp16 overflow), steps nothing
         return {"skipped": 1.0, "nonfinite": nonfinite}
     if scaler is not None:
         scaler.step(optimizer)
@@ -188,6 +188,8 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
         after_step()
     metrics = {"loss": float(loss.detach()), "lr": group_lr(optimizer, scheduler, lr_group),
                "grad_norm": float(grad_norm), "skipped": 0.0}
+    if scaler is not None:  # fp16: the loss scale after this step's update (halved after an overflow)
+        metrics["loss_scale"] = float(scaler.get_scale())
     metrics.update({f"loss/{name}": float(value.detach()) for name, value in terms.items()})
     if term_norms is not None:
         metrics["term_norms"] = term_norms

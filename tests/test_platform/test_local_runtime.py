@@ -1,0 +1,111 @@
+"""The training loop without Ray (`LocalRuntime`, `vlp3d pretrain --local`, `vlp3d finetune --local`):
+the same losses as one Ray Train worker, and fine-tuning under every guard of the loop (fp16 grad
+scaling, a non-finite step skipped on the spot, its scheduler not advanced, the run not restarted)."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vlp3d.config import load_config
+
+TOLERANCE = 1e-6
+STEPS = 6
+PRETRAIN = [f"train.max_steps={STEPS}", "train.log_every=1", "train.checkpoint_every=3", "cluster.num_workers=1",
+            "tracking.registered_model=vlp3d-local-runtime"]
+FINETUNE = ["finetune.max_steps=4", "finetune.global_batch=4", 'finetune.classes=["lung", "heart"]',
+            "finetune.model=models:/vlp3d-clip@champion", "train.log_every=1", "train.checkpoint_every=4",
+            "train.max_skipped_steps=2"]
+
+
+def _client(tiny_demo) -> MlflowClient:
+    uri = f"sqlite:///{tiny_demo / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_local_runtime_and_one_ray_train_worker_log_the_same_losses(tiny_demo):
+    from vlp3d.cli import main
+    from vlp3d.platform import tracking
+    from vlp3d.platform.pretrain import pretrain
+
+    config = str(tiny_demo / "config.toml")
+    on_ray = pretrain(load_config(config, PRETRAIN), run_name="one-ray-worker", progress=None)
+    assert main(["pretrain", config, *PRETRAIN, "--local", "--run-name", "local-runtime"]) == 0
+    client = _client(tiny_demo)
+    local = tracking.find_run(load_config(config, PRETRAIN), tracking.RUN_NAME_TAG, "local-runtime")
+    assert local.data.tags["vlp3d.runtime"] == "local"
+    assert client.get_run(on_ray.run_id).data.tags["vlp3d.runtime"] == "ray_train"
+    ray_losses = _history(client, on_ray.run_id, "train/loss")
+    local_losses = _history(client, local.info.run_id, "train/loss")
+    assert sorted(ray_losses) == sorted(local_losses) == list(range(1, STEPS + 1))
+    for step, value in ray_losses.items():
+        assert local_losses[step] == pytest.approx(value, abs=TOLERANCE, rel=TOLERANCE), step
+    # `vlp3d pretrain --local` registers its model as a Ray run does
+    versions = client.search_model_versions("name='vlp3d-local-runtime'")
+    assert {v.run_id for v in versions} == {on_ray.run_id, local.info.run_id}
+
+
+def test_local_pretrain_resumes_by_name_from_its_checkpoint(tiny_demo):
+    from vlp3d.platform.pretrain import pretrain
+
+    cfg = load_config(tiny_demo / "config.toml", [*PRETRAIN, "train.max_steps=3"])
+    first = pretrain(cfg, run_name="local-resume", progress=None, local=True, register=False)
+    longer = load_config(tiny_demo / "config.toml", PRETRAIN)
+    resumed = pretrain(longer, run_name="local-resume", progress=None, local=True, register=False)
+    assert resumed.run_id == first.run_id
+    client = _client(tiny_demo)
+    assert [a.path for a in client.list_artifacts(resumed.run_id) if a.path.startswith("resume-")] == ["resume-3.txt"]
+    assert sorted(_history(client, resumed.run_id, "train/loss")) == list(range(1, STEPS + 1))
+
+
+@pytest.fixture(scope="module")
+def finetune_runs(tiny_demo):
+    """Two local fp16 fine-tuning runs from the same seed: one clean, one whose 2nd batch turns NaN."""
+    from vlp3d.platform.finetune import finetune
+    from vlp3d.train import loop
+    from vlp3d.train.tasks.finetune import FinetuneTask
+
+    cfg = load_config(tiny_demo / "config.toml", [*FINETUNE, "train.precision=fp16"])
+    clean = finetune(cfg, run_name="fp16-clean", progress=None, local=True, register=False)
+    calls = {"n": 0}
+    prepare = FinetuneTask.prepare_batch
+
+    def poison_second(self, batch, generator):
+        batch = prepare(self, batch, generator)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            loop._poison(batch, self.image_keys)
+        return batch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FinetuneTask, "prepare_batch", poison_second)
+        skipped = finetune(cfg, run_name="fp16-nan-step", progress=None, local=True, register=False)
+    return {"clean": clean, "skipped": skipped, "client": _client(tiny_demo)}
+
+
+def test_finetune_fp16_scales_its_loss_and_lowers_the_scale_after_a_non_finite_step(finetune_runs):
+    client = finetune_runs["client"]
+    clean = _history(client, finetune_runs["clean"].run_id, "train/loss_scale")
+    assert clean == {1: 65536.0, 2: 65536.0, 3: 65536.0, 4: 65536.0}  # torch's initial scale, no overflow
+    skipped = _history(client, finetune_runs["skipped"].run_id, "train/loss_scale")
+    assert skipped[1] == 65536.0 and skipped[3] == skipped[4] == 32768.0  # halved by the NaN step's update
+
+
+def test_finetune_skips_a_non_finite_step_without_advancing_its_scheduler_or_restarting(finetune_runs):
+    client = finetune_runs["client"]
+    clean, skipped = finetune_runs["clean"], finetune_runs["skipped"]
+    run = client.get_run(skipped.run_id)
+    assert run.info.status == "FINISHED" and "vlp3d.failure" not in run.data.tags
+    assert not [a for a in client.list_artifacts(skipped.run_id) if a.path.startswith("resume-")]  # not restarted
+    assert _history(client, skipped.run_id, "train/skipped_steps") == {1: 0, 2: 1, 3: 1, 4: 1}
+    assert sorted(_history(client, skipped.run_id, "train/loss")) == [1, 3, 4]  # step 2 had no finite loss
+    clean_lr = _history(client, clean.run_id, "train/lr")
+    skipped_lr = _history(client, skipped.run_id, "train/lr")
+    # the skipped step did not step the schedule: steps 3 and 4 run at the clean run's lr of steps 2 and 3
+    assert skipped_lr[1] == clean_lr[1]
+    assert skipped_lr[3] == pytest.approx(clean_lr[2], rel=1e-9) and skipped_lr[4] == pytest.approx(clean_lr[3], rel=1e-9)
+    assert skipped_lr[3] != pytest.approx(clean_lr[3], rel=1e-6)
+    clean_loss = _history(client, clean.run_id, "train/loss")
+    assert _history(client, skipped.run_id, "train/loss")[1] == pytest.approx(clean_loss[1], abs=TOLERANCE)
