@@ -19,6 +19,15 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and how to fix it."""
 
 
+# `scheme://...`: a URI (vlp3d.storage opens it with pyarrow); anything else is a local path
+URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://...` (a Windows drive letter `C:/` is not a scheme: two letters at least)."""
+    return isinstance(location, str) and bool(URI_SCHEME.match(location))
+
+
 def _f(default: Any, help: str, location: bool = False) -> Any:
     """A dataclass field whose help text serves `config show --help` and the docs. A `location`
     (a path or URI of data, storage or a service) is never logged to MLflow (`logged_params`)."""
@@ -705,8 +714,6 @@ LOCAL_ONLY = {
 
 
 def check_ranges(cfg: ExperimentConfig) -> None:
-    from vlp3d.storage import is_uri
-
     for key, why in LOCAL_ONLY.items():
         if is_uri(get_key(cfg, key)):
             raise ConfigError(f"{key} = {get_key(cfg, key)!r} must be a local folder, not a URI: {why}.")
