@@ -6,7 +6,10 @@ One concern per module; this package re-exports the names the rest of vlp3d impo
 - `fields`      ConfigError, `setting` (a key with its help text), did-you-mean hints, `is_uri`
 - `data`, `model`, `objective`, `train`, `eval`, `finetune`, `tune`, `tracking`, `cluster`:
   one section each (`[objective]`: the keys every method shares)
-- `methods`     the methods' own `[objective.<method>]` tables and published set-ups
+- `methods`     the method registry: each method registers its objective class, its
+  `[objective.<method>]` table and its published set-up from its own module
+  (`@register_method`); the built-in ones are discovered on first use, so importing this
+  package imports neither torch nor vlp3d.objectives
 - `experiment`  ExperimentConfig and SECTIONS, `to_dict`, `config_hash`
 - `schema`      walking the sections, the annotation of a dotted key, coercion, unknown-key messages,
   `describe()`
@@ -41,9 +44,10 @@ from vlp3d.config.methods import (
     METHOD_SECTIONS,
     MOVED_OBJECTIVE_KEYS,
     OBJECTIVES,
-    MG3DConfig,
-    T3DConfig,
-    UniMedIConfig,
+    Method,
+    register_method,
+    registered_methods,
+    unregister_method,
 )
 from vlp3d.config.model import ModelConfig
 from vlp3d.config.objective import ObjectiveConfig
@@ -71,11 +75,12 @@ from vlp3d.config.tune import TuneConfig
 __all__ = [
     "LOCAL_ONLY", "LOGGED_SECTIONS", "METHOD_DEFAULTS", "METHOD_SECTIONS", "MOVED_OBJECTIVE_KEYS", "OBJECTIVES",
     "RANGES", "SECTIONS", "URI_SCHEME", "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig",
-    "ExperimentConfig", "FinetuneConfig", "MG3DConfig", "ModelConfig", "ObjectiveConfig", "T3DConfig",
-    "TrackingConfig", "TrainConfig", "TuneConfig", "UniMedIConfig", "check_ranges", "check_value_range",
+    "ExperimentConfig", "FinetuneConfig", "Method", "ModelConfig", "ObjectiveConfig", "TrackingConfig",
+    "TrainConfig", "TuneConfig", "check_ranges", "check_value_range",
     "chosen_method", "coerce_value", "config_hash", "describe", "did_you_mean", "flatten", "from_dict",
     "get_key", "is_uri", "key_annotation", "leaf_fields", "load_config", "load_config_with_sources",
     "load_stored_config", "logged_params", "method_defaults_applied", "migrate_stored", "moved_key_message",
-    "parse_override", "public_config", "read_toml", "redact_userinfo", "replace", "setting", "sub_tables",
+    "parse_override", "public_config", "read_toml", "redact_userinfo", "register_method", "registered_methods",
+    "replace", "setting", "sub_tables", "unregister_method",
     "to_dict", "to_toml", "with_method_defaults",
 ]

@@ -14,7 +14,13 @@ from typing import Any
 from vlp3d.config.checks import check_ranges
 from vlp3d.config.experiment import SECTIONS, ExperimentConfig, to_dict
 from vlp3d.config.fields import ConfigError, did_you_mean
-from vlp3d.config.methods import METHOD_DEFAULTS, METHOD_SECTIONS, MOVED_OBJECTIVE_KEYS
+from vlp3d.config.methods import (
+    check_method_name,
+    method_defaults,
+    method_sections,
+    moved_objective_keys,
+)
+from vlp3d.config.objective import ObjectiveConfig
 from vlp3d.config.schema import (
     assign_raw,
     coerce_value,
@@ -85,16 +91,17 @@ def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConf
     for section, values in sections.items():
         raw[section] = _merge(SECTIONS[section], raw[section], values)
     old, new = cfg.objective.name, raw["objective"]["name"]
-    if new != old and new in METHOD_DEFAULTS:
+    defaults = method_defaults()
+    if new != old and new in defaults:
         given = {f"{section}.{key}" for section, values in sections.items() for key in _dotted(values)}
         plain = to_dict(ExperimentConfig())
-        for key in set(METHOD_DEFAULTS.get(old, {})) | set(METHOD_DEFAULTS[new]):
+        for key in set(defaults.get(old, {})) | set(defaults[new]):
             if key in given:
                 continue
             before = find_raw(plain, key)[1]
-            before = METHOD_DEFAULTS.get(old, {}).get(key, before)
+            before = defaults.get(old, {}).get(key, before)
             if json.dumps(find_raw(raw, key)[1]) == json.dumps(list(before) if isinstance(before, tuple) else before):
-                after = METHOD_DEFAULTS[new].get(key, find_raw(plain, key)[1])
+                after = defaults[new].get(key, find_raw(plain, key)[1])
                 assign_raw(raw, key, list(after) if isinstance(after, tuple) else after)
     return from_dict(raw)
 
@@ -102,7 +109,7 @@ def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConf
 def _dotted(values: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for key, value in values.items():
-        if isinstance(value, dict) and key in METHOD_SECTIONS and not prefix:
+        if isinstance(value, dict) and key in method_sections() and not prefix:
             out += _dotted(value, f"{key}.")
         else:
             out.append(f"{prefix}{key}")
@@ -118,18 +125,19 @@ def migrate_stored(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(objective, dict):
         return raw
     method = objective.get("name")
+    moved = moved_objective_keys()
 
     def new_key(key: Any) -> Any:
         section, _, name = str(key).partition(".")
-        if section != "objective" or name not in MOVED_OBJECTIVE_KEYS:
+        if section != "objective" or name not in moved:
             return key
-        homes = MOVED_OBJECTIVE_KEYS[name]
+        homes = moved[name]
         return f"objective.{method if method in homes else homes[0]}.{name}"
 
     objective = {k: dict(v) if isinstance(v, dict) else v for k, v in objective.items()}
-    for name in [k for k in objective if k in MOVED_OBJECTIVE_KEYS]:
+    for name in [k for k in objective if k in moved]:
         value = objective.pop(name)
-        for home in MOVED_OBJECTIVE_KEYS[name]:
+        for home in moved[name]:
             table = objective.setdefault(home, {})
             if isinstance(table, dict):
                 table.setdefault(name, value)
@@ -160,13 +168,15 @@ def load_stored_config(path: str | Path) -> ExperimentConfig:
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
     tables = sub_tables(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(unknown_key_message(cls, key, where))
-        if key in tables:
+        if cls is ObjectiveConfig and key == "name":  # a registered method, or the closest one
+            kwargs[key] = check_method_name(value, f"{where}{key}")
+        elif key in tables:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key}: expected a table ([{where}{key}] in a config file, or "
                                   f"{where}{key}.KEY=VALUE overrides), got {value!r}.")
@@ -192,7 +202,7 @@ def _merge(cls: type, base: dict[str, Any], updates: dict[str, Any]) -> dict[str
 def chosen_method(raw: dict[str, Any]) -> str | None:
     """The method a raw (parsed TOML + overrides) config names, if it is one with defaults."""
     present, name = find_raw(raw, "objective.name")
-    return name if present and isinstance(name, str) and name in METHOD_DEFAULTS else None
+    return name if present and isinstance(name, str) and name in method_defaults() else None
 
 
 def method_defaults_applied(raw: dict[str, Any]) -> dict[str, str]:
@@ -201,7 +211,7 @@ def method_defaults_applied(raw: dict[str, Any]) -> dict[str, str]:
     method = chosen_method(raw)
     if method is None:
         return {}
-    return {key: method for key in METHOD_DEFAULTS[method] if not find_raw(raw, key)[0]}
+    return {key: method for key in method_defaults()[method] if not find_raw(raw, key)[0]}
 
 
 def with_method_defaults(raw: dict[str, Any]) -> dict[str, Any]:
@@ -210,15 +220,16 @@ def with_method_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     if not applied:
         return raw
     out = json.loads(json.dumps(raw))
+    defaults = method_defaults()
     for key, method in applied.items():
-        value = METHOD_DEFAULTS[method][key]
+        value = defaults[method][key]
         assign_raw(out, key, list(value) if isinstance(value, tuple) else value)
     return out
 
 
 def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build and validate a config from nested dicts; the chosen method's defaults fill the keys
-    `raw` does not set (`METHOD_DEFAULTS`)."""
+    `raw` does not set (the `defaults` it registered with, vlp3d.config.methods)."""
     raw = with_method_defaults(raw)
     top = [f.name for f in dataclasses.fields(ExperimentConfig)]
     kwargs: dict[str, Any] = {}

@@ -1,115 +1,241 @@
-"""The pretraining methods' own config: each method's `[objective.<method>]` table and its
-published set-up (`METHOD_DEFAULTS`)."""
+"""The method registry: each pretraining method declares, in one place in its own module, its
+objective class, its `[objective.<name>]` table and its published set-up:
+
+    @dataclass(frozen=True)
+    class MG3DConfig:
+        mim_weight: float = setting(1.0, "MG-3D `mim`: text-guided masked image reconstruction.")
+
+    @register_method(section=MG3DConfig, defaults={"model.image_encoder": "swin3d", "train.lr": 1e-5})
+    class MG3DObjective(Objective):
+        name = "mg3d"                  # objective.name
+        terms = ("align", "mim")       # weights: objective.align_weight, objective.mg3d.mim_weight
+
+Registering a method makes `objective.name = "<name>"` valid (the error for another name lists
+the registered ones), adds the field `<name>` to ObjectiveConfig (`cfg.objective.mg3d.mim_weight`,
+`[objective.mg3d]` in TOML, `objective.mg3d.mim_weight=0` overrides, `describe()`, `to_toml`,
+`flatten`, ...), and applies `defaults` whenever a config chooses the method. `defaults` are dotted
+keys, each checked against the schema when the method registers: the method's published set-up
+(docs/methods.md), applied - in a file, by an override or by `replace` - to every key the user
+did not set; explicit keys win (the CPU demo configs set a tiny encoder and coarse data). Budget
+keys (max_steps, warmup_steps, batch), precision and the cluster stay the user's: they depend on
+the hardware, not on the method.
+
+Lazy discovery: this is the one deliberate reach from the config, the bottom layer, up to the
+methods; the registry works as a plugin registry. Importing vlp3d.config imports neither torch nor
+vlp3d.objectives. The first time anything needs the registry - building a config
+(`ExperimentConfig()`, `from_dict`, `load_config`, `replace`), walking the schema (`describe()`,
+`to_toml`, `key_annotation`, `leaf_fields`), reading the views below - `discover()` imports the
+package vlp3d.objectives, whose `__init__` imports every module of the package (pkgutil, no
+hand-kept list), and each module registers its method as its class is defined: the built-in
+methods register in module-name order (clip, mg3d, t3d, unimedi). A method defined elsewhere (a
+plugin, a test) registers when its module is imported, after the built-in ones; a process that
+unpickles a config holding its table imports that module on the way.
+
+The views OBJECTIVES (names), METHOD_SECTIONS, METHOD_DEFAULTS and MOVED_OBJECTIVE_KEYS (and
+vlp3d.objectives.REGISTRY, name -> class) are read from the registry on every access.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TypeVar
 
-from vlp3d.config.fields import _f
+from vlp3d.config.fields import ConfigError
+from vlp3d.config.objective import general_keys, rebuild
 
-OBJECTIVES = ("clip", "mg3d", "t3d", "unimedi")
-
-
-@dataclass(frozen=True)
-class MG3DConfig:
-    """MG-3D's own settings, read when `objective.name = "mg3d"`: term weights, masking, fusion, heads."""
-
-    mim_weight: float = _f(1.0, "MG-3D `mim`: text-guided masked image reconstruction (MSE on masked voxels).")
-    mlm_weight: float = _f(1.0, "MG-3D `mlm`: image-guided masked language modelling (CE on masked tokens).")
-    sentence_consistency_weight: float = _f(0.1, "MG-3D `sentence_consistency`: fused masked report stays close (cosine) to the unmasked one.")
-    disentangled_weight: float = _f(0.1, "MG-3D `disentangled`: InfoNCE between the volume and its sigmoid-gated sentence aggregate.")
-    sentence_match_weight: float = _f(0.1, "MG-3D `sentence_match`: L1 between image-feature and report similarity of patient pairs.")
-    mim_mask_ratio: float = _f(0.5, "MG-3D: share of image patch tokens masked for `mim`.")
-    mlm_mask_prob: float = _f(0.15, "MG-3D: share of words masked (whole-word) for `mlm`.")
-    fusion_layers: int = _f(2, "MG-3D: bidirectional cross-attention layers of the fusion module.")
-    fusion_dim: int = _f(256, "MG-3D: width of the fusion module.")
-    decoder_dim: int = _f(128, "MG-3D `mim`: channels of the first conv-decoder stage (halved each upsampling).")
-    disentangled_layers: int = _f(2, "MG-3D: layers of sigmoid-gated sentence aggregation.")
-    match_thresholds: tuple[float, float] = _f((0.6, 0.9), "MG-3D `sentence_match`: report similarity <= low is target 0, >= high is 1, between ignored.")
-    match_dim: int = _f(128, "MG-3D `sentence_match`: dimension of the image features compared across patients.")
+T = TypeVar("T", bound=type)
 
 
 @dataclass(frozen=True)
-class T3DConfig:
-    """T3D's own settings, read when `objective.name = "t3d"`: term weights, crops, corruption, heads."""
+class Method:
+    """One registered method."""
 
-    text_contrast_weight: float = _f(1.0, "T3D `text_contrast`: InfoNCE between each crop and its report.")
-    crop_contrast_weight: float = _f(1.0, "T3D `crop_contrast`: InfoNCE between crops of the same volume (positives).")
-    restore_weight: float = _f(1.0, "T3D `restore`: L1 of the report-conditioned restoration of a corrupted crop.")
-    crop_shape: tuple[int, int, int] = _f((96, 96, 96), "T3D: sub-volume crop size in voxels of the high-resolution volume.")
-    num_crops: int = _f(2, "T3D: crops per volume per step (>= 2 for `crop_contrast`).")
-    crop_temperature: float = _f(0.1, "T3D: fixed temperature of `crop_contrast` (ours).")
-    crop_dim: int = _f(128, "T3D: projection dimension of `crop_contrast`.")
-    decoder_dim: int = _f(128, "T3D `restore`: channels of the first conv-decoder stage (halved each upsampling).")
-    corrupt_patch: int = _f(8, "T3D `restore`: side of the local patches that are masked or shuffled (voxels, ours).")
-    corrupt_mask_ratio: float = _f(0.25, "T3D `restore`: share of local patches blanked (ours).")
-    corrupt_shuffle_ratio: float = _f(0.25, "T3D `restore`: share of local patches whose voxels are shuffled (ours).")
-    corrupt_noise_std: float = _f(0.05, "T3D `restore`: std of the Gaussian noise added to the crop (ours).")
+    name: str  # objective.name
+    objective: type  # its objective class (a vlp3d.objectives.base.Objective)
+    section: type | None  # the frozen dataclass of `[objective.<name>]`; None: no keys of its own
+    defaults: Mapping[str, Any]  # dotted key -> value, applied when a config chooses the method
 
 
-@dataclass(frozen=True)
-class UniMedIConfig:
-    """UniMedI's own settings, read when `objective.name = "unimedi"`: term weights, EMA teacher, DINO/iBOT."""
-
-    vl_contrast_weight: float = _f(1.0, "UniMedI `vl_contrast`: InfoNCE of image [CLS] and report for 3D, pseudo-2D and 2D.")
-    distill_cls_weight: float = _f(1.0, "UniMedI `distill_cls`: DINO self-distillation on [CLS].")
-    distill_patch_weight: float = _f(1.0, "UniMedI `distill_patch`: iBOT self-distillation on masked patch tokens.")
-    ema_momentum: tuple[float, float] = _f((0.996, 1.0), "UniMedI: EMA teacher momentum, cosine schedule from first to second value.")
-    top_k_slices: int = _f(4, "UniMedI: slices kept by attentive slice selection (ours: 4), tiled into one pseudo-2D image.")
-    student_mask_ratio: float = _f(0.5, "UniMedI: share of patch tokens the student does not see.")
-    dino_dim: int = _f(1024, "UniMedI: prototypes of the DINO/iBOT head (paper-scale: 8192+).")
-    teacher_temperature: float = _f(0.04, "UniMedI: teacher sharpening temperature.")
-    student_temperature: float = _f(0.1, "UniMedI: student temperature.")
-    center_momentum: float = _f(0.9, "UniMedI: momentum of the teacher-output centre.")
-
-# `objective.<method>` sub-tables: each method's own settings
-METHOD_SECTIONS: dict[str, type] = {"mg3d": MG3DConfig, "t3d": T3DConfig, "unimedi": UniMedIConfig}
+_METHODS: dict[str, Method] = {}
 
 
-def _moved_keys() -> dict[str, tuple[str, ...]]:
+def discover() -> None:
+    """Register the built-in methods: import vlp3d.objectives (its `__init__` imports every module
+    of the package). A no-op once imported; a second thread waits for the first one's import, and
+    a call made while this thread imports the package returns at once (what has registered so far)."""
+    importlib.import_module("vlp3d.objectives")
+
+
+def registered_methods() -> Mapping[str, Method]:
+    """{name: Method} of every registered method, in registration order (built-in ones first)."""
+    discover()
+    return MappingProxyType(_METHODS)
+
+
+def register_method(section: type | None = None, defaults: Mapping[str, Any] | None = None
+                    ) -> Callable[[T], T]:
+    """Class decorator: register an objective class (its `name` attribute is `objective.name`) with
+    its config table `section` (a frozen dataclass of `setting(default, help)` fields, read as
+    `cfg.objective.<name>`) and its published set-up `defaults` ({dotted key: value}).
+
+    Registering a name again replaces the method when it is the same class (a module imported
+    twice); another class under a registered name is an error. `unregister_method` removes it."""
+
+    def wrap(objective: T) -> T:
+        name = getattr(objective, "name", None)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise TypeError(f"{objective.__qualname__}.name must be the method's name (an identifier), got {name!r}")
+        _check_section(name, section)
+        old = _METHODS.get(name)
+        if old is not None and _where(old.objective) != _where(objective):
+            raise ValueError(f"method {name!r} is already registered by {_where(old.objective)}; "
+                             f"{_where(objective)} needs another name")
+        method = Method(name, objective, section, MappingProxyType(dict(defaults or {})))
+        _METHODS[name] = method
+        _rebuild()
+        try:
+            _check_defaults(method)
+        except BaseException:  # leave the registry as it was
+            if old is None:
+                del _METHODS[name]
+            else:
+                _METHODS[name] = old
+            _rebuild()
+            raise
+        return objective
+
+    return wrap
+
+
+def unregister_method(name: str) -> None:
+    """Remove the method `name` (and its `[objective.<name>]` table); a KeyError if it is not
+    registered. For tests that register a method of their own."""
+    del _METHODS[name]
+    _rebuild()
+
+
+def check_method_name(value: Any, where: str = "objective.name") -> str:
+    """`value` if it names a registered method; otherwise a ConfigError naming the key, the
+    registered methods and the closest one."""
+    names = list(registered_methods())
+    if value in names:
+        return value
+    close = difflib.get_close_matches(value, names, n=1, cutoff=0.5) if isinstance(value, str) else []
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, names))} (the registered "
+                      f"methods).{hint}")
+
+
+def method_sections() -> dict[str, type]:
+    """{method: the dataclass of its `[objective.<method>]` table}, for the methods that have one."""
+    return {name: m.section for name, m in registered_methods().items() if m.section is not None}
+
+
+def method_defaults() -> dict[str, Mapping[str, Any]]:
+    """{method: its defaults ({dotted key: value})}, every registered method (clip: none)."""
+    return {name: m.defaults for name, m in registered_methods().items()}
+
+
+def objective_classes() -> dict[str, type]:
+    """{method: its objective class}."""
+    return {name: m.objective for name, m in registered_methods().items()}
+
+
+def moved_objective_keys() -> dict[str, tuple[str, ...]]:
+    """{key: the methods whose tables hold it} of every key of a method's table: keys that were
+    flat `objective.<key>` before the tables (decoder_dim: mg3d and t3d)."""
     moved: dict[str, tuple[str, ...]] = {}
-    for method, cls in METHOD_SECTIONS.items():
+    for method, cls in method_sections().items():
         for f in dataclasses.fields(cls):
             moved[f.name] = (*moved.get(f.name, ()), method)
     return moved
 
 
-# keys that were flat `objective.<key>` before the sub-tables -> the methods whose tables hold them now
-# (decoder_dim: mg3d and t3d)
-MOVED_OBJECTIVE_KEYS: dict[str, tuple[str, ...]] = _moved_keys()
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
-# Each method's published set-up (docs/methods.md), as dotted config keys. Applied whenever a
-# method is chosen - in a file, by an override or by `replace` - to every key the user did not set;
-# explicit keys win (the CPU demo configs set a tiny encoder and coarse data). Budget keys
-# (max_steps, warmup_steps, batch), precision and the cluster stay the user's: they depend on the
-# hardware, not on the method.
-_FINDINGS_AND_IMPRESSIONS = ("Findings_EN", "Impressions_EN")
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "clip": {},
-    "mg3d": {
-        # Swin-B on 0.75 x 0.75 x 1.5 mm, 128 x 128 x 96 crops of the body; AdamW 1e-5 (heads 5x), wd 1e-8
-        "model.image_encoder": "swin3d", "model.size": "base",
-        "data.shape": (128, 128, 96), "data.spacing_mm": (0.75, 0.75, 1.5), "data.foreground_crop": True,
-        "data.report_sections": _FINDINGS_AND_IMPRESSIONS,
-        "objective.align_weight": 0.1, "objective.temperature": 0.1, "objective.learnable_temperature": False,
-        "objective.head_lr_mult": 5.0, "train.lr": 1e-5, "train.weight_decay": 1e-8,
-    },
-    "t3d": {
-        # the same Swin-B, on 1 mm isotropic high-resolution volumes cropped into 96^3 sub-volumes
-        "model.image_encoder": "swin3d", "model.size": "base",
-        "data.storage": "highres", "data.spacing_mm": (1.0, 1.0, 1.0), "data.shape": (96, 96, 96),
-        "data.foreground_crop": True, "data.report_sections": _FINDINGS_AND_IMPRESSIONS,
-        "objective.temperature": 0.07, "objective.learnable_temperature": True,
-        "train.lr": 1e-4, "train.weight_decay": 0.05,
-    },
-    "unimedi": {
-        # one ViT-B for 2D (224^2 radiographs) and 3D; 128 x 128 x 96 volumes
-        "model.image_encoder": "unimedi_vit", "model.size": "base",
-        "data.shape": (128, 128, 96), "data.spacing_mm": (0.75, 0.75, 1.5), "data.shape_2d": (224, 224),
-        "data.report_sections": _FINDINGS_AND_IMPRESSIONS,
-        "objective.temperature": 0.07, "objective.learnable_temperature": True,
-        "train.lr": 1e-4, "train.weight_decay": 0.05,
-    },
-}
+
+def _rebuild() -> None:
+    rebuild(tuple(_METHODS), {name: m.section for name, m in _METHODS.items() if m.section is not None})
+
+
+def _check_section(name: str, section: type | None) -> None:
+    """A method's table: a frozen dataclass whose keys have help texts and do not shadow the
+    shared `[objective]` keys (a flat `objective.<key>` of a table is read as a moved key)."""
+    if name in general_keys():
+        raise ValueError(f"method name {name!r} is a key of [objective]; choose another name")
+    if section is None:
+        return
+    params = getattr(section, "__dataclass_params__", None)
+    if not dataclasses.is_dataclass(section) or not isinstance(section, type) or not params.frozen:
+        raise TypeError(f"method {name!r}: section must be a frozen dataclass (@dataclass(frozen=True)), "
+                        f"got {section!r}")
+    for f in dataclasses.fields(section):
+        if not f.metadata.get("help"):
+            raise TypeError(f"method {name!r}: {section.__qualname__}.{f.name} has no help text; declare it "
+                            "with vlp3d.config.setting(default, help)")
+        if f.name in general_keys():
+            raise ValueError(f"method {name!r}: {section.__qualname__}.{f.name} shadows objective.{f.name}, "
+                             "a key every method shares; give it another name")
+
+
+def _check_defaults(method: Method) -> None:
+    """Each default names a key and holds a value of its type (a ConfigError naming both)."""
+    # the schema sits above the registry: imported here, when a method registers
+    from vlp3d.config.schema import coerce_value, key_annotation
+
+    for key, value in method.defaults.items():
+        try:
+            if key == "objective.name":
+                raise ConfigError("a method's defaults cannot choose the method")
+            coerce_value(value, key_annotation(key), key)
+        except ConfigError as err:
+            raise ConfigError(f"method {method.name!r}: defaults: {err}") from None
+
+
+class RegistryView(Mapping):
+    """A read-only mapping computed from the registry on every access."""
+
+    def __init__(self, compute: Callable[[], Mapping]):
+        self._compute = compute
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._compute()[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._compute())
+
+    def __len__(self) -> int:
+        return len(self._compute())
+
+    def __repr__(self) -> str:
+        return repr(dict(self._compute()))
+
+
+class _Names(Sequence):
+    """The registered methods' names, read from the registry on every access (a tuple-like view)."""
+
+    def __getitem__(self, index: Any) -> Any:
+        return tuple(registered_methods())[index]
+
+    def __len__(self) -> int:
+        return len(registered_methods())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and not isinstance(other, str) and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+OBJECTIVES: Sequence[str] = _Names()
+METHOD_SECTIONS: Mapping[str, type] = RegistryView(method_sections)
+METHOD_DEFAULTS: Mapping[str, Mapping[str, Any]] = RegistryView(method_defaults)
+MOVED_OBJECTIVE_KEYS: Mapping[str, tuple[str, ...]] = RegistryView(moved_objective_keys)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from vlp3d.config.experiment import SECTIONS
 from vlp3d.config.fields import ConfigError, did_you_mean
-from vlp3d.config.methods import METHOD_SECTIONS, MOVED_OBJECTIVE_KEYS
+from vlp3d.config.methods import discover, method_sections, moved_objective_keys
 
 
 def coerce_value(value: Any, annotation: Any, where: str) -> Any:
@@ -50,7 +50,9 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
 
 def sub_tables(cls: type) -> dict[str, type]:
     """{name: dataclass} of the fields of `cls` that are sub-tables (ExperimentConfig: its sections;
-    ObjectiveConfig: the methods' `objective.<method>` tables)."""
+    ObjectiveConfig: the methods' `objective.<method>` tables, so the built-in methods are
+    discovered first)."""
+    discover()
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
@@ -94,9 +96,10 @@ def moved_key_message(key: str) -> str | None:
     """The error for a flat `objective.<key>` that moved into a method's sub-table (naming the new
     key or keys); None for any other key."""
     section, _, name = key.partition(".")
-    if section != "objective" or name not in MOVED_OBJECTIVE_KEYS:
+    moved = moved_objective_keys() if section == "objective" else {}
+    if name not in moved:
         return None
-    methods = MOVED_OBJECTIVE_KEYS[name]
+    methods = moved[name]
     if len(methods) == 1:
         return (f"objective.{name} moved to objective.{methods[0]}.{name} "
                 f"(a [objective.{methods[0]}] table in a config file).")
@@ -111,8 +114,9 @@ def unknown_key_message(cls: type, key: str, where: str) -> str:
     moved = moved_key_message(full)
     if moved:
         return moved
-    if cls in METHOD_SECTIONS.values() and key in MOVED_OBJECTIVE_KEYS:
-        homes = " and ".join(f"objective.{m}.{key}" for m in MOVED_OBJECTIVE_KEYS[key])
+    moved_keys = moved_objective_keys()
+    if cls in method_sections().values() and key in moved_keys:
+        homes = " and ".join(f"objective.{m}.{key}" for m in moved_keys[key])
         return f"unknown key '{full}': {key} is a setting of another method ({homes})."
     names = [f.name for f in dataclasses.fields(cls)]
     candidates = {name: name for name in names}
