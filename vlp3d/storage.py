@@ -12,21 +12,14 @@ being plain `Path`s everywhere, so nothing changes for them.
 from __future__ import annotations
 
 import contextlib
-import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from vlp3d.config import ConfigError
-
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
-
-
-def is_uri(location: str | Path) -> bool:
-    """True for `scheme://...` (a Windows drive letter `C:/` is not a scheme: two letters at least)."""
-    return isinstance(location, str) and bool(_SCHEME.match(location))
+# `is_uri` lives with the config, the bottom layer (it checks keys for URIs too); storage uses and re-exports it
+from vlp3d.config import URI_SCHEME, ConfigError, is_uri
 
 
 def filesystem(location: str | Path, key: str = "") -> tuple[pafs.FileSystem, str]:
@@ -49,7 +42,7 @@ def filesystem(location: str | Path, key: str = "") -> tuple[pafs.FileSystem, st
 def uri_of(location: str, fs_path: str) -> str:
     """`fs_path` (a path on the filesystem of URI `location`, as Ray returns them) as a URI of
     the same scheme: s3://bucket/prefix + bucket/prefix/run/checkpoint -> s3://bucket/prefix/run/checkpoint."""
-    scheme = _SCHEME.match(location).group(1)
+    scheme = URI_SCHEME.match(location).group(1)
     return f"{scheme}://{fs_path}" if scheme != "file" else Path(fs_path).as_uri()
 
 

@@ -1,26 +1,40 @@
 """Pretraining objectives; each returns a dict of named, unweighted loss terms and declares its
-contract (`vlp3d.objectives.base.Objective`). `REGISTRY` is the one map from `objective.name` to
-its class (imported on first use: MG-3D pulls in the text encoder)."""
+contract (`vlp3d.objectives.base.Objective`).
+
+Each method's module registers its objective class, its `[objective.<name>]` config table and
+its published set-up in one place, `@register_method(section=..., defaults=...)` on the class
+(vlp3d.config.methods). Importing this package imports every module in it, so every built-in
+method is registered without a hand-kept list; the config imports this package the first time it
+needs the registry. `objective_class(name)` is the one map from `objective.name` to its class;
+`REGISTRY` is a read-only view {name: class} of the registered methods.
+"""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
+
+from vlp3d.config.methods import RegistryView, objective_classes, registered_methods
 
 if TYPE_CHECKING:
     from vlp3d.objectives.base import Objective
 
-REGISTRY: dict[str, str] = {
-    "clip": "vlp3d.objectives.clip:ClipObjective",
-    "mg3d": "vlp3d.objectives.mg3d:MG3DObjective",
-    "t3d": "vlp3d.objectives.t3d:T3DObjective",
-    "unimedi": "vlp3d.objectives.unimedi:UniMedIObjective",
-}
+
+def _import_modules() -> None:
+    """Import every module of this package, in name order (each method's module registers it)."""
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_import_modules()
+REGISTRY: Mapping[str, type[Objective]] = RegistryView(objective_classes)
 
 
 def objective_class(name: str) -> type[Objective]:
     """The objective class registered as `name`."""
-    if name not in REGISTRY:
-        raise KeyError(f"objective.name = {name!r} is not one of {', '.join(REGISTRY)}")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    methods = registered_methods()
+    if name not in methods:
+        raise KeyError(f"objective.name = {name!r} is not one of {', '.join(methods)}")
+    return methods[name].objective

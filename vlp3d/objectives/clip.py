@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlp3d.config import ExperimentConfig
+from vlp3d.config import ExperimentConfig, register_method
 from vlp3d.objectives.base import Objective
 from vlp3d.objectives.distributed import all_gather, world
 
@@ -43,6 +43,7 @@ class ClipLoss(nn.Module):
         return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
 
 
+@register_method()  # no table of its own, no defaults: the plain config is CLIP's set-up
 class ClipObjective(Objective):
     """Objective `clip`: one term, `align`, the global-batch InfoNCE between volume and report."""
 

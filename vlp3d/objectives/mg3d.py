@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlp3d.config import ExperimentConfig
+from vlp3d.config import ExperimentConfig, register_method, setting
 from vlp3d.encoders.registry import recompute
 from vlp3d.encoders.text import TextEncoder, mean_pool
 from vlp3d.objectives.base import Objective
@@ -56,6 +57,25 @@ from vlp3d.objectives.heads import (
 
 DISENTANGLED_TEMPERATURE = 0.1  # ours: MG-3D's align temperature
 TERMS = ("align", "mim", "mlm", "sentence_consistency", "disentangled", "sentence_match")
+
+
+@dataclass(frozen=True)
+class MG3DConfig:
+    """MG-3D's own settings, read when `objective.name = "mg3d"`: term weights, masking, fusion, heads."""
+
+    mim_weight: float = setting(1.0, "MG-3D `mim`: text-guided masked image reconstruction (MSE on masked voxels).")
+    mlm_weight: float = setting(1.0, "MG-3D `mlm`: image-guided masked language modelling (CE on masked tokens).")
+    sentence_consistency_weight: float = setting(0.1, "MG-3D `sentence_consistency`: fused masked report stays close (cosine) to the unmasked one.")
+    disentangled_weight: float = setting(0.1, "MG-3D `disentangled`: InfoNCE between the volume and its sigmoid-gated sentence aggregate.")
+    sentence_match_weight: float = setting(0.1, "MG-3D `sentence_match`: L1 between image-feature and report similarity of patient pairs.")
+    mim_mask_ratio: float = setting(0.5, "MG-3D: share of image patch tokens masked for `mim`.")
+    mlm_mask_prob: float = setting(0.15, "MG-3D: share of words masked (whole-word) for `mlm`.")
+    fusion_layers: int = setting(2, "MG-3D: bidirectional cross-attention layers of the fusion module.")
+    fusion_dim: int = setting(256, "MG-3D: width of the fusion module.")
+    decoder_dim: int = setting(128, "MG-3D `mim`: channels of the first conv-decoder stage (halved each upsampling).")
+    disentangled_layers: int = setting(2, "MG-3D: layers of sigmoid-gated sentence aggregation.")
+    match_thresholds: tuple[float, float] = setting((0.6, 0.9), "MG-3D `sentence_match`: report similarity <= low is target 0, >= high is 1, between ignored.")
+    match_dim: int = setting(128, "MG-3D `sentence_match`: dimension of the image features compared across patients.")
 
 
 def whole_word_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, is_subword: torch.Tensor,
@@ -113,6 +133,14 @@ def masked_token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return global_mean(F.cross_entropy(logits.float(), targets.long(), reduction="sum"), targets.numel())
 
 
+@register_method(section=MG3DConfig, defaults={
+    # Swin-B on 0.75 x 0.75 x 1.5 mm, 128 x 128 x 96 crops of the body; AdamW 1e-5 (heads 5x), wd 1e-8
+    "model.image_encoder": "swin3d", "model.size": "base",
+    "data.shape": (128, 128, 96), "data.spacing_mm": (0.75, 0.75, 1.5), "data.foreground_crop": True,
+    "data.report_sections": ("Findings_EN", "Impressions_EN"),
+    "objective.align_weight": 0.1, "objective.temperature": 0.1, "objective.learnable_temperature": False,
+    "objective.head_lr_mult": 5.0, "train.lr": 1e-5, "train.weight_decay": 1e-8,
+})
 class MG3DObjective(Objective):
     name = "mg3d"
     terms = TERMS

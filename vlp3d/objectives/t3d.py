@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlp3d.config import ExperimentConfig
+from vlp3d.config import ExperimentConfig, register_method, setting
 from vlp3d.objectives.base import Objective
 from vlp3d.objectives.clip import ClipLoss
 from vlp3d.objectives.heads import ConvDecoder, probe_encoder
 
 TERMS = ("text_contrast", "crop_contrast", "restore")
+
+
+@dataclass(frozen=True)
+class T3DConfig:
+    """T3D's own settings, read when `objective.name = "t3d"`: term weights, crops, corruption, heads."""
+
+    text_contrast_weight: float = setting(1.0, "T3D `text_contrast`: InfoNCE between each crop and its report.")
+    crop_contrast_weight: float = setting(1.0, "T3D `crop_contrast`: InfoNCE between crops of the same volume (positives).")
+    restore_weight: float = setting(1.0, "T3D `restore`: L1 of the report-conditioned restoration of a corrupted crop.")
+    crop_shape: tuple[int, int, int] = setting((96, 96, 96), "T3D: sub-volume crop size in voxels of the high-resolution volume.")
+    num_crops: int = setting(2, "T3D: crops per volume per step (>= 2 for `crop_contrast`).")
+    crop_temperature: float = setting(0.1, "T3D: fixed temperature of `crop_contrast` (ours).")
+    crop_dim: int = setting(128, "T3D: projection dimension of `crop_contrast`.")
+    decoder_dim: int = setting(128, "T3D `restore`: channels of the first conv-decoder stage (halved each upsampling).")
+    corrupt_patch: int = setting(8, "T3D `restore`: side of the local patches that are masked or shuffled (voxels, ours).")
+    corrupt_mask_ratio: float = setting(0.25, "T3D `restore`: share of local patches blanked (ours).")
+    corrupt_shuffle_ratio: float = setting(0.25, "T3D `restore`: share of local patches whose voxels are shuffled (ours).")
+    corrupt_noise_std: float = setting(0.05, "T3D `restore`: std of the Gaussian noise added to the crop (ours).")
 
 
 def corrupt(crop: torch.Tensor, patch: int, mask_ratio: float, shuffle_ratio: float, noise_std: float,
@@ -57,6 +76,14 @@ def corrupt(crop: torch.Tensor, patch: int, mask_ratio: float, shuffle_ratio: fl
     return out + noise.to(out.dtype)
 
 
+@register_method(section=T3DConfig, defaults={
+    # the same Swin-B, on 1 mm isotropic high-resolution volumes cropped into 96^3 sub-volumes
+    "model.image_encoder": "swin3d", "model.size": "base",
+    "data.storage": "highres", "data.spacing_mm": (1.0, 1.0, 1.0), "data.shape": (96, 96, 96),
+    "data.foreground_crop": True, "data.report_sections": ("Findings_EN", "Impressions_EN"),
+    "objective.temperature": 0.07, "objective.learnable_temperature": True,
+    "train.lr": 1e-4, "train.weight_decay": 0.05,
+})
 class T3DObjective(Objective):
     name = "t3d"
     terms = TERMS

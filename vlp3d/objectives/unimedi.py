@@ -20,18 +20,35 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlp3d.config import ExperimentConfig
+from vlp3d.config import ExperimentConfig, register_method, setting
 from vlp3d.objectives.base import Objective
 from vlp3d.objectives.clip import ClipLoss
 from vlp3d.objectives.distributed import all_reduce_mean
 from vlp3d.objectives.heads import patch_mask
 
 TERMS = ("vl_contrast", "distill_cls", "distill_patch")
+
+
+@dataclass(frozen=True)
+class UniMedIConfig:
+    """UniMedI's own settings, read when `objective.name = "unimedi"`: term weights, EMA teacher, DINO/iBOT."""
+
+    vl_contrast_weight: float = setting(1.0, "UniMedI `vl_contrast`: InfoNCE of image [CLS] and report for 3D, pseudo-2D and 2D.")
+    distill_cls_weight: float = setting(1.0, "UniMedI `distill_cls`: DINO self-distillation on [CLS].")
+    distill_patch_weight: float = setting(1.0, "UniMedI `distill_patch`: iBOT self-distillation on masked patch tokens.")
+    ema_momentum: tuple[float, float] = setting((0.996, 1.0), "UniMedI: EMA teacher momentum, cosine schedule from first to second value.")
+    top_k_slices: int = setting(4, "UniMedI: slices kept by attentive slice selection (ours: 4), tiled into one pseudo-2D image.")
+    student_mask_ratio: float = setting(0.5, "UniMedI: share of patch tokens the student does not see.")
+    dino_dim: int = setting(1024, "UniMedI: prototypes of the DINO/iBOT head (paper-scale: 8192+).")
+    teacher_temperature: float = setting(0.04, "UniMedI: teacher sharpening temperature.")
+    student_temperature: float = setting(0.1, "UniMedI: student temperature.")
+    center_momentum: float = setting(0.9, "UniMedI: momentum of the teacher-output centre.")
 
 
 class DINOHead(nn.Module):
@@ -123,6 +140,14 @@ def forward_with_attention(encoder: nn.Module, image: torch.Tensor):
     return x[:, 0], x[:, 1:], attention / len(encoder.blocks)
 
 
+@register_method(section=UniMedIConfig, defaults={
+    # one ViT-B for 2D (224^2 radiographs) and 3D; 128 x 128 x 96 volumes
+    "model.image_encoder": "unimedi_vit", "model.size": "base",
+    "data.shape": (128, 128, 96), "data.spacing_mm": (0.75, 0.75, 1.5), "data.shape_2d": (224, 224),
+    "data.report_sections": ("Findings_EN", "Impressions_EN"),
+    "objective.temperature": 0.07, "objective.learnable_temperature": True,
+    "train.lr": 1e-4, "train.weight_decay": 0.05,
+})
 class UniMedIObjective(Objective):
     name = "unimedi"
     terms = TERMS

@@ -1,0 +1,50 @@
+"""`[tune]`: `vlp3d sweep`, Ray Tune over config keys (the search space itself is checked by
+vlp3d.search_space)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from vlp3d.config.fields import _f, table_setting
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`vlp3d sweep`: Ray Tune over config keys; every trial pretrains, is evaluated and logged as a
+    child run of one MLflow parent run, and scaling laws are fitted over the finished trials."""
+
+    space: dict[str, Any] = table_setting(
+        "Search space: config key -> values. A list (or {grid = [...]}) tries every value; {choice = [...]} "
+        "samples one; {uniform = [lo, hi]}, {loguniform = [lo, hi]} (floats) and {randint = [lo, hi]} "
+        "(ints, hi exclusive) sample a range. E.g. \"data.fraction\" = [0.25, 0.5, 1.0].",
+    )
+    variants: dict[str, Any] = table_setting(
+        "Named groups of keys set together, tried as one more grid axis (column 'variant'), e.g. "
+        "[tune.variants.no_mim] \"objective.mg3d.mim_weight\" = 0.0; an empty table keeps the base config.",
+    )
+    search: Literal["grid", "random", "optuna"] = _f(
+        "grid", "'grid': every grid value (sampled keys drawn per grid point); 'random': every key sampled, "
+        "lists as choices; 'optuna': Optuna's TPE over the space (pip install optuna), guided by tune.metric.",
+    )
+    trial: Literal["pretrain", "finetune"] = _f(
+        "pretrain", "What a trial runs: 'pretrain' (pretraining, then zero-shot evaluation) or 'finetune' (`vlp3d "
+        "finetune` of finetune.model, evaluated on data.eval_split: label-efficiency sweeps over "
+        "finetune.label_fraction x finetune.init, plotted as label_efficiency.png on the parent run).",
+    )
+    num_samples: int = _f(1, "Trials per grid point ('grid') or in all ('random', 'optuna').")
+    metric: str = _f("eval/macro_auroc", "Trial metric that ranks trials and guides Optuna (reported at the end of a trial).")
+    mode: Literal["max", "min"] = _f("max", "Optimisation direction of `tune.metric`.")
+    scheduler: Literal["none", "asha"] = _f(
+        "none", "'asha': stop poor trials early on tune.asha_metric, reported every train.val_every steps.")
+    asha_metric: str = _f("val/loss", "Metric ASHA compares at its rungs (reported during training).")
+    asha_mode: Literal["max", "min"] = _f("min", "Direction of tune.asha_metric.")
+    asha_grace_steps: int = _f(0, "Steps every trial runs before ASHA may stop it (0: train.max_steps // 4).")
+    asha_reduction_factor: int = _f(2, "ASHA keeps 1/reduction_factor of the trials at each rung.")
+    max_concurrent_trials: int = _f(
+        0, "Trials run at once (0: as many as the cluster's CPUs/GPUs hold, keeping one CPU for Ray Data; set "
+        "it on an autoscaling cluster, whose resources grow only once trials ask).",
+    )
+    trial_cpus: float = _f(0.1, "CPUs of each trial's driver process (its Train workers take cluster.* resources).")
+    seed: int = _f(0, "Seed of random/Optuna sampling and of the scaling-fit bootstrap.")
+    fit_bootstrap: int = _f(1000, "Bootstrap resamples for the 95% intervals of fitted scaling exponents.")
