@@ -28,13 +28,13 @@ def _import_modules() -> None:
         importlib.import_module(f"{__name__}.{module}")
 
 
-_import_modules()
-REGISTRY: Mapping[str, type[Objective]] = RegistryView(objective_classes)
-
-
 def objective_class(name: str) -> type[Objective]:
     """The objective class registered as `name`."""
     methods = registered_methods()
     if name not in methods:
         raise KeyError(f"objective.name = {name!r} is not one of {', '.join(methods)}")
     return methods[name].objective
+
+
+REGISTRY: Mapping[str, type[Objective]] = RegistryView(objective_classes)
+_import_modules()  # after objective_class: modules of this package (model.py) import it
