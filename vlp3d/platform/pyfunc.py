@@ -21,7 +21,6 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from vlp3d.inference import RESCALE_COLUMNS, Embedder, VolumeInput
 
 ALLOWED_ROOT_ENV = "VLP3D_ALLOWED_ROOT"  # set where the model is served: overrides model_config allowed_root
-IMAGE_COLUMNS = ("image", "image_array", "affine", "spacing", *RESCALE_COLUMNS)
 
 # what the model's environment installs, pinned to the training side's versions (the pyfunc
 # imports these, directly or through vlp3d.inference; pydicom reads DICOM series)
