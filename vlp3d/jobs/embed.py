@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from vlp3d.logs import progress_bar
-    from vlp3d.platform.tracking import client, load_embedder
+    from vlp3d.platform.mlflow.models import load_embedder
+    from vlp3d.platform.mlflow.store import client
     from vlp3d.table import format_table
 
     if args.batch_size < 1:

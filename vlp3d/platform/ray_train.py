@@ -121,7 +121,7 @@ def make_task(loop_config: dict, cfg: ExperimentConfig):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the training loop on this worker's runtime."""
-    from vlp3d.platform.tracking import RankZeroLogger
+    from vlp3d.platform.mlflow.logger import RankZeroLogger
 
     logs.configure(loop_config.get("log_level"))
     if not logs.is_debug():
