@@ -26,6 +26,15 @@ def load_embedder(model_uri: str, model_config: dict | None = None):
     return model, model.unwrap_python_model().embedder
 
 
+def predict(model, model_input, params: dict | None = None):
+    """`model.predict(model_input, params=params)` of a loaded pyfunc; an input the model refuses (an
+    MlflowException: bad columns, a path outside its allowed root, ...) is a ValueError with its message."""
+    try:
+        return model.predict(model_input, params=params)
+    except mlflow.exceptions.MlflowException as err:
+        raise ValueError(err.message) from None
+
+
 def model_metadata(cfg: ExperimentConfig, checkpoint_dir: Path, metrics: dict) -> dict:
     """What a user of the logged model needs besides the embeddings (`mlflow.models.get_model_info(
     uri).metadata`): the method and encoder, the logit scale the zero-shot softmax uses, the label
