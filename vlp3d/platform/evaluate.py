@@ -250,7 +250,8 @@ def promote(tracking_uri: str, name: str, version: str, shards: str = "", split:
     """Move `alias` of registered model `name` to `version` when nobody holds it, or when `force`,
     or when the version beats the holder on `metric` beyond the paired bootstrap interval of the
     difference: both are evaluated on the same volumes of `split`, resampled together by patient.
-    The decision is recorded on the version (registry.promote)."""
+    The decision is made and recorded on the version by vlp3d.platform.mlflow.registry.promote, the one
+    implementation (this function only evaluates the two versions it compares)."""
     logs.ensure_configured()
     challenger_uri = f"models:/{name}/{version}"
     registry.model_version(tracking_uri, challenger_uri)  # a wrong name/version fails here
