@@ -3,7 +3,7 @@
 `mlflow.set_tracking_uri` also exports $MLFLOW_TRACKING_URI (MLflow 3), which every later config
 without `tracking.tracking_uri` takes for the user's store: a test that sets a store and "restores"
 the previous one with `set_tracking_uri(before)` leaves that variable behind. The registry URI is
-set too: vlp3d.platform.tracking.client sets it with the store, and `models:/` URIs resolve there.
+set too: vlp3d.platform.mlflow.store.client sets it with the store, and `models:/` URIs resolve there.
 This puts all of it back.
 """
 

@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 import vlp3d
 from vlp3d.config import to_toml
-from vlp3d.jobs import (
-    demo,
-    embed,
-    evaluate,
-    export,
-    finetune,
-    jobs,
-    models,
-    prepare,
-    pretrain,
-    probe,
-    promote,
-    register,
-    submit,
-    sweep,
-    synth,
-)
+from vlp3d.jobs import commands
 from vlp3d.jobs.common import (
     add_config_arguments,
     add_logging_arguments,
@@ -32,23 +17,7 @@ from vlp3d.jobs.common import (
     run_reporting_errors,
 )
 
-JOBS = {
-    "demo": (demo, "synth -> prepare -> pretrain -> evaluate -> register, on this machine"),
-    "synth": (synth, "write a phantom corpus in CT-RATE layout"),
-    "prepare": (prepare, "preprocess a corpus into Parquet shards (Ray Data)"),
-    "pretrain": (pretrain, "pretrain on Ray Train, tracked in MLflow"),
-    "sweep": (sweep, "Ray Tune sweep over config keys; scaling-law fits and plots in MLflow"),
-    "evaluate": (evaluate, "zero-shot AUROC and retrieval on held-out shards"),
-    "finetune": (finetune, "fine-tune a registered encoder: segmentation or classification, pretrained vs random"),
-    "embed": (embed, "embed CT volumes and reports with a logged model into a Parquet file"),
-    "probe": (probe, "linear probes on frozen image features vs random init, at label fractions"),
-    "promote": (promote, "move @champion to a version only if it is better beyond the paired bootstrap interval"),
-    "register": (register, "`promote` for a models:/NAME/VERSION URI"),
-    "models": (models, "list image encoders and presets with parameters and memory"),
-    "export": (export, "export the image encoder for MONAI SwinUNETR / UNETR"),
-    "submit": (submit, "run a vlp3d command on a Ray cluster (Ray Jobs API, token auth)"),
-    "jobs": (jobs, "list, follow or stop the jobs of a Ray cluster"),
-}
+JOBS = {name: (importlib.import_module(module), text) for name, (module, text) in commands.JOBS.items()}
 
 
 EPILOG = """Start with `vlp3d demo`. Each command has --help.

@@ -182,7 +182,7 @@ def test_sigkilled_workers_resume_exactly(killed, reference, tiny_demo):
 
 
 def test_nan_steps_are_skipped_then_stop_the_run_which_resumes_by_name(reference, tiny_demo):
-    from vlp3d.platform import tracking
+    from vlp3d.platform.mlflow import store
     from vlp3d.platform.pretrain import NonFiniteTrainingError, pretrain
     from vlp3d.train.loop import FAULT_ENV
 
@@ -194,7 +194,7 @@ def test_nan_steps_are_skipped_then_stop_the_run_which_resumes_by_name(reference
         with pytest.raises(NonFiniteTrainingError, match=r"stopped at step 4: 2 consecutive .* non-finite at the "
                                                          r"last one: align, gradients"):
             pretrain(cfg, run_name="nan-drill", progress=lambda *_: None)
-    run = tracking.find_run(cfg, tracking.RUN_NAME_TAG, "nan-drill")
+    run = store.find_run(cfg, store.RUN_NAME_TAG, "nan-drill")
     assert run.info.status == "FAILED" and "align" in run.data.tags["vlp3d.failure"]
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/skipped_steps")][-1] == (3, 1)
     assert len(client.search_model_versions("name='vlp3d-clip'")) == versions  # nothing registered

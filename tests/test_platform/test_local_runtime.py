@@ -27,14 +27,14 @@ def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 def test_local_runtime_and_one_ray_train_worker_log_the_same_losses(tiny_demo):
     from vlp3d.cli import main
-    from vlp3d.platform import tracking
+    from vlp3d.platform.mlflow import store
     from vlp3d.platform.pretrain import pretrain
 
     config = str(tiny_demo / "config.toml")
     on_ray = pretrain(load_config(config, PRETRAIN), run_name="one-ray-worker", progress=None)
     assert main(["pretrain", config, *PRETRAIN, "--local", "--run-name", "local-runtime"]) == 0
     client = _client(tiny_demo)
-    local = tracking.find_run(load_config(config, PRETRAIN), tracking.RUN_NAME_TAG, "local-runtime")
+    local = store.find_run(load_config(config, PRETRAIN), store.RUN_NAME_TAG, "local-runtime")
     assert local.data.tags["vlp3d.runtime"] == "local"
     assert client.get_run(on_ray.run_id).data.tags["vlp3d.runtime"] == "ray_train"
     ray_losses = _history(client, on_ray.run_id, "train/loss")

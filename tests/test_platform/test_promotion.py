@@ -5,7 +5,7 @@ import pytest
 
 def test_model_card_leakage_check_and_a_challenger_no_better_than_the_champion(tiny_demo):
     from vlp3d.platform.evaluate import LeakageError, evaluate, promote
-    from vlp3d.platform.tracking import client
+    from vlp3d.platform.mlflow.store import client
 
     uri, shards = f"sqlite:///{tiny_demo / 'mlflow.db'}", str(tiny_demo / "shards")
     registry = client(uri)

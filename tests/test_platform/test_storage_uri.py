@@ -19,9 +19,9 @@ from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files
 @pytest.mark.slow
 def test_shards_and_checkpoints_in_a_bucket(tiny_demo, s3_server, tmp_path, monkeypatch):
     from vlp3d.platform.evaluate import evaluate
+    from vlp3d.platform.mlflow.registry import promote
     from vlp3d.platform.prepare import prepare, staging_folder
     from vlp3d.platform.pretrain import pretrain
-    from vlp3d.platform.tracking import promote
     from vlp3d.train.loop import FAULT_ENV
 
     root = f"{s3_server}/{tmp_path.name}"

@@ -130,7 +130,7 @@ def _git(folder: Path, *args: str) -> str:
 def test_a_job_records_the_submitting_checkouts_commit_and_whether_it_was_dirty(tmp_path, monkeypatch):
     """The job's working directory travels without .git: the submitter's commit and dirty flag go
     in the runtime env, and the job's runs are tagged with them."""
-    from vlp3d.platform import tracking
+    from vlp3d.platform.mlflow import store
     from vlp3d.platform.runtime import GIT_COMMIT_ENV, GIT_DIRTY_ENV
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # passed through when set: not what is tested here
@@ -154,11 +154,11 @@ def test_a_job_records_the_submitting_checkouts_commit_and_whether_it_was_dirty(
     # in the job: the passed values win over the (missing) .git of the uploaded folder
     for name, value in dirty.items():
         monkeypatch.setenv(name, value)
-    assert tracking.git_commit() == head
-    assert tracking.git_tags() == {"vlp3d.git_commit": head, "vlp3d.git_dirty": "true"}
+    assert store.git_commit() == head
+    assert store.git_tags() == {"vlp3d.git_commit": head, "vlp3d.git_dirty": "true"}
     monkeypatch.delenv(GIT_COMMIT_ENV)
     monkeypatch.delenv(GIT_DIRTY_ENV)
-    local = tracking.git_tags()  # a local run: this checkout's own state
+    local = store.git_tags()  # a local run: this checkout's own state
     assert local["vlp3d.git_commit"] == _git(ROOT, "rev-parse", "HEAD")
     assert local["vlp3d.git_dirty"] in ("true", "false")
 

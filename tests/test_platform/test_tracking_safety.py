@@ -8,7 +8,8 @@ import time
 import pytest
 
 from vlp3d.config import ExperimentConfig, logged_params, public_config, replace
-from vlp3d.platform import tracking
+from vlp3d.platform.mlflow import store
+from vlp3d.platform.mlflow.logger import RankZeroLogger
 
 
 def test_params_are_an_allow_list_without_locations_or_userinfo():
@@ -31,19 +32,19 @@ def test_failure_records_keep_row_and_reason_only():
                 "failed": [{"row": 2, "path": "/data/ct/p17/scan.nii.gz", "volume_name": "p17_scan",
                             "reason": "OSError: cannot read /data/ct/p17/scan.nii.gz (p17_scan)"}],
                 "warnings": [{"row": 1, "warning": "raw values in /mnt/x/y.nii"}]}
-    public = tracking.public_manifest(manifest)
+    public = store.public_manifest(manifest)
     assert public["failed"] == [{"row": 2, "reason": "OSError: cannot read <file> (<file>)"}]
     assert public["warnings"] == [{"row": 1, "warning": "raw values in <path>"}]
     assert "corpus" not in public and public["counts"] == {"rows": 3}
-    assert tracking.scrub("see https://a:b@host/x and Input/output error") == "see https://host/x and Input/output error"
+    assert store.scrub("see https://a:b@host/x and Input/output error") == "see https://host/x and Input/output error"
 
 
 def test_client_leaves_the_users_environment_as_it_was(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracking.client(f"sqlite:///{tmp_path / 'a.db'}")
+    store.client(f"sqlite:///{tmp_path / 'a.db'}")
     assert "MLFLOW_TRACKING_URI" not in os.environ  # MLflow exported it; a later default must not find it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://users-own:5000")
-    tracking.client(f"sqlite:///{tmp_path / 'b.db'}")
+    store.client(f"sqlite:///{tmp_path / 'b.db'}")
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://users-own:5000"
 
 
@@ -69,7 +70,7 @@ class FlakyClient:
 
 def test_logger_never_blocks_and_delivers_everything_after_an_outage():
     warnings = []
-    logger = tracking.RankZeroLogger("http://user:pw@127.0.0.1:1", "run", warn=lambda m, **_: warnings.append(m))
+    logger = RankZeroLogger("http://user:pw@127.0.0.1:1", "run", warn=lambda m, **_: warnings.append(m))
     fake = logger.client = FlakyClient()
     logger.log_params({"a": 1})
     logger.log_metrics({"train/loss": 1.0}, step=1)
@@ -91,13 +92,13 @@ def test_logger_never_blocks_and_delivers_everything_after_an_outage():
 
 
 def test_what_was_not_delivered_can_be_requeued():
-    logger = tracking.RankZeroLogger("http://127.0.0.1:1", "run", warn=lambda *a, **k: None)
+    logger = RankZeroLogger("http://127.0.0.1:1", "run", warn=lambda *a, **k: None)
     fake = logger.client = FlakyClient()
     fake.down.set()
     logger.log_metrics({"x": 1.0}, step=3)
     time.sleep(0.2)
     saved = logger.pending()  # what a checkpoint keeps
-    successor = tracking.RankZeroLogger("http://127.0.0.1:1", "run", warn=lambda *a, **k: None)
+    successor = RankZeroLogger("http://127.0.0.1:1", "run", warn=lambda *a, **k: None)
     other = successor.client = FlakyClient()
     successor.requeue(saved)
     assert successor.flush(10)
@@ -109,7 +110,7 @@ def test_refused_calls_are_dropped_and_unavailable_ones_retried(code, retried):
     import mlflow
     from mlflow.protos import databricks_pb2
 
-    logger = tracking.RankZeroLogger("http://127.0.0.1:1", "run", warn=lambda *a, **k: None)
+    logger = RankZeroLogger("http://127.0.0.1:1", "run", warn=lambda *a, **k: None)
     assert logger._attempt([("params", {"a": "1"})]) == "MlflowException"  # connection refused: retried
     class Failing:
         def log_batch(self, *a, **k):
@@ -128,7 +129,7 @@ def test_a_tracking_uri_with_a_password_is_never_printed_by_mlflow(tmp_path, mon
 
     monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
     with current_store(f"sqlite:///{tmp_path / 'mlflow.db'}"):
-        tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert not MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()  # no secret: MLflow's links stay
-        tracking.client("http://vlp3d:hunter2@127.0.0.1:9")
+        store.client("http://vlp3d:hunter2@127.0.0.1:9")
         assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()

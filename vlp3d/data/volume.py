@@ -143,13 +143,10 @@ def _voxel_sizes(volume: MetaTensor) -> np.ndarray:
     return np.sqrt((volume.affine[:3, :3].numpy() ** 2).sum(0))
 
 
-def crop_to_body(volume: MetaTensor, threshold_hu: float, margin_mm: float = FOREGROUND_MARGIN_MM) -> MetaTensor:
-    """Crop a channel-first HU MetaTensor to the bounding box of voxels above `threshold_hu`, plus
-    `margin_mm` (clipped at the volume's edge); the affine follows. No voxel above: unchanged."""
-    return _crop_to_body({IMAGE: volume}, threshold_hu, margin_mm)[IMAGE]
-
-
 def _crop_to_body(data: dict, threshold_hu: float, margin_mm: float = FOREGROUND_MARGIN_MM) -> dict:
+    """Crop the channel-first HU MetaTensors of `data` to the bounding box of the image's voxels above
+    `threshold_hu`, plus `margin_mm` (clipped at the volume's edge); the affine follows. No voxel above:
+    unchanged."""
     volume = data[IMAGE]
     if not bool((volume > threshold_hu).any()):
         return data

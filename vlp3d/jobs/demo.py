@@ -73,10 +73,10 @@ def _run_pipeline(cfg: ExperimentConfig, n: int, seed: int, radiographs: bool) -
     from vlp3d.jobs.prepare import summary
     from vlp3d.objectives import objective_class
     from vlp3d.platform.evaluate import evaluate_as_configured, promote
+    from vlp3d.platform.mlflow.registry import registered_name
     from vlp3d.platform.prepare import PrepareError, prepare
     from vlp3d.platform.pretrain import pretrain
     from vlp3d.platform.runtime import tracking_uri
-    from vlp3d.platform.tracking import registered_name
 
     workdir = Path(cfg.tracking.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def demo_config(config: str | None, workdir: str | Path, overrides=()) -> Experi
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlp3d.platform.tracking import registered_name
+    from vlp3d.platform.mlflow.registry import registered_name
 
     started = time.time()
     cfg = demo_config(args.config, args.workdir, args.overrides)

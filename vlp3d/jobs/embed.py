@@ -86,10 +86,10 @@ def fill_rescale(table, slope: float | None, intercept: float | None):
 
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
-    from mlflow.exceptions import MlflowException
 
     from vlp3d.logs import progress_bar
-    from vlp3d.platform.tracking import client, load_embedder
+    from vlp3d.platform.mlflow.models import load_embedder, predict
+    from vlp3d.platform.mlflow.store import client
     from vlp3d.table import format_table
 
     if args.batch_size < 1:
@@ -106,10 +106,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar(len(table), "embedding", unit="volume") as bar:
         for start in range(0, len(table), args.batch_size):
             chunk = table.iloc[start:start + args.batch_size][columns]
-            try:
-                out = model.predict(chunk, params={"assume_hu": args.assume_hu})
-            except MlflowException as err:
-                raise ValueError(err.message) from None
+            out = predict(model, chunk, params={"assume_hu": args.assume_hu})
             parts.append(out.set_axis(chunk.index))
             bar.update(len(chunk))
     embedded = pd.concat(parts) if parts else pd.DataFrame(columns=["image_embedding", "report_embedding"])

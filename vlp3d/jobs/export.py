@@ -35,7 +35,8 @@ def export_encoder(encoder, fmt: str) -> tuple[dict, dict]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vlp3d.platform.tracking import client, load_embedder
+    from vlp3d.platform.mlflow.models import load_embedder
+    from vlp3d.platform.mlflow.store import client
 
     client(tracking_uri_from(args))
     _, embedder = load_embedder(args.model)

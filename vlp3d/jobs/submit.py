@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from vlp3d.jobs.commands import COMMANDS
 from vlp3d.jobs.common import run_main
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlp3d.cli import JOBS
     from vlp3d.platform import jobs
 
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
     address = resolve_address(args)
-    submission = jobs.build_submission(command, [*JOBS, "config"], working_dir=args.working_dir,
+    submission = jobs.build_submission(command, list(COMMANDS), working_dir=args.working_dir,
                                        runtime_env=jobs.load_runtime_env(args.runtime_env),
                                        env_names=args.env)
     log.info("uploading %s: %d files, %.1f MiB zipped", submission.runtime_env["working_dir"],

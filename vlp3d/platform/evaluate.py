@@ -23,7 +23,7 @@ from vlp3d.evaluation.zeroshot import (
     paired_metric_name,
     per_volume_metric,
 )
-from vlp3d.platform import tracking
+from vlp3d.platform.mlflow import models, registry, runs, store
 from vlp3d.platform.runtime import init_ray
 
 logger = logging.getLogger(__name__)
@@ -107,16 +107,16 @@ class LeakageError(ValueError):
 def check_leakage(tracking_uri: str, run_id: str | None, embedder, shard_dir: Path | str, split: str,
                   manifest: dict) -> None:
     """Refuse to score a model on patients it pretrained on. The model's run records fingerprints
-    of its pretraining patients (tracking.log_pretraining_patients); for a run without that record,
+    of its pretraining patients (runs.log_pretraining_patients); for a run without that record,
     the shards' own pretraining split counts when they hold the model's data (same data hash)."""
     evaluated = split_patients(shard_dir).get(split, set())
-    record = tracking.pretraining_patients(tracking_uri, run_id) if run_id else None
+    record = runs.pretraining_patients(tracking_uri, run_id) if run_id else None
     train_split = embedder.cfg.data.train_split
     if record is not None:
         leaked = leaked_patients(evaluated, set(record["fingerprints"]))
         source = f"split '{record['split']}' of the shards it pretrained on (recorded with run {run_id})"
     else:
-        data_hash = tracking.client(tracking_uri).get_run(run_id).data.tags.get("vlp3d.data_hash") if run_id else None
+        data_hash = store.client(tracking_uri).get_run(run_id).data.tags.get("vlp3d.data_hash") if run_id else None
         if data_hash != manifest.get("source_manifest_hash"):
             logger.warning(f"cannot check split '{split}' for patients the model pretrained on: its run records none "
                         "and these shards hold other data; make sure the split is of held-out patients")
@@ -142,8 +142,8 @@ def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid
     on are refused (`check_leakage`)."""
     logs.ensure_configured()
     prompt_sets = load_prompt_sets(prompts)  # a bad prompt file fails before Ray starts
-    tracking.client(tracking_uri)
-    model, embedder = tracking.load_embedder(model_uri)  # a wrong URI fails before Ray starts
+    store.client(tracking_uri)
+    model, embedder = models.load_embedder(model_uri)  # a wrong URI fails before Ray starts
     init_ray(None)
     shard_dir = resolve_shard_dir(shards, embedder.spec.hash)
     manifest = read_manifest(shard_dir)
@@ -161,13 +161,13 @@ def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid
         prefix = f"eval/{split}/"
         figures = {}
         # plots belong to a model card: a registered version's run (not every sweep trial's)
-        if result.label_names and tracking.registered_versions(tracking_uri, run_id):
+        if result.label_names and registry.registered_versions(tracking_uri, run_id):
             figures = {f"{split}_roc": roc_figure(result.targets, result.probabilities, result.label_names,
                                                   f"zero-shot ROC per finding, split '{split}' (n={result.n})"),
                        f"{split}_reliability": reliability_figure(
                            result.targets, result.probabilities, result.label_names,
                            title=f"reliability of zero-shot probabilities, split '{split}'")}
-        tracking.log_evaluation(
+        runs.log_evaluation(
             run_id, tracking_uri, {prefix + k: v for k, v in result.metrics.items()},
             {f"{split}_zero_shot": result.per_label, f"{split}_retrieval": result.retrieval,
              f"{split}_prompt_sets": result.prompt_sets}, figures,
@@ -179,7 +179,7 @@ def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid
 def evaluate_as_configured(cfg: ExperimentConfig, model_uri: str) -> EvaluateReport:
     """`evaluate` on `cfg`'s shards and held-out split with its `eval.*` settings, logged to its
     MLflow store: what the demo and every sweep trial run after training."""
-    return evaluate(model_uri, cfg.data.shards, tracking.uri(cfg), split=cfg.data.eval_split,
+    return evaluate(model_uri, cfg.data.shards, store.uri(cfg), split=cfg.data.eval_split,
                     batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels,
                     prompts=cfg.eval.prompts, prompt_ensemble=cfg.eval.prompt_ensemble)
 
@@ -212,16 +212,16 @@ def probe(model_uri: str, shards: str, tracking_uri: str, train_split: str = "tr
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad or not fractions:
         raise ValueError(f"--fractions {list(fractions)}: each must be in (0, 1], e.g. 0.01 0.1 1")
-    tracking.client(tracking_uri)
-    model, embedder = tracking.load_embedder(model_uri)
+    store.client(tracking_uri)
+    model, embedder = models.load_embedder(model_uri)
     init_ray(None)
     shard_dir = resolve_shard_dir(shards, embedder.spec.hash)
     manifest = read_manifest(shard_dir)
     run_id = model.metadata.run_id
     check_leakage(tracking_uri, run_id, embedder, shard_dir, split, manifest)
-    models = [embedder, embedder.randomly_initialised(seed)]
-    train = embed_split(models, shard_dir, train_split, batch_size, manifest, reports=False, fraction_rank=True)
-    test = embed_split(models, shard_dir, split, batch_size, manifest, reports=False)
+    embedders = [embedder, embedder.randomly_initialised(seed)]
+    train = embed_split(embedders, shard_dir, train_split, batch_size, manifest, reports=False, fraction_rank=True)
+    test = embed_split(embedders, shard_dir, split, batch_size, manifest, reports=False)
     names = list(manifest["label_names"])
     tables = {}
     for source, train_images, test_images in zip(PROBE_SOURCES, train.images, test.images, strict=True):
@@ -237,9 +237,9 @@ def probe(model_uri: str, shards: str, tracking_uri: str, train_split: str = "tr
         metrics = {f"probe/{split}/{r.features.replace(' ', '_')}/fraction_{r.fraction:g}/macro_auroc": r.auroc
                    for r in table.itertuples() if np.isfinite(r.auroc)}
         figure = label_efficiency_figure(table, f"linear probe: trained on '{train_split}', tested on '{split}'")
-        tracking.log_evaluation(run_id, tracking_uri, metrics,
-                                {f"probe_{split}": table, f"probe_{split}_per_label": per_label},
-                                {f"probe_{split}": figure})
+        runs.log_evaluation(run_id, tracking_uri, metrics,
+                            {f"probe_{split}": table, f"probe_{split}_per_label": per_label},
+                            {f"probe_{split}": figure})
     return ProbeReport(table, per_label, run_id, train_split, split)
 
 
@@ -250,20 +250,21 @@ def promote(tracking_uri: str, name: str, version: str, shards: str = "", split:
     """Move `alias` of registered model `name` to `version` when nobody holds it, or when `force`,
     or when the version beats the holder on `metric` beyond the paired bootstrap interval of the
     difference: both are evaluated on the same volumes of `split`, resampled together by patient.
-    The decision is recorded on the version (tracking.promote)."""
+    The decision is made and recorded on the version by vlp3d.platform.mlflow.registry.promote, the one
+    implementation (this function only evaluates the two versions it compares)."""
     logs.ensure_configured()
     challenger_uri = f"models:/{name}/{version}"
-    tracking.model_version(tracking_uri, challenger_uri)  # a wrong name/version fails here
-    current = tracking.alias_holder(tracking_uri, name, alias)
+    registry.model_version(tracking_uri, challenger_uri)  # a wrong name/version fails here
+    current = registry.alias_holder(tracking_uri, name, alias)
     if current is None or current.version == str(version) or force:
-        return tracking.promote(tracking_uri, challenger_uri, alias, force=force)
+        return registry.promote(tracking_uri, challenger_uri, alias, force=force)
     if not shards:
         raise ValueError(f"models:/{name}@{alias} is version {current.version}: comparing version {version} "
                          "with it needs the shards to evaluate both on (--shards, data.shards)")
     metric = paired_metric_name(metric)  # an unknown metric fails before anything is embedded
     prompt_sets = load_prompt_sets(prompts)
     results, patients, names, hashes = [], None, None, []
-    loaded = [tracking.load_embedder(f"models:/{name}/{v}") for v in (current.version, version)]
+    loaded = [models.load_embedder(f"models:/{name}/{v}") for v in (current.version, version)]
     init_ray(None)
     for model, embedder in loaded:
         shard_dir = resolve_shard_dir(shards, embedder.spec.hash)
@@ -284,5 +285,5 @@ def promote(tracking_uri: str, name: str, version: str, shards: str = "", split:
         raise ValueError(f"versions {current.version} and {version} were scored on different findings "
                          f"({results[0].label_names} vs {results[1].label_names})")
     comparison = paired_bootstrap(fn, targets, champion, challenger, patients, n_boot, seed)
-    return tracking.promote(tracking_uri, challenger_uri, alias, comparison, metric=metric, split=split,
+    return registry.promote(tracking_uri, challenger_uri, alias, comparison, metric=metric, split=split,
                             split_hash="/".join(dict.fromkeys(hashes)))

@@ -3,14 +3,15 @@
 The training loop of pretraining (`vlp3d.train.loop`) runs the fine-tuning task
 (`vlp3d.train.tasks.finetune`: network, loss, crops) on `cluster.num_workers` Ray Train workers or in this
 process (`--local`): exact resume from the checkpoint's data position, fp16 grad scaling, the non-finite
-skip, metrics from rank 0 through `tracking.RankZeroLogger`, a rerun of the same run name resuming from
-its last checkpoint.
+skip, metrics from rank 0 through `vlp3d.platform.mlflow.logger.RankZeroLogger`, a rerun of the same run
+name resuming from its last checkpoint.
 
 Only the training patients inside the nested `finetune.label_fraction` subset (the shards'
 `fraction_rank`, as `data.fraction` for pretraining) are used. After training the driver evaluates the
 final checkpoint on `data.eval_split` (sliding-window inference; per-class Dice and HD95 with the
 atlas and everywhere baselines, or per-label AUROC), logs it, and registers the model as a pyfunc
-tagged `vlp3d.pretrained_model = models:/NAME/VERSION` of the model it started from.
+(vlp3d.platform.pyfunc.FineTunedModel, logged by vlp3d.platform.mlflow.models.log_finetuned as pretraining's
+model is) tagged `vlp3d.pretrained_model = models:/NAME/VERSION` of the model it started from.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-import vlp3d
 from vlp3d import logs
 from vlp3d.config import ExperimentConfig, replace, to_dict
 from vlp3d.data.shards import (
@@ -47,16 +47,16 @@ from vlp3d.downstream import (
     FineTuned,
     NetworkSpec,
 )
-from vlp3d.platform import tracking
 from vlp3d.platform.launch import RUNTIME_TAG, base_loop_config, run_local, run_on_ray
+from vlp3d.platform.mlflow import models, runs, store
+from vlp3d.platform.mlflow.store import PRETRAINED_TAG, TASK_TAG
+from vlp3d.platform.pyfunc import FineTunedModel  # noqa: F401 - models logged before it moved pickled it here
 from vlp3d.platform.runtime import init_ray
 from vlp3d.train import checkpoint as checkpoints
 from vlp3d.train.tasks.finetune import class_lookup, local_datasets
 
 log = logging.getLogger(__name__)
 
-PRETRAINED_TAG = "vlp3d.pretrained_model"  # on the fine-tuning run and model version: models:/NAME/VERSION
-TASK_TAG = "vlp3d.task"
 PRETRAINED_DIR = "pretrained"  # <workdir>/pretrained/<name>-v<version>: downloaded pretrained checkpoints
 
 
@@ -95,7 +95,7 @@ def resolve_pretrained(cfg: ExperimentConfig) -> Pretrained:
     if not model_uri.startswith("models:/") or not ("@" in model_uri or model_uri.count("/") == 2):
         raise ValueError(f"finetune.model (--model) = {model_uri!r}: give a registered model as models:/NAME@ALIAS "
                          "or models:/NAME/VERSION (`vlp3d demo` registers models:/vlp3d-clip@champion).")
-    client = tracking.client(cfg)
+    client = store.client(cfg)
     path = model_uri.removeprefix("models:/")
     try:
         if "@" in path:
@@ -106,13 +106,13 @@ def resolve_pretrained(cfg: ExperimentConfig) -> Pretrained:
             version = client.get_model_version(name, number)
     except mlflow.exceptions.MlflowException as err:
         raise ValueError(f"finetune.model (--model) = {model_uri}: not found in the MLflow store "
-                         f"{tracking.uri(cfg)} ({err.message}); set tracking.workdir / tracking.tracking_uri to the "
+                         f"{store.uri(cfg)} ({err.message}); set tracking.workdir / tracking.tracking_uri to the "
                          "store the model was registered in.") from None
     folder = Path(cfg.tracking.workdir).resolve() / PRETRAINED_DIR / f"{name}-v{version.version}"
     if not (folder / "MLmodel").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=str(folder),
-                                            tracking_uri=tracking.uri(cfg))
+                                            tracking_uri=store.uri(cfg))
     artifacts = mlflow.models.Model.load(str(folder)).flavors.get("python_function", {}).get("artifacts", {})
     checkpoint_dir = folder / str(artifacts.get("checkpoint", {}).get("path", "artifacts/checkpoint"))
     if not (checkpoint_dir / checkpoints.MODEL).is_file():
@@ -241,9 +241,9 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
                   "vlp3d.pretrained_method": plan_.pretrained.cfg.objective.name, **(tags or {})}
     if parent_run_id:
         extra_tags["mlflow.parentRunId"] = parent_run_id
-    run_id = tracking.start_or_resume_run(cfg, run_name, plan_.manifest, plan_.shard_dir, extra_tags)
-    uri = tracking.uri(cfg)
-    tracking.client(uri).set_tag(run_id, RUNTIME_TAG, "local" if local else "ray_train")
+    run_id = runs.start_or_resume_run(cfg, run_name, plan_.manifest, plan_.shard_dir, extra_tags)
+    uri = store.uri(cfg)
+    store.client(uri).set_tag(run_id, RUNTIME_TAG, "local" if local else "ray_train")
     meta = {"spec": plan_.manifest["spec"], "spec_hash": plan_.manifest["spec_hash"],
             "label_names": plan_.manifest["label_names"], "mlflow_run_id": run_id,
             "finetune": {"network": plan_.network.to_dict(), "names": plan_.names, "index": plan_.index,
@@ -270,19 +270,19 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
             raise RuntimeError(f"fine-tuning run {run_name} finished without a checkpoint (error: {finished.error})")
         folder = Path(cfg.tracking.workdir).resolve() / "finetuned" / run_name
         with finished.local_checkpoint() as local_copy:  # evaluated and logged with the model
-            tracking.deliver(uri, run_id, checkpoints.restore_unsent(local_copy))
+            runs.deliver(uri, run_id, checkpoints.restore_unsent(local_copy))
             folder.mkdir(parents=True, exist_ok=True)
             for name in (checkpoints.MODEL, checkpoints.CONFIG, checkpoints.META):
                 (folder / name).write_bytes((Path(local_copy) / name).read_bytes())
         metrics, table = evaluate_finetuned(folder, plan_, progress)
-        tracking.log_summary_metrics(uri, run_id, metrics)
+        runs.log_summary_metrics(uri, run_id, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             table.to_csv(Path(tmp) / f"{ft.task}.csv", index=False)
-            tracking.log_files(uri, run_id, [Path(tmp) / f"{ft.task}.csv"], "eval")
-        model_uri = log_finetuned(run_id, cfg, folder, plan_, metrics, register)
+            runs.log_files(uri, run_id, [Path(tmp) / f"{ft.task}.csv"], "eval")
+        model_uri = models.log_finetuned(run_id, cfg, folder, plan_, metrics, register)
     except BaseException as err:  # a failed (or interrupted) run is never left RUNNING in MLflow
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        tracking.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
+        runs.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
         raise
     return FinetuneResult(run_id, run_name, folder, model_uri, plan_.pretrained.uri, metrics, table,
                           time.time() - started, finished.metrics)
@@ -346,58 +346,3 @@ def evaluate_finetuned(checkpoint_dir: Path, plan_: Plan, progress=log.info) -> 
     metrics.update({f"{prefix}auroc/{r['label']}": float(r["auroc"]) for r in table.to_dict("records")
                     if np.isfinite(r["auroc"])})
     return metrics, table
-
-
-class FineTunedModel(mlflow.pyfunc.PythonModel):
-    """pyfunc of a fine-tuned model: DataFrame with `image` (NIfTI file or DICOM series path) -> segmentation:
-    one column `<class>_ml` per class (its volume in millilitres, at the model's preprocessing spacing);
-    classification: one column per label (its probability)."""
-
-    def load_context(self, context) -> None:
-        self.model = FineTuned(context.artifacts["checkpoint"])
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        paths = [str(p) for p in pd.DataFrame(model_input)["image"]]
-        out = self.model.predict_files(paths)
-        if self.model.task == SEGMENTATION:
-            voxel_ml = float(np.prod(self.model.spec.spacing_mm)) / 1000.0
-            return pd.DataFrame([{f"{name}_ml": float((labels == i).sum()) * voxel_ml
-                                  for i, name in enumerate(self.model.names) if i} for labels in out])
-        return pd.DataFrame([dict(zip(self.model.names, map(float, p), strict=True)) for p in out])
-
-
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
-
-    return ModelSignature(inputs=Schema([ColSpec(DataType.string, "image")]))
-
-
-def registered_name(plan_: Plan) -> str:
-    return plan_.cfg.finetune.registered_model or f"{plan_.pretrained.name}-{plan_.network.task}"
-
-
-def log_finetuned(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, plan_: Plan, metrics: dict,
-                  register: bool = True) -> str:
-    """Log the fine-tuned checkpoint as a pyfunc (and register it), tag the run and the version with the
-    pretrained model it started from; returns models:/NAME/VERSION (or the logged model's URI)."""
-    client = tracking.client(cfg)
-    name = registered_name(plan_) if register else None
-    metadata = {"vlp3d_version": vlp3d.__version__, "task": plan_.network.task, "names": plan_.names,
-                "pretrained_model": plan_.pretrained.uri, "init": cfg.finetune.init,
-                "label_fraction": cfg.finetune.label_fraction,
-                "image_encoder": f"{plan_.network.encoder}/{plan_.network.size}"}
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=FineTunedModel(), artifacts={"checkpoint": str(checkpoint_dir)},
-            code_paths=[str(Path(vlp3d.__file__).parent)],
-            pip_requirements=["torch", "monai", "nibabel", "numpy", "pandas", "pyyaml"],
-            registered_model_name=name, metadata=metadata, signature=_signature())
-    client.set_tag(run_id, PRETRAINED_TAG, plan_.pretrained.uri)
-    client.set_terminated(run_id, "FINISHED")
-    if not register:
-        return info.model_uri
-    version = str(info.registered_model_version)
-    client.set_model_version_tag(name, version, PRETRAINED_TAG, plan_.pretrained.uri)
-    client.set_model_version_tag(name, version, TASK_TAG, plan_.network.task)
-    return f"models:/{name}/{version}"

@@ -70,7 +70,7 @@ def run_local(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets:
               on_report: Callable[[dict, str | Path | None], None] | None = None) -> Finished:
     """The loop in this process; checkpoints under `tracking.storage` (default <workdir>/ray_results)/<run
     name>/, where a rerun with the same name resumes."""
-    from vlp3d.platform.tracking import RankZeroLogger
+    from vlp3d.platform.mlflow.logger import RankZeroLogger
     from vlp3d.train.tasks import make_task
 
     tracker = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"])

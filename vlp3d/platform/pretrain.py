@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlp3d import logs
-from vlp3d.platform import tracking
 from vlp3d.platform.launch import RUNTIME_TAG, Finished, base_loop_config, run_local, run_on_ray
+from vlp3d.platform.mlflow import models, runs, store
 from vlp3d.platform.runtime import init_ray
 from vlp3d.train import checkpoint as checkpoints
 from vlp3d.train.tasks.pretrain import local_datasets, preflight, shuffle_rows
@@ -57,9 +57,9 @@ def pretrain(cfg, run_name: str | None = None, progress=log.info, callbacks: Seq
     extra_tags = dict(tags or {})
     if parent_run_id:
         extra_tags["mlflow.parentRunId"] = parent_run_id
-    run_id = tracking.start_or_resume_run(cfg, run_name, manifest, shard_dir, extra_tags)
-    uri = tracking.uri(cfg)
-    tracking.client(uri).set_tag(run_id, RUNTIME_TAG, "local" if local else "ray_train")
+    run_id = runs.start_or_resume_run(cfg, run_name, manifest, shard_dir, extra_tags)
+    uri = store.uri(cfg)
+    store.client(uri).set_tag(run_id, RUNTIME_TAG, "local" if local else "ray_train")
     text_dim = int(manifest["text_dim"])
     meta = {"spec": manifest["spec"], "spec_hash": manifest["spec_hash"], "label_names": manifest["label_names"],
             "text_dim": text_dim, "mlflow_run_id": run_id}
@@ -79,7 +79,7 @@ def pretrain(cfg, run_name: str | None = None, progress=log.info, callbacks: Seq
                                   callbacks)
     except BaseException as err:  # a failed (or interrupted) run is never left RUNNING in MLflow
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        tracking.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
+        runs.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
         raise
     model_uri = finish(cfg, run_id, run_name, finished, register)
     return PretrainResult(run_id, run_name, finished.checkpoint, shard_dir, model_uri, finished.metrics,
@@ -89,19 +89,19 @@ def pretrain(cfg, run_name: str | None = None, progress=log.info, callbacks: Seq
 def finish(cfg, run_id: str, run_name: str, finished: Finished, register: bool) -> str:
     """Deliver what rank 0 could not send, fail a run that stopped early or left no (finite) checkpoint,
     else log (and register) its model: returns the model URI."""
-    uri = tracking.uri(cfg)
+    uri = store.uri(cfg)
     with finished.local_checkpoint() as local:
         if local is not None:  # what rank 0 could not deliver to MLflow before it finished
-            tracking.deliver(uri, run_id, checkpoints.restore_unsent(local))
+            runs.deliver(uri, run_id, checkpoints.restore_unsent(local))
         if finished.stopped:
-            tracking.end_run_quietly(uri, run_id, "FAILED", finished.stopped)
+            runs.end_run_quietly(uri, run_id, "FAILED", finished.stopped)
             raise NonFiniteTrainingError(f"run {run_name}: {finished.stopped}")
         if local is None:
-            tracking.end_run_quietly(uri, run_id, "FAILED", f"finished without a checkpoint ({finished.error})")
+            runs.end_run_quietly(uri, run_id, "FAILED", f"finished without a checkpoint ({finished.error})")
             raise RuntimeError(f"training run {run_name} finished without a checkpoint (error: {finished.error})")
         bad = checkpoints.nonfinite_parameters_in(local)
         if bad:  # never registered (the loop refuses to write these; this guards older checkpoints)
-            tracking.end_run_quietly(uri, run_id, "FAILED", f"non-finite weights in {', '.join(bad[:5])}")
+            runs.end_run_quietly(uri, run_id, "FAILED", f"non-finite weights in {', '.join(bad[:5])}")
             raise NonFiniteTrainingError(f"run {run_name}: checkpoint {finished.checkpoint} holds non-finite weights "
                                          f"({', '.join(bad[:5])}); not registered.")
-        return tracking.finish_training(run_id, cfg, Path(local), finished.metrics, register=register)
+        return models.finish_training(run_id, cfg, Path(local), finished.metrics, register=register)

@@ -1,9 +1,11 @@
-"""The logged model: an MLflow pyfunc that embeds CT volumes and reports, restorable from its own files.
+"""The logged models: MLflow pyfuncs restorable from their own files, the embedder of CT volumes and reports
+(`Vlp3dEmbedder`, pretraining) and a fine-tuned model (`FineTunedModel`, `vlp3d finetune`).
 
 The vlp3d package travels inside the model (`code_paths`) and its environment is pinned to the
 versions that trained it (`model_requirements`), so `mlflow.pyfunc.load_model` in a fresh
 virtualenv, or `mlflow models serve`, needs nothing but the model. Loading it imports mlflow,
-pandas and vlp3d's pure-torch inference (`vlp3d.inference`): never Ray, never the rest of platform/.
+pandas and vlp3d's pure-torch inference (`vlp3d.inference`, `vlp3d.downstream`): never Ray, never the rest
+of platform/. Both are logged by vlp3d.platform.mlflow.models.log_model.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from vlp3d.inference import RESCALE_COLUMNS, Embedder, VolumeInput
 
 ALLOWED_ROOT_ENV = "VLP3D_ALLOWED_ROOT"  # set where the model is served: overrides model_config allowed_root
-IMAGE_COLUMNS = ("image", "image_array", "affine", "spacing", *RESCALE_COLUMNS)
 
 # what the model's environment installs, pinned to the training side's versions (the pyfunc
 # imports these, directly or through vlp3d.inference; pydicom reads DICOM series)
@@ -207,3 +208,33 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
                 report_embedding[position] = vector.astype("float32").tolist()
         out["report_embedding"] = report_embedding
         return out
+
+
+def finetuned_signature():
+    """Input of a fine-tuned model: column `image` (a NIfTI file or DICOM series path)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string, "image")]))
+
+
+class FineTunedModel(mlflow.pyfunc.PythonModel):
+    """pyfunc of a fine-tuned model: DataFrame with `image` (NIfTI file or DICOM series path) -> segmentation:
+    one column `<class>_ml` per class (its volume in millilitres, at the model's preprocessing spacing);
+    classification: one column per label (its probability)."""
+
+    def load_context(self, context) -> None:
+        from vlp3d.downstream import FineTuned
+
+        self.model = FineTuned(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from vlp3d.downstream import SEGMENTATION
+
+        paths = [str(p) for p in pd.DataFrame(model_input)["image"]]
+        out = self.model.predict_files(paths)
+        if self.model.task == SEGMENTATION:
+            voxel_ml = float(np.prod(self.model.spec.spacing_mm)) / 1000.0
+            return pd.DataFrame([{f"{name}_ml": float((labels == i).sum()) * voxel_ml
+                                  for i, name in enumerate(self.model.names) if i} for labels in out])
+        return pd.DataFrame([dict(zip(self.model.names, map(float, p), strict=True)) for p in out])

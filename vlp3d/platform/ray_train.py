@@ -111,7 +111,7 @@ def _quiet_train_reports() -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the training loop on this worker's runtime."""
-    from vlp3d.platform.tracking import RankZeroLogger
+    from vlp3d.platform.mlflow.logger import RankZeroLogger
 
     logs.configure(loop_config.get("log_level"))
     if not logs.is_debug():

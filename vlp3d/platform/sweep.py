@@ -32,8 +32,8 @@ from vlp3d.config import (
 )
 from vlp3d.data.shards import count_rows, resolve_shard_dir, spec_from_config
 from vlp3d.objectives import objective_class
-from vlp3d.platform import tracking
 from vlp3d.platform.evaluate import evaluate_as_configured
+from vlp3d.platform.mlflow import models, runs, store
 from vlp3d.platform.runtime import checkpoint_location, init_ray
 from vlp3d.search_space import VARIANT, SearchSpace, apply_params, parse_space, trial_label
 
@@ -223,7 +223,7 @@ def run_finetune_trial(trial_cfg: ExperimentConfig, run_name: str, sweep: dict, 
     result = finetune(trial_cfg, run_name=run_name, progress=None, callbacks=[TuneReportCallback()],
                       parent_run_id=sweep["parent_run_id"], register=False, tags=tags)
     prefix = f"eval/{trial_cfg.data.eval_split}/"
-    tracking.end_run(sweep["tracking_uri"], result.run_id, "FINISHED", {tracking.TRIAL_STATUS_TAG: "finished"})
+    runs.end_run(sweep["tracking_uri"], result.run_id, "FINISHED", {runs.TRIAL_STATUS_TAG: "finished"})
     tune.report(_final_metrics(result.train_metrics, {k.removeprefix(prefix): v for k, v in result.metrics.items()},
                                result.run_id))
 
@@ -244,18 +244,18 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
     trial_cfg = apply_params(cfg, params, parse_space(cfg.tune.space, cfg.tune.variants))
     trial_id = tune.get_context().get_trial_id()
     run_name = trial_run_name(sweep["name"], trial_id)
-    stored = _stored_trial(trial_cfg, tracking.find_run(trial_cfg, tracking.RUN_NAME_TAG, run_name))
+    stored = _stored_trial(trial_cfg, store.find_run(trial_cfg, store.RUN_NAME_TAG, run_name))
     if stored is not None:  # finished before the driver died: report it again, do not retrain
         tune.report(stored)
         return
-    tags = {tracking.SWEEP_TAG: sweep["name"], tracking.TRIAL_TAG: trial_id, VARIANT: str(params.get(VARIANT, ""))}
+    tags = {runs.SWEEP_TAG: sweep["name"], runs.TRIAL_TAG: trial_id, VARIANT: str(params.get(VARIANT, ""))}
     if trial_cfg.tune.trial == "finetune":
         run_finetune_trial(trial_cfg, run_name, sweep, tags)
         return
     result = pretrain(trial_cfg, run_name=run_name, progress=None, callbacks=[TuneReportCallback()],
                       parent_run_id=sweep["parent_run_id"], register=False, tags=tags)
     report = evaluate_as_configured(trial_cfg, result.model_uri)
-    tracking.end_run(sweep["tracking_uri"], result.run_id, "FINISHED", {tracking.TRIAL_STATUS_TAG: "finished"})
+    runs.end_run(sweep["tracking_uri"], result.run_id, "FINISHED", {runs.TRIAL_STATUS_TAG: "finished"})
     tune.report(_final_metrics(result.metrics, report.result.metrics, result.run_id))
 
 
@@ -355,7 +355,7 @@ def _finish_stopped(cfg: ExperimentConfig, run_name: str, history: pd.DataFrame 
     """A trial the scheduler stopped: log its last checkpoint as the child run's model, evaluate it
     (once: a resumed sweep finds the evaluation in MLflow) and close the run as KILLED.
     Returns (child run id, evaluation metrics)."""
-    run = tracking.find_run(cfg, tracking.RUN_NAME_TAG, run_name)
+    run = store.find_run(cfg, store.RUN_NAME_TAG, run_name)
     if run is None:
         return "", {}
     run_id, prefix = run.info.run_id, f"eval/{cfg.data.eval_split}/"
@@ -366,9 +366,9 @@ def _finish_stopped(cfg: ExperimentConfig, run_name: str, history: pd.DataFrame 
     if len(paths):
         # the path on tracking.storage's filesystem (a remote checkpoint is logged from a download)
         with storage.local_folder(checkpoint_location(cfg, paths.iloc[-1])) as local:
-            model_uri = tracking.finish_training(run_id, cfg, local, {}, register=False, status="KILLED")
+            model_uri = models.finish_training(run_id, cfg, local, {}, register=False, status="KILLED")
         evaluation = evaluate_as_configured(cfg, model_uri).result.metrics
-    tracking.end_run(tracking.uri(cfg), run_id, "KILLED", {tracking.TRIAL_STATUS_TAG: "stopped"})
+    runs.end_run(store.uri(cfg), run_id, "KILLED", {runs.TRIAL_STATUS_TAG: "stopped"})
     return run_id, evaluation
 
 
@@ -391,9 +391,9 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
             run_id, stopped = _finish_stopped(trial_cfg, trial_run_name(sweep_name, trial_id), history)
             evaluation = _row_metrics(stopped, "")
         elif status == "error":
-            run = tracking.find_run(trial_cfg, tracking.RUN_NAME_TAG, trial_run_name(sweep_name, trial_id))
+            run = store.find_run(trial_cfg, store.RUN_NAME_TAG, trial_run_name(sweep_name, trial_id))
             if run is not None:
-                tracking.end_run(tracking.uri(cfg), run.info.run_id, "FAILED", {tracking.TRIAL_STATUS_TAG: "error"})
+                runs.end_run(store.uri(cfg), run.info.run_id, "FAILED", {runs.TRIAL_STATUS_TAG: "error"})
         fraction = trial_cfg.finetune.label_fraction if cfg.tune.trial == "finetune" else trial_cfg.data.fraction
         fraction_key = (trial_cfg.data.shards, trial_cfg.data.train_split, fraction)
         if fraction_key not in counts:
@@ -506,9 +506,9 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0 Tune prints nothing; SweepProgress does
     init_ray(cfg)
-    uri = tracking.uri(cfg)
-    parent_run_id = tracking.start_or_resume_sweep_run(cfg, name, {"space": cfg.tune.space,
-                                                                   "variants": cfg.tune.variants})
+    uri = store.uri(cfg)
+    parent_run_id = runs.start_or_resume_sweep_run(cfg, name, {"space": cfg.tune.space,
+                                                               "variants": cfg.tune.variants})
     planned = planned_trials(cfg, space)
     workers = concurrency(cfg, configs)
     trainable = tune.with_resources(
@@ -540,8 +540,8 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
         files.append(folder / f"{stem}.csv")
     table.to_parquet(folder / "trials.parquet", index=False)
     files.append(folder / "trials.parquet")
-    tracking.log_files(uri, parent_run_id, files, "sweep")
-    tracking.log_files(uri, parent_run_id, figures, "plots")
+    runs.log_files(uri, parent_run_id, files, "sweep")
+    runs.log_files(uri, parent_run_id, figures, "plots")
     summary = {f"trials_{s}": float((table["status"] == s).sum()) if len(table) else 0.0
                for s in ("finished", "stopped", "error")}
     best = ""
@@ -551,9 +551,9 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
         pick = finished[column].idxmax() if cfg.tune.mode == "max" else finished[column].idxmin()
         best = str(finished.loc[pick, "trial_id"])
         summary[f"best/{cfg.tune.metric}"] = float(finished.loc[pick, column])
-    tracking.log_summary_metrics(uri, parent_run_id, summary)
+    runs.log_summary_metrics(uri, parent_run_id, summary)
     failed = bool(summary["trials_error"]) and not summary["trials_finished"]
-    tracking.end_run(uri, parent_run_id, "FAILED" if failed else "FINISHED", {"vlp3d.best_trial": best})
+    runs.end_run(uri, parent_run_id, "FAILED" if failed else "FINISHED", {"vlp3d.best_trial": best})
     display = [d.key for d in space.dimensions if d.key == VARIANT or d.key in varied]
     return SweepResult(name, parent_run_id, uri, folder, table, fits, varied, display, figures, best,
                        time.time() - started)
