@@ -289,14 +289,16 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
 
 
 def _eval_rows(plan_: Plan, split: str, fraction: float = 1.0) -> list[dict]:
-    import pyarrow.parquet as pq
+    """The `split` rows (inside the label `fraction`) of the shards, as Ray Data would hand them over, read
+    without Ray; segmentation keeps those with a label map."""
+    from vlp3d.data.rows import block_rows, read_blocks
 
     column = LABEL_MAP if plan_.network.task == SEGMENTATION else "labels"
+    names = ["image", "image_shape", column]
     rows = []
-    for path in shard_files(plan_.shard_dir, "ct"):
-        table = pq.read_table(path, columns=["image", "image_shape", column, "split", "fraction_rank"])
-        rows += [r for r in table.to_pylist() if r["split"] == split and (fraction >= 1.0 or r["fraction_rank"] < fraction)
-                 and (column != LABEL_MAP or r[column])]
+    for block in read_blocks(shard_files(plan_.shard_dir, "ct"), names, split, fraction,
+                             nonempty=column if column == LABEL_MAP else ""):
+        rows += [{name: block[name][i] for name in names} for i in range(block_rows(block))]
     return rows
 
 
