@@ -1,10 +1,12 @@
 """`vlp3d sweep` on Ray Tune over the session's tiny demo shards.
 
 One sweep does the expensive part once: three trials run one at a time (a: lr 1e-3 on half the
-data, b: lr 1e-2, stopped by ASHA at its first rung, c: lr 1e-3 on all the data). Its driver is a
-separate process, killed with SIGKILL while c trains; the sweep is then resumed in this process.
+data, b: lr 1e-2, stopped by ASHA at its first rung, c: lr 1e-3 on all the data). a and b run their
+loop in the trial process (one worker each, tune.trial_runtime 'auto'). Its driver is a separate process, killed with SIGKILL while c trains; the sweep is then resumed in
+this process. A fine-tuning sweep runs its trial on a Ray Train worker group (Tune over Train).
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -46,7 +48,7 @@ def _wait_for_line(proc, pattern: str, timeout: float) -> str:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    found.wait(timeout)
+    reader.join(timeout)  # ends at the line, or when the process closes its output (it exited)
     if not found.is_set():
         proc.kill()
         pytest.fail(f"no line with {pattern!r} after {timeout} s:\n" + "".join(lines)[-6000:])
@@ -77,7 +79,8 @@ def resumed_sweep(tiny_demo, ray_session, tmp_path_factory):
     try:
         before = _wait_for_line(proc, "_00002 step 2/4", timeout=300)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-trial; Ray reaps its actors
+        with contextlib.suppress(ProcessLookupError):  # (gone already when it failed)
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-trial; Ray reaps its actors
         proc.wait(timeout=30)
     _wait_for_free_cpus(ray)
     started = time.time()
@@ -126,6 +129,8 @@ def test_one_parent_run_and_one_child_run_per_trial(resumed_sweep, tiny_demo):
     by_variant = {run.data.tags["variant"]: run for run in children}
     assert {v: r.info.status for v, r in by_variant.items()} == {"a": "FINISHED", "b": "KILLED", "c": "FINISHED"}
     assert by_variant["b"].data.tags["vlp3d.trial_status"] == "stopped"
+    runtimes = {v: r.data.tags["vlp3d.runtime"] for v, r in by_variant.items()}
+    assert runtimes == {"a": "local", "b": "local", "c": "local"}
     logged = [m.source_run_id for m in client.search_logged_models(experiment_ids=[parent.info.experiment_id])]
     for run in children:
         assert "eval/valid/macro_auroc" in run.data.metrics and run.data.params["train.max_steps"] == "4"
@@ -219,3 +224,23 @@ def test_concurrency_fills_the_cluster_and_keeps_a_cpu_for_data(monkeypatch):
     assert concurrency(replace(gpu, tune={"max_concurrent_trials": 3}), [gpu]) == 3
     small = replace(gpu, cluster={"num_workers": 4, "cpus_per_worker": 2.0})
     assert concurrency(small, [small]) == 4  # 16 GPUs / 4 per trial
+
+
+def test_a_finetuning_sweep_runs_its_trials_on_ray_train(tiny_demo, ray_session):
+    from vlp3d.platform.sweep import run_sweep, table_column
+
+    cfg = load_config(tiny_demo / "config.toml", [
+        "name=ftsweep", 'tune.trial="finetune"', 'tune.metric="eval/mean_dice"', 'tune.trial_runtime="ray_train"',
+        'tune.space={"finetune.init" = ["random"]}', "finetune.model=models:/vlp3d-clip@champion",
+        "finetune.max_steps=2", "finetune.global_batch=2", 'finetune.classes=["lung"]', "finetune.roi_size=[16, 16, 16]",
+        "train.checkpoint_every=2", "cluster.num_workers=1", "cluster.cpus_per_worker=0.5", "tune.max_concurrent_trials=1"])
+    result = run_sweep(cfg, name="finetune-on-train", progress=lambda *_: None)
+    [trial] = result.table.to_dict("records")
+    column = table_column("eval/mean_dice")
+    assert trial["status"] == "finished" and 0.0 <= trial[column] <= 1.0, trial
+    run = MlflowClient(tracking_uri=result.tracking_uri).get_run(trial["mlflow_run_id"])
+    assert run.data.tags["vlp3d.runtime"] == "ray_train" and run.data.tags["vlp3d.init"] == "random"
+    assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    with pytest.raises(ConfigError, match="tune.trial_runtime = 'local' runs a trial's loop in one process"):
+        run_sweep(load_config(tiny_demo / "config.toml", ['tune.trial_runtime="local"', "cluster.num_workers=2",
+                                                         'tune.space={"train.lr" = [0.001]}']), name="never")

@@ -45,6 +45,12 @@ class TuneConfig:
         0, "Trials run at once (0: as many as the cluster's CPUs/GPUs hold, keeping one CPU for Ray Data; set "
         "it on an autoscaling cluster, whose resources grow only once trials ask).",
     )
+    trial_runtime: Literal["auto", "local", "ray_train"] = _f(
+        "auto", "Where a trial's training loop runs: 'local' in the trial's own process (LocalRuntime: no worker "
+        "group to start, the same losses as one Ray Train worker; one worker only), 'ray_train' on "
+        "cluster.num_workers Ray Train workers (restarts after worker failures), 'auto': local for one-worker "
+        "trials, else Ray Train.",
+    )
     trial_cpus: float = _f(0.1, "CPUs of each trial's driver process (its Train workers take cluster.* resources).")
     seed: int = _f(0, "Seed of random/Optuna sampling and of the scaling-fit bootstrap.")
     fit_bootstrap: int = _f(1000, "Bootstrap resamples for the 95% intervals of fitted scaling exponents.")

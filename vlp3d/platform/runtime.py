@@ -125,7 +125,9 @@ def run_storage(cfg: ExperimentConfig) -> tuple[str, pyarrow.fs.FileSystem | Non
 
 def checkpoint_location(cfg: ExperimentConfig, fs_path: str) -> Path | str:
     """A checkpoint's path as Ray reports it (on run_storage's filesystem) as a local Path, or a
-    URI under tracking.storage."""
+    URI under tracking.storage (a URI, as a local run reports it, is kept)."""
+    if storage.is_uri(fs_path):
+        return fs_path
     location = storage_location(cfg)
     return storage.uri_of(location, fs_path) if storage.is_uri(location) else Path(fs_path)
 

@@ -137,6 +137,9 @@ def check_sweep(cfg: ExperimentConfig) -> tuple[SearchSpace, list[ExperimentConf
         except ImportError:
             raise ConfigError("tune.search = 'optuna' needs the optional package optuna: "
                               "pip install 'vlp3d[optuna]' (or use 'grid' / 'random').") from None
+    if cfg.tune.trial_runtime == "local" and cfg.cluster.num_workers != 1:
+        raise ConfigError(f"tune.trial_runtime = 'local' runs a trial's loop in one process, but cluster.num_workers = "
+                          f"{cfg.cluster.num_workers}; set cluster.num_workers = 1 or tune.trial_runtime = 'auto'.")
     configs, seen = [], set()
     for params in space.representative_params():
         try:
@@ -150,6 +153,39 @@ def check_sweep(cfg: ExperimentConfig) -> tuple[SearchSpace, list[ExperimentConf
             raise ConfigError(f"tune.space: the trial {trial_label(params)} cannot run: {err}") from None
         configs.append(trial_cfg)
     return space, configs
+
+
+def runs_locally(cfg: ExperimentConfig) -> bool:
+    """Whether a trial of `cfg` runs its loop in the trial process (`tune.trial_runtime`)."""
+    if cfg.tune.trial_runtime == "auto":
+        return cfg.cluster.num_workers == 1
+    return cfg.tune.trial_runtime == "local"
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What a trial's actor asks of Ray: its driver's tune.trial_cpus, plus its worker's CPUs (and GPU)
+    when the loop runs in it; a Ray Train trial's workers ask for their own."""
+    if not runs_locally(cfg):
+        return {"CPU": cfg.tune.trial_cpus}
+    return {"CPU": cfg.tune.trial_cpus + cfg.cluster.cpus_per_worker, **({"GPU": 1.0} if cfg.cluster.use_gpu else {})}
+
+
+def _training_kwargs(cfg: ExperimentConfig) -> dict:
+    """How a trial hands its reports to Tune: the local loop's `on_report`, or Ray Train's callback."""
+    from ray import tune
+
+    if runs_locally(cfg):
+        if not cfg.cluster.use_gpu:  # as a Ray Train worker would
+            import torch
+
+            torch.set_num_threads(max(1, math.floor(cfg.cluster.cpus_per_worker)))
+        def report(metrics: dict, checkpoint=None) -> None:  # the checkpoint stays where the run keeps it
+            tune.report({**metrics, **({"checkpoint_path": str(checkpoint)} if checkpoint is not None else {})})
+
+        return {"local": True, "on_report": report}
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return {"callbacks": [TuneReportCallback()]}
 
 
 def planned_trials(cfg: ExperimentConfig, space: SearchSpace) -> int:
@@ -216,11 +252,10 @@ def run_finetune_trial(trial_cfg: ExperimentConfig, run_name: str, sweep: dict, 
     """A fine-tuning trial (tune.trial = 'finetune'): `vlp3d finetune` as a child run, its evaluation on
     data.eval_split reported to Tune as eval/<metric> (eval/mean_dice, eval/dice/<class>, eval/macro_auroc)."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from vlp3d.platform.finetune import finetune
 
-    result = finetune(trial_cfg, run_name=run_name, progress=None, callbacks=[TuneReportCallback()],
+    result = finetune(trial_cfg, run_name=run_name, progress=None, **_training_kwargs(trial_cfg),
                       parent_run_id=sweep["parent_run_id"], register=False, tags=tags)
     prefix = f"eval/{trial_cfg.data.eval_split}/"
     runs.end_run(sweep["tracking_uri"], result.run_id, "FINISHED", {runs.TRIAL_STATUS_TAG: "finished"})
@@ -232,7 +267,6 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
     """One trial, in a Tune actor: pretrain (reports reach Tune through TuneReportCallback), evaluate
     on the held-out split exactly as `vlp3d evaluate` does, report the final metrics to Tune."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from vlp3d.platform.pretrain import pretrain
 
@@ -252,7 +286,7 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
     if trial_cfg.tune.trial == "finetune":
         run_finetune_trial(trial_cfg, run_name, sweep, tags)
         return
-    result = pretrain(trial_cfg, run_name=run_name, progress=None, callbacks=[TuneReportCallback()],
+    result = pretrain(trial_cfg, run_name=run_name, progress=None, **_training_kwargs(trial_cfg),
                       parent_run_id=sweep["parent_run_id"], register=False, tags=tags)
     report = evaluate_as_configured(trial_cfg, result.model_uri)
     runs.end_run(sweep["tracking_uri"], result.run_id, "FINISHED", {runs.TRIAL_STATUS_TAG: "finished"})
@@ -438,6 +472,8 @@ def label_efficiency_table(table: pd.DataFrame, column: str) -> pd.DataFrame:
     from scipy import stats
 
     done = table[(table["status"] == "finished") & table[column].notna()] if column in table else table.iloc[:0]
+    if not {"finetune.init", "finetune.label_fraction"} <= set(done):  # a sweep that varies neither: no curve
+        done = done.iloc[:0]
     keys = [k for k in ("finetune.model", VARIANT) if k in done and done[k].nunique() > 1]
     rows = []
     for (source, fraction), group in done.groupby(
@@ -514,7 +550,7 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=to_dict(cfg),
                              sweep={"name": name, "parent_run_id": parent_run_id, "tracking_uri": uri}),
-        {"CPU": cfg.tune.trial_cpus},
+        lambda params: tune.PlacementGroupFactory([trial_resources(apply_params(cfg, params, space))]),
     )
     axes = ", ".join(f"{d.key} ({len(d.values)})" if d.enumerable else f"{d.key} ({d.kind})" for d in space.dimensions)
     progress(f"sweep {name}: {planned} trials over {axes}, {workers} at a time; "
