@@ -1,9 +1,10 @@
-"""What Ray Train costs: `vlp3d pretrain` with one worker against a plain PyTorch loop on the same
-model, data, batch and threads (one per process), and 1 -> 2 workers at the same global batch
-(strong scaling: 1 core -> 2 cores).
+"""What Ray Train costs: `vlp3d pretrain` with one Ray Train worker against the same loop in one
+process without Ray (`vlp3d pretrain --local`, LocalRuntime) and against a plain PyTorch loop, on
+the same model, data, batch and threads (one per process), and 1 -> 2 workers at the same global
+batch (strong scaling: 1 core -> 2 cores).
 
 The plain loop reads the same training shards into memory once and runs `engine.train_step` on
-shuffled batches, with the same augmentation; `vlp3d pretrain` runs everything it runs in
+shuffled batches, with the same augmentation; `vlp3d pretrain` (either runtime) runs everything it runs in
 production (Ray Data ingest in a fixed order, DDP wrapper, the NaN guard's all-reduce, rank-0
 MLflow logging every step, checkpoints every `--checkpoint-every` steps). Step time is the
 steady state: the time between the `--warmup`-th and the last step (from the loop's own clock,
@@ -66,14 +67,16 @@ def plain_loop(cfg, shard_dir: Path, steps: int, warmup: int, threads: int) -> d
     return {"step_s": step_s, "samples_per_s": batch_size / step_s}
 
 
-def ray_run(cfg, name: str, warmup: int) -> dict:
+def ray_run(cfg, name: str, warmup: int, local: bool = False) -> dict:
     from mlflow.tracking import MlflowClient
 
     from vlp3d.platform.pretrain import pretrain
     from vlp3d.platform.runtime import tracking_uri
 
     started = time.time()
-    result = pretrain(cfg, run_name=name, progress=None)
+    if local:
+        torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_worker < 2
+    result = pretrain(cfg, run_name=name, progress=None, local=local)
     wall = time.time() - started
     history = sorted(MlflowClient(tracking_uri(cfg)).get_metric_history(result.run_id, "train/loss"),
                      key=lambda m: m.step)
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     print("plain PyTorch loop, 1 thread ...", flush=True)
     records["plain loop, 1 process"] = plain_loop(base, shard_dir, args.steps, args.warmup, threads=1)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    print("vlp3d pretrain --local (LocalRuntime, no Ray), 1 thread ...", flush=True)
+    records["vlp3d pretrain --local"] = ray_run(replace(base, cluster={"num_workers": 1}), f"overhead-local-{stamp}",
+                                                args.warmup, local=True)
     for workers in (1, 2):
         # one torch thread per worker (floor of cpus_per_worker, at least 1); a quarter core each is
         # left to Ray Data and the split coordinator (a worker holding every core can starve them)
@@ -119,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         records[f"vlp3d pretrain, {workers} worker(s)"] = ray_run(cfg, f"overhead-{workers}w-{stamp}", args.warmup)
 
     plain = records["plain loop, 1 process"]["samples_per_s"]
+    local = records["vlp3d pretrain --local"]["samples_per_s"]
     rows = [[label, f"{r['step_s'] * 1000:.0f} ms", f"{r['samples_per_s']:.1f}", f"{r['samples_per_s'] / plain:.2f}",
-             f"{r['startup_s']:.0f} s" if "startup_s" in r else ""] for label, r in records.items()]
-    print("\n" + format_table(rows, ["", "step (steady state)", "samples/s", "vs plain loop", "start-up"],
+             f"{r['samples_per_s'] / local:.2f}", f"{r['startup_s']:.0f} s" if "startup_s" in r else ""]
+            for label, r in records.items()]
+    print("\n" + format_table(rows, ["", "step (steady state)", "samples/s", "vs plain loop", "vs --local", "start-up"],
                               title=f"{base.model.image_encoder}/{base.model.size}, global batch "
                                     f"{base.train.global_batch}, {tuple(base.data.shape)}, 1 thread per process"))
     Path(args.workdir, "train_overhead.json").write_text(json.dumps(records, indent=2))
