@@ -5,6 +5,7 @@ scaling, a non-finite step skipped on the spot, its scheduler not advanced, the 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.test_config_methods import toy  # noqa: F401 - the toy method, registered per test
 from vlp3d.config import load_config
 
 TOLERANCE = 1e-6
@@ -110,3 +111,20 @@ def test_finetune_skips_a_non_finite_step_without_advancing_its_scheduler_or_res
     assert skipped_lr[3] != pytest.approx(clean_lr[3], rel=1e-6)
     clean_loss = _history(client, clean.run_id, "train/loss")
     assert _history(client, skipped.run_id, "train/loss")[1] == pytest.approx(clean_loss[1], abs=TOLERANCE)
+
+
+def test_a_toy_method_defined_in_the_tests_pretrains_end_to_end(toy, tiny_demo):  # noqa: F811
+    """A method is one file: the toy objective of tests/test_config_methods.py, registered there and
+    nowhere under vlp3d/, pretrains on the demo's shards, logs its term and registers its model."""
+    from vlp3d.platform.pretrain import pretrain
+
+    cfg = load_config(tiny_demo / "config.toml", ["objective.name=toy", "objective.toy.pull_weight=0.5",
+                                                  "model.size=tiny", "train.max_steps=2", "train.log_every=1",
+                                                  "train.checkpoint_every=2", "tracking.registered_model=vlp3d-toy"])
+    assert cfg.objective.toy.scale == 2.0 and cfg.objective.toy.pull_weight == 0.5  # its table, read from the config
+    result = pretrain(cfg, run_name="toy-method", progress=None, local=True)
+    client = _client(tiny_demo)
+    run = client.get_run(result.run_id)
+    assert sorted(_history(client, result.run_id, "train/loss/pull")) == [1, 2]
+    assert run.data.params["loss_weight/pull"] == "0.5" and run.data.params["objective.name"] == "toy"
+    assert result.model_uri == "models:/vlp3d-toy/1"
