@@ -541,6 +541,9 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
     # intermediate results lack the end-of-trial metrics (and early ones the validation loss)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # with verbose=0 Tune prints nothing; SweepProgress does
+    # Tune saves which trials ended at most every 10 s by default: a driver killed sooner after a trial
+    # ended (one-worker trials end seconds apart) would, on --resume, rerun a trial the scheduler had stopped
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     init_ray(cfg)
     uri = store.uri(cfg)
     parent_run_id = runs.start_or_resume_sweep_run(cfg, name, {"space": cfg.tune.space,
