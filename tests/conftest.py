@@ -1,8 +1,11 @@
-"""Shared fixtures: one local Ray per test session, small object store."""
+"""Shared fixtures of every level (tests/unit, tests/integration, tests/e2e; see tests/README.md):
+one local Ray per test session with a small object store, an S3-compatible server, and the tiny
+demo (corpus, shards, a trained and registered model) built once per session."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +32,23 @@ os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}"})
 for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
     os.environ.pop(_name, None)
+
+
+LEVELS = ("unit", "integration", "e2e")  # tests/<level>/: the level is the folder (tests/README.md)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test carries its level's marker (`pytest -m unit`, `-m "not e2e"`), from its folder."""
+    root = Path(__file__).parent
+    for item in items:
+        level = Path(str(item.path)).relative_to(root).parts[0]
+        if level not in LEVELS:
+            raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/unit, tests/integration or tests/e2e")
+        item.add_marker(getattr(pytest.mark, level))
+        ray_fixtures = {"ray_session", "tiny_demo"} & set(getattr(item, "fixturenames", ()))
+        if level == "unit" and ray_fixtures:
+            raise pytest.UsageError(f"{item.nodeid} is in tests/unit but uses {sorted(ray_fixtures)}: a test that "
+                                    "needs Ray or the trained demo belongs in tests/integration or tests/e2e")
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +119,19 @@ def _mlflow_store_env_unchanged():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# the session's one prepared corpus and trained model: a tiny `vlp3d demo` (24 phantoms, 4 steps)
+TINY_DEMO = ["--n", "24", "train.max_steps=4", "train.global_batch=8", "train.checkpoint_every=2",
+             "train.log_every=2", "eval.bootstrap=10"]
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(ray_session, tmp_path_factory):
+    """A tiny demo run once per session: integration and end-to-end tests read its shards, runs and
+    registry (`models:/vlp3d-clip@champion`)."""
+    from vlp3d.cli import main
+
+    workdir = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--workdir", str(workdir), *TINY_DEMO]) == 0
+    return workdir

@@ -1,6 +1,6 @@
 """model.compile: the compiled image encoder trains as the eager one does, checkpoints keep the plain
 state-dict keys, and a backend that cannot compile is a ConfigError naming model.compile. (CPU;
-the training loop's compile timing is tests/test_platform/test_demo_e2e.py's business.)"""
+the training loop's compile timing is tests/e2e/test_demo.py's business.)"""
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_a_fine_tuned_version_gets_its_own_card():

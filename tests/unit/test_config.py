@@ -16,7 +16,7 @@ from vlp3d.config import (
     to_toml,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_precedence_defaults_file_overrides(tmp_path):

@@ -3,7 +3,7 @@
 Runs in its own process because the test session already holds a local Ray. Prints one JSON
 line prefixed with RESULT; exits non-zero on any failed check.
 
-    python tests/test_platform/multinode_check.py WORKDIR
+    python tests/e2e/multinode_check.py WORKDIR
 """
 
 from __future__ import annotations

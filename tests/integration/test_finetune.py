@@ -1,5 +1,7 @@
-"""`vlp3d finetune` on the tiny demo's shards and registered model: a few Ray Train steps, evaluated,
-registered with a link to the pretrained version, loadable as a pyfunc."""
+"""`vlp3d finetune --local` on the tiny demo's shards and registered model: a few steps of the training
+loop in this process, evaluated, registered with a link to the pretrained version, loadable as a
+pyfunc. (The loop is the one Ray Train workers run, tests/e2e/test_local_vs_ray.py; fine-tuning on
+a Ray Train worker group: the fine-tuning sweep of tests/e2e/test_sweep.py.)"""
 
 import math
 
@@ -15,7 +17,7 @@ def test_finetune_segmentation_is_tracked_and_registered_with_its_source(tiny_de
 
     code = main(["finetune", str(tiny_demo / "config.toml"), "finetune.max_steps=2", "finetune.global_batch=4",
                  'finetune.classes=["lung", "heart"]', "train.checkpoint_every=2", "train.log_every=1",
-                 "--model", "models:/vlp3d-clip@champion", "--run-name", "finetune-e2e"])
+                 "--model", "models:/vlp3d-clip@champion", "--run-name", "finetune-local", "--local"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "lung" in out and "heart" in out and "dice_atlas" in out
@@ -25,7 +27,7 @@ def test_finetune_segmentation_is_tracked_and_registered_with_its_source(tiny_de
     [version] = client.search_model_versions("name='vlp3d-clip-segmentation'")
     assert version.tags["vlp3d.pretrained_model"] == f"models:/vlp3d-clip/{source.version}"
     run = client.get_run(version.run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["vlp3d.runtime"] == "local"
     assert run.data.tags["vlp3d.pretrained_model"] == f"models:/vlp3d-clip/{source.version}"
     assert run.data.tags["vlp3d.init"] == "pretrained" and run.data.params["finetune.max_steps"] == "2"
     assert run.data.params["model.image_encoder"] == "resnet3d"  # the pretrained model's encoder

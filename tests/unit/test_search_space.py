@@ -88,7 +88,7 @@ def test_tune_tables_round_trip_through_toml(tmp_path):
 def test_shipped_sweep_configs_parse():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "configs" / "sweeps"
+    root = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
     sizes = {}
     for path in sorted(root.glob("*.toml")):
         cfg = load_config(path)

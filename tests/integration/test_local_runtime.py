@@ -1,11 +1,12 @@
 """The training loop without Ray (`LocalRuntime`, `vlp3d pretrain --local`, `vlp3d finetune --local`):
-the same losses as one Ray Train worker, and fine-tuning under every guard of the loop (fp16 grad
-scaling, a non-finite step skipped on the spot, its scheduler not advanced, the run not restarted)."""
+resume by name, a toy method, and fine-tuning under every guard of the loop (fp16 grad scaling, a
+non-finite step skipped on the spot, its scheduler not advanced, the run not restarted). The same
+losses as one Ray Train worker: tests/e2e/test_local_vs_ray.py."""
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.test_config_methods import toy  # noqa: F401 - the toy method, registered per test
+from tests.unit.test_config_methods import toy  # noqa: F401 - the toy method, registered per test
 from vlp3d.config import load_config
 
 TOLERANCE = 1e-6
@@ -25,28 +26,6 @@ def _client(tiny_demo) -> MlflowClient:
 
 def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-
-def test_local_runtime_and_one_ray_train_worker_log_the_same_losses(tiny_demo):
-    from vlp3d.cli import main
-    from vlp3d.platform.mlflow import store
-    from vlp3d.platform.pretrain import pretrain
-
-    config = str(tiny_demo / "config.toml")
-    on_ray = pretrain(load_config(config, PRETRAIN), run_name="one-ray-worker", progress=None)
-    assert main(["pretrain", config, *PRETRAIN, "--local", "--run-name", "local-runtime"]) == 0
-    client = _client(tiny_demo)
-    local = store.find_run(load_config(config, PRETRAIN), store.RUN_NAME_TAG, "local-runtime")
-    assert local.data.tags["vlp3d.runtime"] == "local"
-    assert client.get_run(on_ray.run_id).data.tags["vlp3d.runtime"] == "ray_train"
-    ray_losses = _history(client, on_ray.run_id, "train/loss")
-    local_losses = _history(client, local.info.run_id, "train/loss")
-    assert sorted(ray_losses) == sorted(local_losses) == list(range(1, STEPS + 1))
-    for step, value in ray_losses.items():
-        assert local_losses[step] == pytest.approx(value, abs=TOLERANCE, rel=TOLERANCE), step
-    # `vlp3d pretrain --local` registers its model as a Ray run does
-    versions = client.search_model_versions("name='vlp3d-local-runtime'")
-    assert {v.run_id for v in versions} == {on_ray.run_id, local.info.run_id}
 
 
 def test_local_pretrain_resumes_by_name_from_its_checkpoint(tiny_demo):
@@ -114,7 +93,7 @@ def test_finetune_skips_a_non_finite_step_without_advancing_its_scheduler_or_res
 
 
 def test_a_toy_method_defined_in_the_tests_pretrains_end_to_end(toy, tiny_demo):  # noqa: F811
-    """A method is one file: the toy objective of tests/test_config_methods.py, registered there and
+    """A method is one file: the toy objective of tests/unit/test_config_methods.py, registered there and
     nowhere under vlp3d/, pretrains on the demo's shards, logs its term and registers its model."""
     from vlp3d.platform.pretrain import pretrain
 

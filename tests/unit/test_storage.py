@@ -1,6 +1,6 @@
 """Output locations on pyarrow filesystem URIs (vlp3d.storage): a local `file://` URI and `s3://` on
 an S3-compatible server (moto_server, the `s3_server` fixture). No Ray here; the platform test
-tests/test_platform/test_storage_uri.py prepares, trains, resumes and evaluates on them."""
+tests/e2e/test_storage_uri.py prepares, trains, resumes and evaluates on them."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The training engine without Ray: LR schedule, AdamW parameter groups, one optimisation step.
-(The NaN/inf guard of train_step is tests/test_training_guard.py.)"""
+(The NaN/inf guard of train_step is tests/unit/test_training_guard.py.)"""
 
 import math
 

@@ -28,7 +28,7 @@ from vlp3d.data.files import FolderLock, FolderLockedError, remove_temporaries, 
 from vlp3d.data.shards import spec_from_config
 from vlp3d.data.volume import PreprocessSpec
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 QUIET = {"progress": lambda *_: None}
 
 
