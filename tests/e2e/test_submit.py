@@ -1,6 +1,6 @@
 """`vlp3d submit` / `vlp3d jobs` on a cluster (marked `cluster`): a two-node Ray cluster started like
 cluster.yaml starts it, with token auth and an MLflow server, running a submitted prepare + pretrain
-job (what is uploaded and passed without a cluster: tests/unit/platform/test_submit.py).
+job (what is uploaded and passed without a cluster: tests/unit/test_platform/test_submit.py).
 
 The cluster test starts its own processes (`ray start --block` per node, `mlflow server`), each in
 a process group of its own, and stops them by PID in the fixture's teardown; it never runs

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.unit.objectives import gloo
+from tests.unit.test_objectives import gloo
 from vlp3d.config import ExperimentConfig, replace
 from vlp3d.train import checkpoint as checkpoints
 from vlp3d.train.step import train_step

@@ -9,7 +9,7 @@ bootstrap resamples.
 Intervals: residual bootstrap (resample the fit's leverage-adjusted residuals onto the fitted
 curve; refit; 2.5th and 97.5th percentiles). Case resampling is not used: with a handful of sweep
 points most resamples would lose a design point. With as few as 5-6 points the intervals still
-cover somewhat less often than 95% (tests/unit/evaluation/test_scaling.py measures it).
+cover somewhat less often than 95% (tests/unit/test_evaluation/test_scaling.py measures it).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from tests.method_overrides import TINY
-from tests.unit.objectives import gloo
-from tests.unit.objectives.gloo import WORLD
+from tests.unit.test_objectives import gloo
+from tests.unit.test_objectives.gloo import WORLD
 from vlp3d.config import load_config
 from vlp3d.encoders.export import saved_activation_bytes
 from vlp3d.objectives.heads import masked_mse, patch_mask, upsample_mask

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.unit.encoders.helpers import SMALL_INPUTS, build_small, loss_of, small_volume
+from tests.unit.test_encoders.helpers import SMALL_INPUTS, build_small, loss_of, small_volume
 from vlp3d.encoders import SIZES, build_image_encoder
 
 ENCODERS = sorted(SMALL_INPUTS)

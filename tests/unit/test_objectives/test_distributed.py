@@ -7,8 +7,8 @@ import warnings
 import torch
 import torch.multiprocessing as mp
 
-from tests.unit.objectives import gloo
-from tests.unit.objectives.gloo import WORLD
+from tests.unit.test_objectives import gloo
+from tests.unit.test_objectives.gloo import WORLD
 from vlp3d.objectives.distributed import all_gather, global_mean, world
 
 

@@ -6,7 +6,7 @@ import torch
 from monai.networks.nets import UNETR, SwinUNETR
 from monai.networks.nets.swin_unetr import WindowAttention, compute_mask
 
-from tests.unit.encoders.helpers import loss_of
+from tests.unit.test_encoders.helpers import loss_of
 from vlp3d.config import load_config
 from vlp3d.encoders import attention as attention_module
 from vlp3d.encoders import build_image_encoder

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.unit.data.helpers import package_file, to_ras
+from tests.unit.test_data.helpers import package_file, to_ras
 from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_hu
 
 pydicom = pytest.importorskip("pydicom")

@@ -6,8 +6,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from tests.unit.objectives import gloo
-from tests.unit.objectives.gloo import WORLD
+from tests.unit.test_objectives import gloo
+from tests.unit.test_objectives.gloo import WORLD
 from vlp3d.objectives.clip import ClipLoss
 
 
