@@ -103,8 +103,7 @@ class Vlp3dModel(nn.Module, PyTorchModelHubMixin, library_name="vlp3d", pipeline
         if not (folder / WEIGHTS).is_file():
             raise FileNotFoundError(f"{folder}: no {WEIGHTS}; give a folder `vlp3d export --format hf` wrote")
         model = cls(**model_kwargs)
-        missing, unexpected = safetensors.torch.load_model(model, str(folder / WEIGHTS), strict=strict,
-                                                           device=map_location)
+        safetensors.torch.load_model(model, str(folder / WEIGHTS), strict=strict, device=map_location)
         model.text_encoder_path = str(folder / TEXT_ENCODER_DIR)
         return model.eval()
 
@@ -180,7 +179,8 @@ def model_card(info: CardInfo, cfg, metadata: dict) -> ModelCard:
         metric_args={"finding": e.label, "ci_low": round(float(e.ci_low), 4), "ci_high": round(float(e.ci_high), 4),
                      "confidence": 0.95, "interval": "bootstrap over volumes", "volumes": int(e.n)})
         for e in info.evaluations if e.value == e.value]
-    name = info.source.removeprefix("models:/").replace("/", "-v") or "vlp3d-model"
+    registered = info.source.removeprefix("models:/")
+    name = registered.replace("/", "-v") if info.source.startswith("models:/") else f"vlp3d-{cfg.objective.name}"
     data = ModelCardData(license=info.license, library_name="vlp3d", pipeline_tag="feature-extraction",
                          tags=sorted(set(TAGS + [cfg.objective.name, cfg.model.image_encoder])),
                          datasets=[dataset] if dataset else None, model_name=name,

@@ -97,12 +97,18 @@ def load_finetuned(args: argparse.Namespace):
     return model
 
 
+def source_name(model: str) -> str:
+    """How an export names its source: the model URI, or a checkpoint folder by its own name only (the
+    files may be shared; the local path stays here)."""
+    return f"checkpoint folder {Path(model).resolve().name}" if Path(model).is_dir() else model
+
+
 def card_info(args: argparse.Namespace):
     """The hf model card's facts: the registered version's evaluation, or only the source for a folder."""
     from vlp3d.formats.hf import CardInfo, Evaluation
 
     if Path(args.model).is_dir():
-        return CardInfo(source=args.model, license=args.license, dataset=args.dataset)
+        return CardInfo(source=source_name(args.model), license=args.license, dataset=args.dataset)
     from vlp3d.platform.mlflow.card import registered_evaluation
 
     if not args.model.startswith("models:/"):  # a run's model (runs:/...): nothing registered to describe
@@ -126,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         from vlp3d.formats.monai_bundle import export_monai_bundle
 
         model = load_finetuned(args)
-        written = export_monai_bundle(model, out, args.model)
+        written = export_monai_bundle(model, out, source_name(args.model))
         print(f"wrote a MONAI bundle of {args.model} ({model.network.encoder}, classes {', '.join(model.names)}) to "
               f"{written}. Run it:\n  python -m monai.bundle run --config_file {written}/configs/inference.json "
               f"--bundle_root {written} --output_dir OUT --datalist \"['scan.nii.gz']\"")
@@ -142,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from vlp3d.formats.onnx_export import export_onnx
 
-    written = export_onnx(embedder, out, args.model)
+    written = export_onnx(embedder, out, source_name(args.model))
     print(f"wrote the image and text encoders of {args.model} as ONNX graphs to {written}. Run them:\n"
           f"  from vlp3d.formats.onnx_export import OnnxEmbedder\n  model = OnnxEmbedder('{written}')\n"
           "(the preprocessing the graphs leave out: docs/formats.md)")

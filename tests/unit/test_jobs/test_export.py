@@ -32,6 +32,8 @@ def test_exports_a_checkpoint_folder_in_hf_format(checkpoint, tmp_path, capsys):
     assert "Vlp3dModel.from_pretrained" in capsys.readouterr().out
     loaded = Vlp3dModel.from_pretrained(tmp_path / "hf")
     torch.testing.assert_close(loaded.embed_reports(REPORTS), embedder.embed_reports(REPORTS), rtol=0, atol=1e-6)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "checkpoint folder checkpoint" in card and str(folder) not in card  # no local path in what is shared
 
 
 @pytest.mark.parametrize(("argv", "reason"), [
