@@ -15,6 +15,8 @@ from vlp3d.downstream import FineTuned, NetworkSpec, build_network
 from vlp3d.formats.monai_bundle import export_monai_bundle
 from vlp3d.inference import VolumeInput, load_ct
 
+# MONAI warns that a bundle config runs code: these are the bundles the tests just wrote
+pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
 NAMES = ["background", "lung", "heart"]
 AFFINE = np.diag([7.0, 7.5, 9.0, 1.0])
 
