@@ -13,17 +13,27 @@ from vlp3d.platform.mlflow.registry import finetuned_name, registered_name
 from vlp3d.platform.mlflow.store import PRETRAINED_TAG, TASK_TAG, client, uri
 
 
-def load_embedder(model_uri: str, model_config: dict | None = None):
-    """The pyfunc at `model_uri` (and its Embedder); an unknown name/alias/run is a ValueError saying where it
-    looked. `model_config` replaces the logged one's keys (`allowed_root`, `device`: vlp3d.platform.pyfunc)."""
+def load_pyfunc(model_uri: str, model_config: dict | None = None):
+    """The pyfunc at `model_uri`; an unknown name/alias/run is a ValueError saying where it looked.
+    `model_config` replaces the logged one's keys (`allowed_root`, `device`: vlp3d.platform.pyfunc)."""
     try:
-        model = mlflow.pyfunc.load_model(model_uri, model_config=model_config)
+        return mlflow.pyfunc.load_model(model_uri, model_config=model_config)
     except mlflow.exceptions.MlflowException as err:
         raise ValueError(
             f"cannot load --model {model_uri} from the MLflow store {mlflow.get_tracking_uri()}: {err.message} "
             "(set --workdir/--tracking-uri or MLFLOW_TRACKING_URI to the store the model was registered in)"
         ) from None
-    return model, model.unwrap_python_model().embedder
+
+
+def load_embedder(model_uri: str, model_config: dict | None = None):
+    """The pyfunc at `model_uri` and its Embedder (`load_pyfunc`); a model that embeds nothing (a fine-tuned
+    one) is a ValueError."""
+    model = load_pyfunc(model_uri, model_config)
+    embedder = getattr(model.unwrap_python_model(), "embedder", None)
+    if embedder is None:
+        raise ValueError(f"--model {model_uri} is not an embedding model (a `vlp3d pretrain` model); it is a "
+                         f"{type(model.unwrap_python_model()).__name__}")
+    return model, embedder
 
 
 def predict(model, model_input, params: dict | None = None):
