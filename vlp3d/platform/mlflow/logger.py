@@ -7,7 +7,7 @@ import os
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from vlp3d.config import redact_userinfo
+from vlp3d.redact import redact
 
 # error codes of a server that answered and refused (a retry cannot succeed)
 _REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
@@ -30,7 +30,7 @@ class RankZeroLogger:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         self.client = MlflowClient(tracking_uri=tracking_uri_)
         self.run_id = run_id
-        self._where = redact_userinfo(tracking_uri_)
+        self._where = redact(tracking_uri_)
         self._warn = warn
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()

@@ -13,7 +13,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 import vlp3d
-from vlp3d.config import ExperimentConfig, logged_params, public_config, redact_userinfo, to_toml
+from vlp3d.config import ExperimentConfig, logged_params, public_config, to_toml
 from vlp3d.platform.mlflow.card import update_model_card
 from vlp3d.platform.mlflow.logger import RankZeroLogger
 from vlp3d.platform.mlflow.registry import registered_versions
@@ -25,8 +25,8 @@ from vlp3d.platform.mlflow.store import (
     git_tags,
     log_params,
     public_manifest,
-    scrub,
 )
+from vlp3d.redact import redact, scrub
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def deliver(uri_: str, run_id: str, items: list, timeout_s: float = 300.0) -> No
     logger = RankZeroLogger(uri_, run_id)
     logger.requeue(items)
     if not logger.flush(timeout_s):
-        log.warning(f"MLflow at {redact_userinfo(uri_)} still unreachable: {len(items)} tracking calls of run "
+        log.warning(f"MLflow at {redact(uri_)} still unreachable: {len(items)} tracking calls of run "
                     f"{run_id} were not delivered (they stay in the run's last checkpoint, train_state.pt)")
 
 
@@ -103,7 +103,7 @@ def end_run_quietly(uri_: str, run_id: str, status: str, reason: str) -> None:
     try:
         end_run(uri_, run_id, status, {"vlp3d.failure": scrub(reason)[:5000]})
     except Exception as err:  # noqa: BLE001 - the original error matters more
-        log.warning(f"could not mark MLflow run {run_id} {status}: {type(err).__name__}: {err}")
+        log.warning(redact(f"could not mark MLflow run {run_id} {status}: {type(err).__name__}: {err}"))
 
 def log_evaluation(run_id: str, uri_: str, metrics: dict[str, float], tables: dict[str, pd.DataFrame],
                    figures: dict | None = None, tags: dict[str, str] | None = None) -> None:
