@@ -35,6 +35,7 @@ from vlp3d.objectives import objective_class
 from vlp3d.platform.evaluate import evaluate_as_configured
 from vlp3d.platform.mlflow import models, runs, store
 from vlp3d.platform.runtime import checkpoint_location, init_ray
+from vlp3d.redact import scrub
 from vlp3d.search_space import VARIANT, SearchSpace, apply_params, parse_space, trial_label
 
 log = logging.getLogger(__name__)
@@ -452,7 +453,7 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
             **{table_column(k): v for k, v in metrics.items()
                if str(k).startswith(EVAL_PREFIX) and table_column(k) not in evaluation},
             "mlflow_run_id": run_id,
-            "error": str(result.error).strip().splitlines()[-1][:300] if result.error else "",
+            "error": scrub(str(result.error).strip().splitlines()[-1])[:300] if result.error else "",
         })
         rows.append(row)
         if history is not None and "val/loss" in history:
