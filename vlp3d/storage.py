@@ -78,6 +78,16 @@ def read_text(location: str | Path) -> str:
         return stream.read().decode()
 
 
+def write_text(location: str | Path, text: str) -> None:
+    """Write a small text file at a local path or a URI (the bucket's permissions apply to a URI)."""
+    if not is_uri(location):
+        Path(location).write_text(text)
+        return
+    fs, path = filesystem(location)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
 def list_dir(location: str | Path) -> list[tuple[str | Path, bool]]:
     """(entry, is a folder) of the entries right under `location`, sorted; [] if it does not exist."""
     if not is_uri(location):

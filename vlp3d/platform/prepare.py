@@ -66,6 +66,7 @@ from vlp3d.data.corpus import (
     read_corpus,
 )
 from vlp3d.data.files import FolderLock, remove_temporaries, write_json_atomic
+from vlp3d.data.patients import ensure_patient_key
 from vlp3d.data.shards import (
     MANIFEST,
     MODALITIES,
@@ -254,6 +255,7 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=log.info,
     table["fraction_rank"] = fraction_ranks(table, label_names)
     source_hash = manifest_hash(table)
     shard_dir = Path(out).resolve() / spec.hash
+    ensure_patient_key(shard_dir.parent)  # also for shards prepared before the key existed (vlp3d.data.patients)
     finished = _finished_manifest(shard_dir, corpus, source_hash, progress)
     if finished is not None:  # checked before locking: concurrent no-op runs never collide
         return PrepareResult(shard_dir, finished, skipped=True)
@@ -281,6 +283,7 @@ def prepare_to_uri(cfg: ExperimentConfig, corpus: str, out: str, progress=log.in
     target = storage.join(out, spec.hash)
     table = read_corpus(corpus, valid_fraction=cfg.data.valid_fraction)
     table["fraction_rank"] = fraction_ranks(table, list(table.attrs["label_names"]))
+    ensure_patient_key(out)  # beside the shards in the bucket; the staging folder's own is deleted with it
     finished = _finished_manifest(target, corpus, manifest_hash(table), progress)
     if finished is not None:
         return PrepareResult(target, finished, skipped=True)

@@ -68,18 +68,20 @@ PRETRAINING_PATIENTS = "data/pretraining_patients.json"
 
 
 def log_pretraining_patients(mlflow_client: MlflowClient, run_id: str, shard_dir: Path, split: str) -> None:
-    """Fingerprints (never the ids) of the patients of the pretraining split: what the leakage check
-    compares an evaluated split with, whatever shards it is read from later."""
-    from vlp3d.data.patients import patient_fingerprint, split_patients
+    """Keyed fingerprints (never the ids, never the key) of the patients of the pretraining split, with
+    the key's id: what the leakage check compares an evaluated split with, whatever shards it is read
+    from later (under the same key)."""
+    from vlp3d.data.patients import patient_key, split_patients
 
+    key = patient_key(shard_dir)
     patients = split_patients(shard_dir).get(split, set())
-    record = {"split": split, "fingerprints": sorted(patient_fingerprint(p) for p in patients)}
+    record = {"split": split, "key_id": key.key_id, "fingerprints": sorted(key.fingerprint(p) for p in patients)}
     mlflow_client.log_text(run_id, json.dumps(record), PRETRAINING_PATIENTS)
 
 
 def pretraining_patients(uri_: str, run_id: str) -> dict | None:
-    """The record `log_pretraining_patients` wrote for a run ({split, fingerprints}), or None for a
-    run logged before it existed."""
+    """The record `log_pretraining_patients` wrote for a run ({split, key_id, fingerprints}; without
+    key_id: unkeyed fingerprints of an older vlp3d), or None for a run logged before it existed."""
     try:
         return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{PRETRAINING_PATIENTS}"))
     except Exception:  # noqa: BLE001 - missing artifact: MlflowException or OSError by store
