@@ -545,8 +545,9 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
     # Tune saves which trials ended at most every 10 s by default: a driver killed sooner after a trial
     # ended (one-worker trials end seconds apart) would, on --resume, rerun a trial the scheduler had stopped
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    init_ray(cfg)
     uri = store.uri(cfg)
+    store.check_server(uri)  # an unreachable or refusing server: one line before Ray starts
+    init_ray(cfg)
     parent_run_id = runs.start_or_resume_sweep_run(cfg, name, {"space": cfg.tune.space,
                                                                "variants": cfg.tune.variants})
     planned = planned_trials(cfg, space)

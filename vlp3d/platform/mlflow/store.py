@@ -9,6 +9,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from vlp3d.config import ExperimentConfig
+from vlp3d.platform.mlflow.server import check_server
 from vlp3d.platform.runtime import artifact_location, run_git_state, tracking_uri
 from vlp3d.redact import redact, scrub
 
@@ -19,10 +20,12 @@ TASK_TAG = "vlp3d.task"  # on a fine-tuning run and its model version: segmentat
 
 
 def client(cfg_or_uri: ExperimentConfig | str) -> MlflowClient:
-    """A client for the config's store, also made MLflow's current one (its fluent API logs models).
+    """A client for the config's store, also made MLflow's current one (its fluent API logs models);
+    a tracking server is checked first (`server.check_server`: TrackingServerError naming the host).
     MLflow also exports the URI as $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI, where the next
     config without `tracking.tracking_uri` would find it: the user's own values are put back."""
     target = cfg_or_uri if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
+    check_server(target)  # unreachable or refusing: one line now, not minutes of retries later
     if redact(target) != target:
         # MLflow prints "View run ... at: <URL>" when a run ends, the URL built from the tracking
         # URI with its user:password: not on a terminal or into a Ray job's log
