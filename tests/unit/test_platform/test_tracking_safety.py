@@ -10,6 +10,7 @@ import pytest
 from vlp3d.config import ExperimentConfig, logged_params, public_config, replace
 from vlp3d.platform.mlflow import store
 from vlp3d.platform.mlflow.logger import RankZeroLogger
+from vlp3d.platform.mlflow.server import TrackingServerError
 
 
 def test_params_are_an_allow_list_without_locations_or_userinfo():
@@ -130,5 +131,6 @@ def test_a_tracking_uri_with_a_password_is_never_printed_by_mlflow(tmp_path, mon
     with current_store(f"sqlite:///{tmp_path / 'mlflow.db'}"):
         store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert not MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()  # no secret: MLflow's links stay
-        store.client("http://vlp3d:hunter2@127.0.0.1:9")
-        assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()
+        with pytest.raises(TrackingServerError, match="127.0.0.1:9 is unreachable") as unreachable:
+            store.client("http://vlp3d:hunter2@127.0.0.1:9")  # nothing listens there
+        assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() and "hunter2" not in str(unreachable.value)

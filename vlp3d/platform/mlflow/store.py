@@ -25,11 +25,11 @@ def client(cfg_or_uri: ExperimentConfig | str) -> MlflowClient:
     MLflow also exports the URI as $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI, where the next
     config without `tracking.tracking_uri` would find it: the user's own values are put back."""
     target = cfg_or_uri if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
-    check_server(target)  # unreachable or refusing: one line now, not minutes of retries later
     if redact(target) != target:
         # MLflow prints "View run ... at: <URL>" when a run ends, the URL built from the tracking
         # URI with its user:password: not on a terminal or into a Ray job's log
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    check_server(target)  # unreachable or refusing: one line now, not minutes of retries later
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(target)
     mlflow.set_registry_uri(target)
