@@ -55,11 +55,17 @@ def configure(level: str | None = None) -> logging.Logger:
         root.addHandler(handler)
     handler.setFormatter(RedactingFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else "%(message)s"))
-    for other in logging.getLogger("mlflow").handlers:  # MLflow's own stderr handler
-        other.addFilter(_REDACT)
+    redact_handlers("mlflow")
     if not debug:
         _quiet_third_party()
     return root
+
+
+def redact_handlers(name: str) -> None:
+    """Every handler of logger `name` (MLflow's own stderr handler, set up when mlflow is imported)
+    writes its lines without credentials. Idempotent."""
+    for handler in logging.getLogger(name).handlers:
+        handler.addFilter(_REDACT)
 
 
 class RedactingFormatter(logging.Formatter):

@@ -8,6 +8,7 @@ import os
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from vlp3d import logs
 from vlp3d.config import ExperimentConfig
 from vlp3d.platform.mlflow.server import check_server
 from vlp3d.platform.runtime import artifact_location, run_git_state, tracking_uri
@@ -25,6 +26,7 @@ def client(cfg_or_uri: ExperimentConfig | str) -> MlflowClient:
     MLflow also exports the URI as $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI, where the next
     config without `tracking.tracking_uri` would find it: the user's own values are put back."""
     target = cfg_or_uri if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
+    logs.redact_handlers("mlflow")  # MLflow's handler exists once mlflow is imported, maybe after logs.configure
     if redact(target) != target:
         # MLflow prints "View run ... at: <URL>" when a run ends, the URL built from the tracking
         # URI with its user:password: not on a terminal or into a Ray job's log
