@@ -108,19 +108,26 @@ def patient_key(shard_dir: str | Path) -> PatientKey:
     return _parse_key(storage.read_text(location), redact(str(location)))
 
 
-def ensure_patient_key(root: str | Path) -> PatientKey:
+def ensure_patient_key(root: str | Path, announce: Callable[[str], None] | None = None,
+                       copy_of: PatientKey | None = None) -> PatientKey:
     """The key beside the shards under `root` (`prepare --out`), created when missing: a copy of
-    $VLP3D_PATIENT_KEY_FILE's when that is set (collaborators sharing patients), else a new random one.
-    A local key file is readable by its owner only; a bucket's follows the bucket's permissions."""
+    `copy_of`, else of $VLP3D_PATIENT_KEY_FILE's when that is set (collaborators sharing patients),
+    else a new random one, and `announce(line)` said so. A local key file is readable by its owner
+    only; a bucket's follows the bucket's permissions."""
     location = storage.join(root, KEY_FILE)
     if not storage.is_file(location):
-        shared = _env_key()
+        shared = copy_of or _env_key()
         text = (shared.secret if shared else secrets.token_bytes(KEY_BYTES)).hex() + "\n"
         if storage.is_uri(location):  # no exclusive create on an object store: one prepare per URI at a time
             storage.write_text(location, text)
+            created = True
         else:
             Path(root).mkdir(parents=True, exist_ok=True)
-            create_secret_file(location, text)  # a concurrent prepare may have created it: its key stands
+            created = create_secret_file(location, text)  # a concurrent prepare may have created it first
+        if created and announce is not None:
+            announce(redact(f"patient key {location} {'copied from ' + shared.source if shared else 'created'}: "
+                            "keep it with the shards; collaborators preparing the same patients need it "
+                            "(docs/security.md)"))
     return _parse_key(storage.read_text(location), redact(str(location)))
 
 

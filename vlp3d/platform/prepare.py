@@ -255,7 +255,7 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=log.info,
     table["fraction_rank"] = fraction_ranks(table, label_names)
     source_hash = manifest_hash(table)
     shard_dir = Path(out).resolve() / spec.hash
-    ensure_patient_key(shard_dir.parent)  # also for shards prepared before the key existed (vlp3d.data.patients)
+    ensure_patient_key(shard_dir.parent, progress)  # also for shards prepared before the key existed
     finished = _finished_manifest(shard_dir, corpus, source_hash, progress)
     if finished is not None:  # checked before locking: concurrent no-op runs never collide
         return PrepareResult(shard_dir, finished, skipped=True)
@@ -283,11 +283,12 @@ def prepare_to_uri(cfg: ExperimentConfig, corpus: str, out: str, progress=log.in
     target = storage.join(out, spec.hash)
     table = read_corpus(corpus, valid_fraction=cfg.data.valid_fraction)
     table["fraction_rank"] = fraction_ranks(table, list(table.attrs["label_names"]))
-    ensure_patient_key(out)  # beside the shards in the bucket; the staging folder's own is deleted with it
+    key = ensure_patient_key(out, progress)  # beside the shards in the bucket, and the same in the staging folder
     finished = _finished_manifest(target, corpus, manifest_hash(table), progress)
     if finished is not None:
         return PrepareResult(target, finished, skipped=True)
     staging = staging_folder(cfg, out)
+    ensure_patient_key(staging, copy_of=key)
     progress(redact(f"preparing in {staging}, then uploading to {target}"))
     staged = prepare(cfg, corpus, str(staging), progress, rows_per_file)
     files = [p for p in staged.shard_dir.rglob("*") if p.is_file() and p.name != LOCK]

@@ -24,11 +24,14 @@ def _no_shared_key(monkeypatch):
 
 
 def test_prepare_creates_one_owner_only_key_beside_the_shards(tmp_path):
-    key = ensure_patient_key(tmp_path / "shards")
+    said = []
+    key = ensure_patient_key(tmp_path / "shards", said.append)
     path = tmp_path / "shards" / KEY_FILE
+    assert said == [f"patient key {path} created: keep it with the shards; collaborators preparing the same "
+                    "patients need it (docs/security.md)"]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len(bytes.fromhex(path.read_text().strip())) == 32
-    assert ensure_patient_key(tmp_path / "shards").secret == key.secret  # created once, then read
+    assert ensure_patient_key(tmp_path / "shards", said.append) == key and len(said) == 1  # created once, then read
     # every preprocessing hash's folder under the same --out reads the same key
     assert patient_key(tmp_path / "shards" / "0123abcd").key_id == key.key_id
     assert key.secret.hex() not in repr(key) and key.key_id in repr(key)
@@ -37,12 +40,15 @@ def test_prepare_creates_one_owner_only_key_beside_the_shards(tmp_path):
 
 def test_concurrent_prepares_agree_on_one_key(tmp_path):
     keys = []
-    threads = [threading.Thread(target=lambda: keys.append(ensure_patient_key(tmp_path).secret)) for _ in range(8)]
+    said = []
+    threads = [threading.Thread(target=lambda: keys.append(ensure_patient_key(tmp_path, said.append).secret))
+               for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(set(keys)) == 1 and not list(tmp_path.glob(".*.tmp"))
+    assert len(set(keys)) == 1 and len(said) == 1  # one of them created it
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_fingerprints_are_keyed_and_a_store_no_longer_gives_up_an_mrn(tmp_path):
