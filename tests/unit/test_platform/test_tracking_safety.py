@@ -134,3 +134,21 @@ def test_a_tracking_uri_with_a_password_is_never_printed_by_mlflow(tmp_path, mon
         with pytest.raises(TrackingServerError, match="127.0.0.1:9 is unreachable") as unreachable:
             store.client("http://vlp3d:hunter2@127.0.0.1:9")  # nothing listens there
         assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() and "hunter2" not in str(unreachable.value)
+
+
+def test_ending_a_run_quietly_never_prints_the_password(monkeypatch):
+    """The warning when a run cannot be marked FAILED quoted MLflow's error, which quotes the URL with
+    its user:password; the failure tag itself is scrubbed too."""
+    from vlp3d.platform.mlflow import runs
+
+    def unreachable(uri, run_id, status, tags):
+        assert tags == {"vlp3d.failure": "OSError: cannot read <path> (see http://host:5000/x)"}
+        raise ConnectionError(f"API request to {uri}/api/2.0/mlflow/runs/set-tag failed: Max retries exceeded")
+
+    warnings = []
+    monkeypatch.setattr(runs, "end_run", unreachable)
+    monkeypatch.setattr(runs.log, "warning", lambda message, *a, **k: warnings.append(message))
+    runs.end_run_quietly("http://vlp3d:hunter2@host:5000", "run-1", "FAILED",
+                         "OSError: cannot read /data/ct/QX8675309/a.nii.gz (see http://u:pw@host:5000/x)")
+    assert warnings == ["could not mark MLflow run run-1 FAILED: ConnectionError: API request to http://host:5000/api/"
+                        "2.0/mlflow/runs/set-tag failed: Max retries exceeded"]
