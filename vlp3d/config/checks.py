@@ -6,6 +6,7 @@ from __future__ import annotations
 from vlp3d.config.experiment import ExperimentConfig
 from vlp3d.config.fields import ConfigError, is_uri
 from vlp3d.config.schema import get_key
+from vlp3d.redact import redact
 
 # (low, high, low included) per key whose type alone does not bound it
 RANGES: dict[str, tuple[float, float, bool, str]] = {
@@ -48,7 +49,7 @@ def check_ranges(cfg: ExperimentConfig) -> None:
     """Raise ConfigError, naming the key, unless `cfg` passes every check above."""
     for key, why in LOCAL_ONLY.items():
         if is_uri(get_key(cfg, key)):
-            raise ConfigError(f"{key} = {get_key(cfg, key)!r} must be a local folder, not a URI: {why}.")
+            raise ConfigError(f"{key} = {redact(get_key(cfg, key))!r} must be a local folder, not a URI: {why}.")
     if cfg.train.balance_terms and not cfg.train.grad_share_every:
         raise ConfigError("train.balance_terms = true needs train.grad_share_every > 0 (the steps at which the "
                           "terms' gradient shares are measured and the multipliers move), e.g. 50.")

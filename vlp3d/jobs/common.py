@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import textwrap
+import traceback
 
 from vlp3d import logs
 from vlp3d.config import (
@@ -15,6 +16,7 @@ from vlp3d.config import (
     describe,
     load_config_with_sources,
 )
+from vlp3d.redact import redact
 
 CONFIG_HELP = "TOML experiment config (see configs/). Omit for the built-in CPU demo defaults."
 OVERRIDES_HELP = "config overrides as section.key=value (TOML values), e.g. train.max_steps=200 data.shape=[32,32,32]"
@@ -97,15 +99,16 @@ def run_reporting_errors(run, args: argparse.Namespace) -> int:
     try:
         return run(args) or 0
     except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(err)}", file=sys.stderr)
         return 2
-    except (ArithmeticError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - every error is printed here, credentials removed
         # errors that explain themselves (a prepare folder in use, training stopped on NaNs) carry
-        # their exit code; any other is a bug, shown with its traceback
-        if getattr(err, "exit_code", None) is None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        # their exit code; any other is a bug, shown with its traceback (exit 1)
+        if isinstance(err, ArithmeticError | RuntimeError) and getattr(err, "exit_code", None) is not None:
+            print(f"error: {redact(err)}", file=sys.stderr)
+            return err.exit_code
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        return 1
 
 
 def run_main(build_parser, run, argv: list[str] | None = None) -> int:

@@ -37,6 +37,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlp3d.redact import redact
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -304,7 +306,7 @@ def follow(address: str, job_id: str, out=None, poll_s: float = 1.0) -> str:
 
     async def tail():
         async for chunk in jobs.tail_job_logs(job_id):
-            out.write(chunk)
+            out.write(redact(chunk))
             out.flush()
 
     try:
@@ -335,7 +337,7 @@ def list_jobs(address: str) -> list:
 
 
 def logs(address: str, job_id: str) -> str:
-    return client(address).get_job_logs(job_id)
+    return redact(client(address).get_job_logs(job_id))
 
 
 def status(address: str, job_id: str) -> str:

@@ -11,6 +11,7 @@ import vlp3d
 from vlp3d.config import ExperimentConfig
 from vlp3d.platform.mlflow.registry import finetuned_name, registered_name
 from vlp3d.platform.mlflow.store import PRETRAINED_TAG, TASK_TAG, client, uri
+from vlp3d.redact import redact
 
 
 def load_pyfunc(model_uri: str, model_config: dict | None = None):
@@ -19,10 +20,10 @@ def load_pyfunc(model_uri: str, model_config: dict | None = None):
     try:
         return mlflow.pyfunc.load_model(model_uri, model_config=model_config)
     except mlflow.exceptions.MlflowException as err:
-        raise ValueError(
+        raise ValueError(redact(
             f"cannot load --model {model_uri} from the MLflow store {mlflow.get_tracking_uri()}: {err.message} "
             "(set --workdir/--tracking-uri or MLFLOW_TRACKING_URI to the store the model was registered in)"
-        ) from None
+        )) from None
 
 
 def load_embedder(model_uri: str, model_config: dict | None = None):
