@@ -89,9 +89,14 @@ def done_parts(plan: EmbedPlan) -> set[int]:
 
 def write_part(plan: EmbedPlan, index: int, embedded: pd.DataFrame) -> None:
     """One part's rows (input columns + embeddings + error), whole or not at all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = plan.parts_dir / PART.format(index)
     partial = path.with_name(path.name + ".partial")
-    embedded.to_parquet(partial, index=False)
+    # without pandas' metadata: rows from Ray Data carry pyarrow-backed dtypes that pandas cannot read back
+    table = pa.Table.from_pandas(embedded, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata(None), partial)
     partial.replace(path)
 
 
@@ -119,7 +124,10 @@ def _one_row(model, row: pd.DataFrame, params: dict, predict: Callable) -> pd.Da
         result[ERROR_COLUMN] = None
     except (ValueError, OSError) as err:
         reason = str(err).strip().splitlines()[0][:500] if str(err).strip() else type(err).__name__
-        result = pd.DataFrame({"image_embedding": [None], "report_embedding": [None], ERROR_COLUMN: [reason]},
+        report = None
+        if "report" in row and pd.notna(row["report"].iloc[0]):  # the report still gets its embedding
+            report = predict(model, row.assign(image=None), params=params)["report_embedding"].iloc[0]
+        result = pd.DataFrame({"image_embedding": [None], "report_embedding": [report], ERROR_COLUMN: [reason]},
                               index=row.index)
     return result
 
