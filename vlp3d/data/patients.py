@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
+
 from vlp3d import storage
 from vlp3d.data.shards import MODALITIES, read_manifest, shard_files
+from vlp3d.data.splits import parse_split
 
 
 def _columns(shard_dir: str | Path, modalities, names: list[str]):
@@ -31,6 +34,18 @@ def split_patients(shard_dir: str | Path) -> dict[str, set[str]]:
     return out
 
 
+def part_patients(shard_dir: str | Path, split: str) -> set[str]:
+    """Patient ids of a split or of a part of one ('valid[0.5:1]', vlp3d.data.splits)."""
+    part = parse_split(split)
+    if part.whole:
+        return split_patients(shard_dir).get(split, set())
+    rows = list(_columns(shard_dir, MODALITIES, ["split", "patient_id", "fraction_rank"]))
+    if not rows:
+        return set()
+    splits, patients, ranks = (np.asarray(c) for c in zip(*rows, strict=True))
+    return {str(p) for p in patients[part.mask(splits, ranks.astype(float))]}
+
+
 def patient_fingerprint(patient_id: str) -> str:
     """What a tracking store keeps of a patient id (no identifiers in MLflow): enough to recognise
     the same patient in other shards, not the id itself."""
@@ -40,7 +55,9 @@ def patient_fingerprint(patient_id: str) -> str:
 def split_hash(shard_dir: str | Path, split: str) -> str:
     """Which CT volumes a split holds and how they were preprocessed: two evaluations with the same
     hash scored the same volumes the same way."""
-    names = sorted(str(n) for s, n in _columns(shard_dir, ["ct"], ["split", "volume_name"]) if s == split)
+    part = parse_split(split)
+    names = sorted(str(n) for s, n, r in _columns(shard_dir, ["ct"], ["split", "volume_name", "fraction_rank"])
+                   if part.mask(np.array([s]), np.array([r]))[0])
     spec_hash = read_manifest(shard_dir).get("spec_hash", "")
     return hashlib.sha256("\n".join([spec_hash, *names]).encode()).hexdigest()[:12]
 

@@ -44,6 +44,7 @@ from vlp3d.data.corpus import LABEL_MAP_COLUMN, metadata_scaling, metadata_spaci
 from vlp3d.data.hounsfield import require_ct
 from vlp3d.data.radiograph import load_radiograph, resize_2d
 from vlp3d.data.report import report_text
+from vlp3d.data.splits import parse_split
 from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_volume, quantise
 
 MANIFEST = "_manifest.json"
@@ -152,7 +153,7 @@ def count_rows(shard_dir: str | Path, split: str, fraction: float = 1.0, modalit
         table = pq.read_table(path, columns=["split", "fraction_rank"], filesystem=fs)
         splits = np.asarray(table.column("split").to_pylist())
         ranks = table.column("fraction_rank").to_numpy()
-        total += int(((splits == split) & (ranks < fraction if fraction < 1.0 else True)).sum())
+        total += int((parse_split(split).mask(splits, ranks) & (ranks < fraction if fraction < 1.0 else True)).sum())
     return total
 
 

@@ -11,7 +11,7 @@ import torch
 
 from vlp3d import logs, storage
 from vlp3d.config import ExperimentConfig
-from vlp3d.data.patients import leaked_patients, split_hash, split_patients
+from vlp3d.data.patients import leaked_patients, part_patients, split_hash, split_patients
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files
 from vlp3d.evaluation.metrics import paired_bootstrap
 from vlp3d.evaluation.probe import DEFAULT_FRACTIONS, ProbeSplit, compare_probes, linear_probe
@@ -24,6 +24,7 @@ from vlp3d.evaluation.zeroshot import (
     per_volume_metric,
 )
 from vlp3d.platform.mlflow import models, registry, runs, store
+from vlp3d.platform.ray_data import split_expression
 from vlp3d.platform.runtime import init_ray
 
 logger = logging.getLogger(__name__)
@@ -42,15 +43,14 @@ class EvaluateReport:
 def read_split(shard_dir: Path | str, split: str, batch_size: int = 64, columns: list[str] | None = None):
     """Yield numpy batches of one split's evaluation columns (or `columns`) via Ray Data."""
     import ray
-    from ray.data.expressions import col
 
     columns = columns or EVAL_COLUMNS
     files = shard_files(shard_dir, "ct")  # not the folder: read_parquet would recurse into xray/
     if not files:
         raise ValueError(f"{shard_dir}: no CT shard files (*.parquet)")
     fs, paths = storage.for_reading(files)  # shards on a URI: read through its pyarrow filesystem
-    ds = ray.data.read_parquet(paths, columns=columns + ["split"], filesystem=fs)
-    ds = ds.filter(expr=col("split") == split)
+    ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys([*columns, "split", "fraction_rank"])), filesystem=fs)
+    ds = ds.filter(expr=split_expression(split))
     yield from ds.select_columns(columns).iter_batches(batch_size=batch_size, batch_format="numpy")
 
 
@@ -109,7 +109,7 @@ def check_leakage(tracking_uri: str, run_id: str | None, embedder, shard_dir: Pa
     """Refuse to score a model on patients it pretrained on. The model's run records fingerprints
     of its pretraining patients (runs.log_pretraining_patients); for a run without that record,
     the shards' own pretraining split counts when they hold the model's data (same data hash)."""
-    evaluated = split_patients(shard_dir).get(split, set())
+    evaluated = part_patients(shard_dir, split)
     record = runs.pretraining_patients(tracking_uri, run_id) if run_id else None
     train_split = embedder.cfg.data.train_split
     if record is not None:

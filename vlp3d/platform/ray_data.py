@@ -11,9 +11,23 @@ from pathlib import Path
 from vlp3d import storage
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.shards import LABEL_MAP, shard_files
+from vlp3d.data.splits import parse_split
 from vlp3d.objectives import objective_class
 from vlp3d.train.tasks import finetune as finetune_task
 from vlp3d.train.tasks import pretrain as pretrain_task
+
+
+def split_expression(split: str):
+    """Ray Data filter of a split or a part of one ('valid[0:0.5]': by the patients' rank, vlp3d.data.splits)."""
+    from ray.data.expressions import col
+
+    part = parse_split(split)
+    keep = col("split") == part.split
+    if part.low > 0:
+        keep = keep & (col("fraction_rank") >= part.low)
+    if part.high < 1:
+        keep = keep & (col("fraction_rank") < part.high)
+    return keep
 
 
 def shard_dataset(cfg: ExperimentConfig, files: Sequence[str], columns: Sequence[str], split: str,
@@ -27,7 +41,7 @@ def shard_dataset(cfg: ExperimentConfig, files: Sequence[str], columns: Sequence
     columns = list(columns)
     fs, paths = storage.for_reading(list(files))
     ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys([*columns, "split", "fraction_rank"])), filesystem=fs)
-    ds = ds.filter(expr=col("split") == split)
+    ds = ds.filter(expr=split_expression(split))
     if fraction < 1.0:
         ds = ds.filter(expr=col("fraction_rank") < fraction)
     if limit:
