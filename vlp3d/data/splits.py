@@ -33,6 +33,11 @@ class SplitPart:
             keep &= (ranks >= self.low) & ((ranks < self.high) | (self.high >= 1.0))
         return keep
 
+    @property
+    def key(self) -> str:
+        """The name in metric, table and tag names (MLflow allows no brackets): 'valid', 'valid_0.5-1'."""
+        return self.split if self.whole else f"{self.split}_{self.low:g}-{self.high:g}"
+
     def __str__(self) -> str:
         return self.split if self.whole else f"{self.split}[{self.low:g}:{self.high:g}]"
 
