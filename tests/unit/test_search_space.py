@@ -93,7 +93,7 @@ def test_shipped_sweep_configs_parse():
     for path in sorted(root.glob("*.toml")):
         cfg = load_config(path)
         sizes[path.stem] = parse_space(cfg.tune.space, cfg.tune.variants).grid_size() * cfg.tune.num_samples
-    assert sizes == {"demo": 8, "label_efficiency": 6, "mg3d_terms_demo": 10, "scaling": 8}
+    assert sizes == {"demo": 16, "label_efficiency": 6, "mg3d_terms_demo": 10, "scaling": 16}
 
 
 def test_early_stopping_is_refused_on_axes_a_fit_pools_over():

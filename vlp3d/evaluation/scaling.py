@@ -191,7 +191,14 @@ def scaling_results(table, varied: list[str], n_boot: int = 1000, seed: int = 0,
     return out
 
 
+FITS_COLUMNS = ["law", "group", "metric", "parameter", "value", "low", "high", "identified", "note", "points", "ok",
+                "reason", "huber_delta", "n_boot", "left_out"]
+
+
 def fits_table(results: list[ScalingResult]):
+    """fits.csv: one row per parameter of every law (its columns even when no law was fitted)."""
     import pandas as pd
 
-    return pd.DataFrame([row for result in results for row in result.rows()])
+    rows = [row for result in results for row in result.rows()]
+    extra = [c for row in rows for c in row if c not in FITS_COLUMNS]
+    return pd.DataFrame(rows, columns=[*FITS_COLUMNS, *dict.fromkeys(extra)])
