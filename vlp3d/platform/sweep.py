@@ -266,12 +266,16 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
     if trial_cfg.tune.trial == "finetune":
         run_finetune_trial(trial_cfg, run_name, sweep, tags)
         return
+    started = time.time()
     result = pretrain(trial_cfg, run_name=run_name, progress=None, **_training_kwargs(trial_cfg),
                       parent_run_id=sweep["parent_run_id"], register=False, tags=tags)
+    trained = time.time()
     selected = evaluate_as_configured(trial_cfg, result.model_uri)  # data.eval_split: the selection split
     reported = evaluate_for_report(trial_cfg, result.model_uri, result.run_id, sweep["report_split"])
     runs.end_run(sweep["tracking_uri"], result.run_id, "FINISHED", {runs.TRIAL_STATUS_TAG: "finished"})
-    tune.report(final_metrics(result.metrics, selected.result.metrics, result.run_id, reported))
+    # where a trial's time goes (benchmarks/bench_sweep.py splits pretrain_s into start-up, data and steps)
+    timing = {"time/pretrain_s": trained - started, "time/evaluate_s": time.time() - trained}
+    tune.report(final_metrics({**result.metrics, **timing}, selected.result.metrics, result.run_id, reported))
 
 
 class SweepProgress(Callback):

@@ -225,6 +225,7 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str, re
             "trainable_params": metrics.get("trainable_params", math.nan),
             "flops_per_step": flops_per_step, "steps": steps, "train_flops": flops_per_step * steps,
             "global_batch": trial_cfg.train.global_batch, "wall_s": metrics.get("time_total_s", math.nan),
+            "pretrain_s": metrics.get("time/pretrain_s", math.nan), "evaluate_s": metrics.get("time/evaluate_s", math.nan),
             "val_loss": metrics.get("val/loss", math.nan),
             **(reported if cfg.tune.trial == "pretrain" else selected),
             **({SELECT_PREFIX + k: v for k, v in selected.items()} if cfg.tune.trial == "pretrain" else {}),

@@ -73,3 +73,15 @@ def test_compute_frontier_keeps_points_better_than_all_cheaper_ones():
     loss = [5.0, 4.0, 4.5, 4.2, 3.0, 3.5, 3.9]
     # by compute: 1 (5.0), 2 (4.0 beats 5.0; 4.5 does not), 3 (3.9), 4 (4.2 no), 8 (3.0), 16 (3.5 no)
     assert compute_frontier(compute, loss).tolist() == [0, 1, 6, 4]
+
+
+def test_every_law_is_drawn_with_its_band():
+    from vlp3d.evaluation.plots import scaling_figures
+
+    table = sweep_table(np.random.default_rng(3))
+    results = scaling_results(table, ["model.size", "train.max_steps"], n_boot=50, fit_repeated_data=True)
+    figures = scaling_figures(results)
+    assert set(figures) == {"scaling_N", "scaling_D", "scaling_C", "scaling_N_D"}
+    joint = figures["scaling_N_D"].axes[0]
+    assert len(joint.collections) >= 8  # per model size: its points and its fitted curve's 95% band
+    assert "N=9e+05" in [t.get_text().split(";")[0] for t in joint.get_legend().get_texts()]
