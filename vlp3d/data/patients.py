@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
-
 from vlp3d import storage
 from vlp3d.data.shards import MODALITIES, read_manifest, shard_files
 from vlp3d.data.splits import parse_split
@@ -39,11 +37,7 @@ def part_patients(shard_dir: str | Path, split: str) -> set[str]:
     part = parse_split(split)
     if part.whole:
         return split_patients(shard_dir).get(split, set())
-    rows = list(_columns(shard_dir, MODALITIES, ["split", "patient_id", "fraction_rank"]))
-    if not rows:
-        return set()
-    splits, patients, ranks = (np.asarray(c) for c in zip(*rows, strict=True))
-    return {str(p) for p in patients[part.mask(splits, ranks.astype(float))]}
+    return {str(p) for p in split_patients(shard_dir).get(part.split, set()) if part.contains(p)}
 
 
 def patient_fingerprint(patient_id: str) -> str:
@@ -56,8 +50,8 @@ def split_hash(shard_dir: str | Path, split: str) -> str:
     """Which CT volumes a split holds and how they were preprocessed: two evaluations with the same
     hash scored the same volumes the same way."""
     part = parse_split(split)
-    names = sorted(str(n) for s, n, r in _columns(shard_dir, ["ct"], ["split", "volume_name", "fraction_rank"])
-                   if part.mask(np.array([s]), np.array([r]))[0])
+    names = sorted(str(n) for s, n, p in _columns(shard_dir, ["ct"], ["split", "volume_name", "patient_id"])
+                   if s == part.split and part.contains(p))
     spec_hash = read_manifest(shard_dir).get("spec_hash", "")
     return hashlib.sha256("\n".join([spec_hash, *names]).encode()).hexdigest()[:12]
 

@@ -66,19 +66,18 @@ def read_blocks(files: Sequence[str], columns: Sequence[str], split: str | None 
     `columns` are returned."""
     fs, paths = storage.for_reading(list(files))
     part = parse_split(split) if split is not None else None
-    ranked = fraction < 1.0 or (part is not None and not part.whole)
-    wanted = list(dict.fromkeys([*columns, *(["split"] if split is not None else []),
-                                 *(["fraction_rank"] if ranked else []), *([nonempty] if nonempty else [])]))
+    by_patient = part is not None and not part.whole
+    wanted = list(dict.fromkeys([*columns, *(["split"] if split is not None else []), *(["patient_id"] if by_patient
+                                 else []), *(["fraction_rank"] if fraction < 1.0 else []), *([nonempty] if nonempty else [])]))
     left = limit or None
     for path in paths:
         table = pq.read_table(path, columns=wanted, filesystem=fs)
         keep = None
         if part is not None:
             keep = pc.equal(table.column("split"), part.split)
-            if not part.whole:  # a part of a stored split (vlp3d.data.splits)
-                rank = table.column("fraction_rank")
-                keep = pc.and_(keep, pc.greater_equal(rank, part.low))
-                keep = keep if part.high >= 1.0 else pc.and_(keep, pc.less(rank, part.high))
+            if by_patient:  # a part of a stored split (vlp3d.data.splits)
+                inside = pa.array([part.contains(p) for p in table.column("patient_id").to_pylist()], pa.bool_())
+                keep = pc.and_(keep, inside)
         if fraction < 1.0:
             inside = pc.less(table.column("fraction_rank"), fraction)
             keep = inside if keep is None else pc.and_(keep, inside)

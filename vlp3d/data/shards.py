@@ -150,10 +150,11 @@ def count_rows(shard_dir: str | Path, split: str, fraction: float = 1.0, modalit
     total = 0
     fs, paths = storage.for_reading(shard_files(shard_dir, modality))
     for path in paths:
-        table = pq.read_table(path, columns=["split", "fraction_rank"], filesystem=fs)
+        table = pq.read_table(path, columns=["split", "fraction_rank", "patient_id"], filesystem=fs)
         splits = np.asarray(table.column("split").to_pylist())
         ranks = table.column("fraction_rank").to_numpy()
-        total += int((parse_split(split).mask(splits, ranks) & (ranks < fraction if fraction < 1.0 else True)).sum())
+        patients = np.asarray(table.column("patient_id").to_pylist())
+        total += int((parse_split(split).mask(splits, patients) & (ranks < fraction if fraction < 1.0 else True)).sum())
     return total
 
 

@@ -1,11 +1,13 @@
-"""Splits by name: a split the shards store ('train', 'valid', 'test'), or a part of one by its
-patients' stratified rank (the shard column `fraction_rank`), written 'valid[0:0.5]'. That is how a
-sweep carves a report split out of shards that hold none: the patients of 'valid' ranked below 0.5
-select, the others report; the rank is stratified by each patient's rarest finding, so both parts hold
-about the same share of every finding, and it is fixed by the patient id (the same on every machine)."""
+"""Splits by name: a split the shards store ('train', 'valid', 'test'), or a part of one by a hash of
+its patients' ids, written 'valid[0:0.5]'. That is how a sweep carves a report split out of shards that
+hold none: the patients of 'valid' whose hash falls below 0.5 select, the others report. The hash is of
+the patient id alone (the same on every machine and for every preprocessing of the same corpus), so a
+patient's scans stay in one part. (Not `fraction_rank`, the stratified rank nested data fractions use:
+a patient alone in its stratum has rank 0.5, so small held-out splits would fall to one side.)"""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -14,9 +16,15 @@ import numpy as np
 _PART = re.compile(r"^(?P<split>[^\[\]]+)\[(?P<low>[0-9.]*):(?P<high>[0-9.]*)\]$")
 
 
+def patient_unit(patient_id: str) -> float:
+    """A patient's stable pseudo-random number in [0, 1): which part of a split it belongs to."""
+    digest = hashlib.sha256(f"vlp3d-split-part:{patient_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 @dataclass(frozen=True)
 class SplitPart:
-    """Rows of stored split `split` whose patients' rank lies in [low, high)."""
+    """Rows of stored split `split` whose patients' unit (`patient_unit`) lies in [low, high)."""
 
     split: str
     low: float = 0.0
@@ -26,11 +34,14 @@ class SplitPart:
     def whole(self) -> bool:
         return self.low <= 0.0 and self.high >= 1.0
 
-    def mask(self, splits: np.ndarray, ranks: np.ndarray | None) -> np.ndarray:
+    def contains(self, patient_id) -> bool:
+        """Whether a patient of the stored split is in this part."""
+        return self.whole or self.low <= patient_unit(str(patient_id)) < self.high
+
+    def mask(self, splits: np.ndarray, patients: np.ndarray | None) -> np.ndarray:
         keep = np.asarray(splits) == self.split
         if not self.whole:
-            ranks = np.asarray(ranks)
-            keep &= (ranks >= self.low) & ((ranks < self.high) | (self.high >= 1.0))
+            keep &= np.array([self.contains(p) for p in np.asarray(patients)], dtype=bool)
         return keep
 
     @property
@@ -43,7 +54,7 @@ class SplitPart:
 
 
 def parse_split(name: str) -> SplitPart:
-    """'valid' -> the whole stored split; 'valid[0.5:1]' -> its patients ranked in [0.5, 1)."""
+    """'valid' -> the whole stored split; 'valid[0.5:1]' -> its patients whose unit is in [0.5, 1)."""
     match = _PART.match(name)
     if not match:
         return SplitPart(name)

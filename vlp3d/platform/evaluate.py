@@ -25,7 +25,7 @@ from vlp3d.evaluation.zeroshot import (
     per_volume_metric,
 )
 from vlp3d.platform.mlflow import models, registry, runs, store
-from vlp3d.platform.ray_data import split_expression
+from vlp3d.platform.ray_data import filter_split
 from vlp3d.platform.runtime import init_ray
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ def read_split(shard_dir: Path | str, split: str, batch_size: int = 64, columns:
     if not files:
         raise ValueError(f"{shard_dir}: no CT shard files (*.parquet)")
     fs, paths = storage.for_reading(files)  # shards on a URI: read through its pyarrow filesystem
-    ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys([*columns, "split", "fraction_rank"])), filesystem=fs)
-    ds = ds.filter(expr=split_expression(split))
+    ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys([*columns, "split", "patient_id"])), filesystem=fs)
+    ds = filter_split(ds, split)
     yield from ds.select_columns(columns).iter_batches(batch_size=batch_size, batch_format="numpy")
 
 

@@ -17,17 +17,17 @@ from vlp3d.train.tasks import finetune as finetune_task
 from vlp3d.train.tasks import pretrain as pretrain_task
 
 
-def split_expression(split: str):
-    """Ray Data filter of a split or a part of one ('valid[0:0.5]': by the patients' rank, vlp3d.data.splits)."""
+def filter_split(ds, split: str):
+    """Rows of a split, or of a part of one ('valid[0:0.5]': by patient, vlp3d.data.splits); a part needs
+    the `patient_id` column. The part's filter asks for a small CPU share: while a trial trains, its
+    workers hold the CPUs (a sweep trial keeps only tune.trial_cpus)."""
     from ray.data.expressions import col
 
     part = parse_split(split)
-    keep = col("split") == part.split
-    if part.low > 0:
-        keep = keep & (col("fraction_rank") >= part.low)
-    if part.high < 1:
-        keep = keep & (col("fraction_rank") < part.high)
-    return keep
+    ds = ds.filter(expr=col("split") == part.split)
+    if not part.whole:
+        ds = ds.filter(lambda row: part.contains(row["patient_id"]), num_cpus=0.1)
+    return ds
 
 
 def shard_dataset(cfg: ExperimentConfig, files: Sequence[str], columns: Sequence[str], split: str,
@@ -40,8 +40,9 @@ def shard_dataset(cfg: ExperimentConfig, files: Sequence[str], columns: Sequence
 
     columns = list(columns)
     fs, paths = storage.for_reading(list(files))
-    ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys([*columns, "split", "fraction_rank"])), filesystem=fs)
-    ds = ds.filter(expr=split_expression(split))
+    ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys([*columns, "split", "fraction_rank", "patient_id"])),
+                               filesystem=fs)
+    ds = filter_split(ds, split)
     if fraction < 1.0:
         ds = ds.filter(expr=col("fraction_rank") < fraction)
     if limit:
