@@ -202,6 +202,9 @@ def test_bad_space_fails_before_any_trial(tiny_demo, ray_session, capsys):
     assert "tune.asha_metric = 'val/auroc' is not a metric trials report" in capsys.readouterr().err
     assert main(["sweep", config, 'tune.scheduler="asha"', 'tune.space={"train.max_steps" = [2, 4]}']) == 2
     assert "tune.scheduler = 'asha' with tune.space varying train.max_steps" in capsys.readouterr().err
+    assert main(["sweep", config, 'tune.space={"train.max_steps" = [4, 8]}']) == 2  # the config warms up 20 steps
+    assert "its schedule cannot reach its budget: train.warmup_steps = 20 >= train.max_steps = 4" in \
+        capsys.readouterr().err
     assert main(["sweep", config, 'tune.report_split="valid"', 'tune.space={"train.lr" = [0.001]}']) == 2
     assert "data.eval_split = 'valid' and tune.report_split = 'valid'" in capsys.readouterr().err
 

@@ -5,6 +5,7 @@ one process (`preserve_order`)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +27,9 @@ def filter_split(ds, split: str):
     part = parse_split(split)
     ds = ds.filter(expr=col("split") == part.split)
     if not part.whole:
-        ds = ds.filter(lambda row: part.contains(row["patient_id"]), num_cpus=0.1)
+        with warnings.catch_warnings():  # "use 'expr' instead of 'fn'": no expression hashes a patient id
+            warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'", category=UserWarning)
+            ds = ds.filter(lambda row: part.contains(row["patient_id"]), num_cpus=0.1)
     return ds
 
 

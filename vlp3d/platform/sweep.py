@@ -147,7 +147,8 @@ def check_sweep(cfg: ExperimentConfig) -> tuple[SearchSpace, list[ExperimentConf
             if key in seen:
                 continue
             seen.add(key)
-            if cfg.tune.trial == "pretrain" and trial_cfg.train.warmup_steps >= trial_cfg.train.max_steps:
+            budgets = "train.max_steps" in space.keys  # a budget axis: every budget its own full schedule
+            if budgets and cfg.tune.trial == "pretrain" and trial_cfg.train.warmup_steps >= trial_cfg.train.max_steps:
                 raise ConfigError(f"its schedule cannot reach its budget: train.warmup_steps = "
                                   f"{trial_cfg.train.warmup_steps} >= train.max_steps = {trial_cfg.train.max_steps} "
                                   "(every budget gets its own warm-up and decay; lower train.warmup_steps)")
@@ -364,7 +365,10 @@ def _tuner(cfg: ExperimentConfig, space: SearchSpace, name: str, folder: Path, t
         trainable,
         param_space=param_space(space, cfg.tune.search),
         tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, search_alg=search_alg, scheduler=scheduler,
-                                    max_concurrent_trials=workers, reuse_actors=False),
+                                    max_concurrent_trials=workers,
+                                    # one-worker trials run their loop in the trial actor: reusing it keeps its
+                                    # imports and the shards it read (vlp3d.train.feed) for the next trial
+                                    reuse_actors=runs_locally(cfg)),
         run_config=tune.RunConfig(name=name, storage_path=str(folder.parent), verbose=0,
                                   callbacks=[progress_callback], failure_config=tune.FailureConfig(max_failures=0)),
     )
