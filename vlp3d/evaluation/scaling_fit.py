@@ -177,6 +177,8 @@ class Estimate:
     def describe(self, digits: int = 3) -> str:
         if not self.identified:
             return f"not identified ({self.reason})"
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            return f"{self.value:.{digits}g} (no interval: no bootstrap)"
         return f"{self.value:.{digits}g} [{self.low:.{digits}g}, {self.high:.{digits}g}]"
 
 
@@ -299,6 +301,11 @@ def fit_batch(designs_y: np.ndarray, log_x: np.ndarray, mask: np.ndarray | None 
 
 
 def _interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """Percentile interval of the finite values (NaN, NaN when there are none: no bootstrap was run)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return math.nan, math.nan
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
@@ -493,6 +500,9 @@ def extrapolation_check(design: Design, axis: str, n_boot: int = 400, seed: int 
         return Extrapolation(axis, float(top), measured, ok=False, reason=fit.reason)
     weak = [name for name, e in fit.params.items() if not e.identified]
     predicted = float(fit.predict(x[held]).mean())
+    if not len(fit.samples):
+        return Extrapolation(axis, float(top), measured, predicted, ok=False, reason="no bootstrap refits to give an "
+                             "interval (tune.fit_bootstrap = 0, or none converged)")
     curves = fit.predict(x[held], fit.samples).mean(axis=1)  # [B]
     rng = np.random.default_rng(seed + 1)
     log_res = np.log(y[train]) - np.log(fit.predict(x[train]))

@@ -64,6 +64,9 @@ def test_a_design_that_identifies_nothing_says_why():
     assert by_size.law == "L(N)" and not by_size.fit.ok
     assert by_size.fit.reason == ("too few distinct points: N has 2 (a power law with an offset needs >= 3 per axis)")
     assert "no fit: too few distinct points" in "\n".join(by_size.lines())
+    # without a bootstrap (tune.fit_bootstrap = 0): estimates without intervals, said so, no traceback
+    text = "\n".join(line for r in scaling_results(table, ["model.size", "train.max_steps"], n_boot=0) for line in r.lines())
+    assert "(no interval: no bootstrap)" in text and "no extrapolation check: no bootstrap refits" in text
     # data.fraction at fixed steps moves the unique volumes, not the volumes seen: no law to fit
     assert scaling_results(table.assign(**{"data.fraction": 0.5}), ["data.fraction"]) == []
 
