@@ -285,7 +285,7 @@ def run(task: Task, runtime: Runtime, cfg: ExperimentConfig, options: LoopOption
         # call under FlopCounterMode would leave the module eager)
         if not compute["flops_per_step"] and not compiling:
             counted = model_flops(task.module, batch, cfg.train.precision)
-            compute["flops_per_step"] = counted["flops_per_step"] * world_size
+            compute.update(counted, flops_per_step=counted["flops_per_step"] * world_size)
             if tracker is not None and not resumed_from:  # MLflow params are write-once
                 tracker.log_params({f"compute/{k}": v for k, v in compute.items()})
         effective = balancer.effective()  # the weights of this step (balancing moves them after it)
