@@ -9,6 +9,7 @@ one-trial sweep with intermediate reports. A fine-tuning sweep runs its trial on
 """
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -200,7 +201,8 @@ def test_bad_space_fails_before_any_trial(tiny_demo, ray_session, capsys):
     assert main(["sweep", config, "tune.asha_metric=\"val/auroc\"", 'tune.scheduler="asha"',
                  'tune.space={"train.seed" = [0, 1]}']) == 2
     assert "tune.asha_metric = 'val/auroc' is not a metric trials report" in capsys.readouterr().err
-    assert main(["sweep", config, 'tune.scheduler="asha"', 'tune.space={"train.max_steps" = [2, 4]}']) == 2
+    assert main(["sweep", config, 'tune.scheduler="asha"', "train.val_every=2",
+                 'tune.space={"train.max_steps" = [2, 4]}']) == 2
     assert "tune.scheduler = 'asha' with tune.space varying train.max_steps" in capsys.readouterr().err
     assert main(["sweep", config, 'tune.space={"train.max_steps" = [4, 8]}']) == 2  # the config warms up 20 steps
     assert "its schedule cannot reach its budget: train.warmup_steps = 20 >= train.max_steps = 4" in \
@@ -248,7 +250,8 @@ def test_concurrency_fills_the_cluster_and_keeps_a_cpu_for_data(monkeypatch):
 
 
 def test_a_finetuning_sweep_runs_its_trials_on_ray_train(tiny_demo, ray_session):
-    from vlp3d.platform.sweep import run_sweep, table_column
+    from vlp3d.platform.sweep import run_sweep
+    from vlp3d.platform.sweep_results import table_column
 
     cfg = load_config(tiny_demo / "config.toml", [
         "name=ftsweep", 'tune.trial="finetune"', 'tune.metric="eval/mean_dice"', 'tune.trial_runtime="ray_train"',
@@ -281,5 +284,5 @@ def test_random_and_optuna_searches_complete_a_sweep_with_intermediate_reports(s
     result = run_sweep(cfg, name=f"search-{search}", progress=lambda *_: None)
     [trial] = result.table.to_dict("records")
     assert trial["status"] == "finished" and 1e-4 <= trial["train.lr"] <= 1e-3
-    history = pd.read_csv(next(result.folder.glob("*/progress.csv")))
-    assert history["val/loss"].notna().sum() >= 2 and history["eval/macro_auroc"].notna().sum() == 1
+    results = [json.loads(line) for line in next(result.folder.glob("*/result.json")).read_text().splitlines()]
+    assert sum("val/loss" in r for r in results) >= 2 and sum("eval/macro_auroc" in r for r in results) == 1
