@@ -11,6 +11,7 @@ from vlp3d.redact import redact
 # (low, high, low included) per key whose type alone does not bound it
 RANGES: dict[str, tuple[float, float, bool, str]] = {
     "data.fraction": (0.0, 1.0, False, "the share of training patients used (nested subsets)"),
+    "tune.report_share": (0.0, 1.0, False, "the share of held-out patients carved out as the report split"),
     "data.valid_fraction": (0.0, 1.0, True, "the share of patients held out when a manifest has no split"),
     "train.max_skipped_steps": (1, 1e9, True, "consecutive non-finite steps tolerated"),
     "train.grad_share_every": (0, 1e9, True, "steps between per-term gradient measurements, 0 = never"),
