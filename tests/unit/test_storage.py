@@ -29,10 +29,13 @@ def remote_root(request, tmp_path) -> str:
 def _shard_folder(folder: Path) -> dict:
     """A small shard folder as prepare lays it out: CT and xray Parquet files, a manifest."""
     (folder / "xray").mkdir(parents=True)
-    rows = {"split": ["train", "train", "valid", "train"], "fraction_rank": [0.1, 0.7, 0.2, 0.4]}
+    rows = {"split": ["train", "train", "valid", "train"], "fraction_rank": [0.1, 0.7, 0.2, 0.4],
+            "patient_id": ["p1", "p2", "p3", "p4"]}
     pq.write_table(pa.table(rows), folder / "part-0.parquet")
-    pq.write_table(pa.table({"split": ["train"], "fraction_rank": [0.3]}), folder / "part-1.parquet")
-    pq.write_table(pa.table({"split": ["train"], "fraction_rank": [0.5]}), folder / "xray" / "part-0.parquet")
+    pq.write_table(pa.table({"split": ["train"], "fraction_rank": [0.3], "patient_id": ["p5"]}),
+                   folder / "part-1.parquet")
+    pq.write_table(pa.table({"split": ["train"], "fraction_rank": [0.5], "patient_id": ["p1"]}),
+                   folder / "xray" / "part-0.parquet")
     manifest = {"spec_hash": folder.name, "counts": {"written": 6}}
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return manifest

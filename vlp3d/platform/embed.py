@@ -140,10 +140,6 @@ class PartEmbedder:
         from vlp3d.platform.mlflow.models import load_embedder, predict
         from vlp3d.platform.mlflow.store import client
 
-        if type(table).__name__ == "ObjectRef":  # on a Ray Data actor: the driver's table, put once
-            import ray
-
-            table = ray.get(table)
         client(tracking_uri)
         self.model, _ = load_embedder(model_uri, model_config=model_config)
         self.predict = predict
@@ -173,14 +169,13 @@ def _ray_parts(plan: EmbedPlan, todo: list[int], tracking_uri: str, model_config
     (so a part never lands on a worker node's own disk)."""
     import ray
 
-    table_ref = ray.put(plan.table)
     dataset = ray.data.from_items([{"part": i} for i in todo], override_num_blocks=max(1, len(todo)))
     embedded = dataset.map_batches(
         PartEmbedder, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor,
         num_cpus=0 if gpus_per_actor else 1,
         fn_constructor_kwargs={"model_uri": plan.model_uri, "tracking_uri": tracking_uri, "model_config": model_config,
-                               "table": table_ref, "columns": plan.columns, "part_rows": plan.part_rows,
+                               "table": plan.table, "columns": plan.columns, "part_rows": plan.part_rows,
                                "batch_size": plan.batch_size, "params": plan.params})
     expected = {i: len(plan.part(i)) for i in todo}
     pending: dict[int, list[pd.DataFrame]] = {}
