@@ -40,7 +40,8 @@ def test_finetune_segmentation_is_tracked_and_registered_with_its_source(tiny_de
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} == {"eval/segmentation.csv"}
     # the registered model predicts structure volumes from a NIfTI file
     with current_store(uri):
-        model = mlflow.pyfunc.load_model(f"models:/vlp3d-clip-segmentation/{version.version}")
+        model = mlflow.pyfunc.load_model(f"models:/vlp3d-clip-segmentation/{version.version}",
+                                         model_config={"allowed_root": str(tiny_demo)})
         volume = next((tiny_demo / "corpus" / "valid").rglob("*.nii.gz"))
         predicted = model.predict(pd.DataFrame({"image": [str(volume)]}))
     assert list(predicted.columns) == ["lung_ml", "heart_ml"]

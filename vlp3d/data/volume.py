@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -88,14 +89,49 @@ class PreprocessSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray, HUDecision]:
-    """Read a NIfTI file; return (HU array, affine, decision). Raises ValueError on unreadable data."""
+@dataclass(frozen=True)
+class VolumeLimits:
+    """Caps on one input volume, checked from its header (NIfTI dims, DICOM rows x columns x frames) or
+    its array's shape before its voxels are read or resampled: `max_voxels` for the stored grid and for
+    the grid it is resampled to (`resampled_voxels`: a small array with a huge spacing expands), and
+    `max_bytes` for the memory loading and resampling it needs (`volume_bytes`). Readers without limits
+    (prepare, reading its own corpus) check nothing."""
+
+    max_voxels: int = 2**28  # 268 M: a 512 x 512 x 1024 CT fits
+    max_bytes: int = 4 * 2**30
+
+    def check(self, shape, itemsize: int, resampled: int = 0) -> None:
+        """ValueError naming the cap when a volume of `shape` stored with `itemsize` bytes per voxel
+        (resampled to `resampled` voxels, when known) exceeds it."""
+        voxels = math.prod(int(n) for n in shape)
+        for what, count in (("stored", voxels), ("after resampling", resampled)):
+            if count > self.max_voxels:
+                raise ValueError(f"volume too large: {count:,} voxels {what} (shape {list(shape)}) exceed the cap of "
+                                 f"{self.max_voxels:,} (max_voxels); check its size and voxel spacing")
+        needed = volume_bytes(voxels, itemsize, resampled)
+        if needed > self.max_bytes:
+            raise ValueError(f"volume too large: about {needed / 2**30:.1f} GiB to load and resample (shape "
+                             f"{list(shape)}) exceed the cap of {self.max_bytes / 2**30:.1f} GiB (max_bytes)")
+
+
+def volume_bytes(voxels: int, itemsize: int, resampled: int = 0) -> int:
+    """Estimated peak memory of loading and preprocessing one volume: the stored values, two float32
+    copies of the input grid (HU, reoriented) and two of the resampled grid."""
+    return voxels * (int(itemsize) + 8) + resampled * 8
+
+
+def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None),
+                  limits: VolumeLimits | None = None) -> tuple[np.ndarray, np.ndarray, HUDecision]:
+    """Read a NIfTI file; return (HU array, affine, decision). Raises ValueError on unreadable data, and
+    on a header whose volume exceeds `limits` (before its data are read)."""
     try:
         img = nib.load(path)
     except nib.filebasedimages.ImageFileError as err:  # not NIfTI, truncated, not gzip: bad input, said as such
         raise ValueError(f"not a readable NIfTI file ({err})") from None
     if len(img.shape) != 3:
         raise ValueError(f"expected a 3D volume, got shape {img.shape}")
+    if limits is not None:
+        limits.check(img.shape, img.get_data_dtype().itemsize)
     proxy = img.dataobj
     if hasattr(proxy, "get_unscaled"):
         # after loading, nibabel moves scl_slope/scl_inter from the header into the array proxy
@@ -111,18 +147,20 @@ def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None)) -> tuple[np
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def load_volume_hu(path, metadata_scaling: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray, HUDecision]:
+def load_volume_hu(path, metadata_scaling: tuple = (None, None),
+                   limits: VolumeLimits | None = None) -> tuple[np.ndarray, np.ndarray, HUDecision]:
     """NIfTI file, DICOM series folder or DICOM file -> (HU array, RAS affine, decision).
 
     Every format returns the same contract as `load_nifti_hu`: stored values converted to HU
     exactly once and an affine from voxel indices to RAS+ world mm (nibabel's convention).
-    DICOM needs the optional extra `pip install "vlp3d[dicom]"`; other files go to nibabel.
+    DICOM needs the optional extra `pip install "vlp3d[dicom]"`; other files go to nibabel. With
+    `limits`, a volume over them is refused from its header, before its voxels are read.
     """
     if str(path).lower().endswith(NIFTI_SUFFIXES):
-        return load_nifti_hu(str(path), metadata_scaling)
+        return load_nifti_hu(str(path), metadata_scaling, limits)
     if is_dicom_path(path):
-        return load_dicom_hu(path, metadata_scaling)
-    return load_nifti_hu(str(path), metadata_scaling)
+        return load_dicom_hu(path, metadata_scaling, limits)
+    return load_nifti_hu(str(path), metadata_scaling, limits)
 
 
 CROP_MARGIN_VOXELS = 4
@@ -219,6 +257,22 @@ def preprocess_volume(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec,
     if LABEL in data:
         labels = np.round(data[LABEL][0].as_tensor().numpy()).astype(np.uint8)
     return image, labels
+
+
+def resampled_voxels(shape, affine: np.ndarray, spec: PreprocessSpec) -> int:
+    """How many voxels `preprocess_volume` resamples a volume of `shape` with `affine` to, computed
+    before it does (the grid `Spacingd` allocates: the whole volume for "highres", the field of view
+    plus its margin for "fixed"); the body crop can only make it smaller."""
+    import nibabel.orientations as orientations
+
+    sizes = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
+    order = orientations.io_orientation(affine)[:, 0].astype(int)  # input axis i -> RAS axis order[i]
+    ras_shape, ras_sizes = np.zeros(3), np.zeros(3)
+    ras_shape[order], ras_sizes[order] = np.asarray(shape, dtype=np.float64), sizes
+    if spec.storage != "highres":
+        needed = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing_mm) / ras_sizes)
+        ras_shape = np.minimum(ras_shape, needed + 2 * CROP_MARGIN_VOXELS)
+    return math.prod(int(n) for n in np.ceil(ras_shape * ras_sizes / np.asarray(spec.spacing_mm)))
 
 
 def body_level(spec: PreprocessSpec, threshold_hu: float | None = None, *, dequantised: bool = False) -> float:

@@ -11,7 +11,11 @@ from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_fro
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".jsonl")
 # CT-RATE's metadata CSV names -> the model's columns
 ALIASES = {"RescaleSlope": "rescale_slope", "RescaleIntercept": "rescale_intercept"}
-MODEL_COLUMNS = ("image", "report", "rescale_slope", "rescale_intercept")
+MODEL_COLUMNS = ("image", "report", "rescale_slope", "rescale_intercept", "modality")
+# the command line reads the files its user names, with the user's own permissions: the allowed root is
+# the filesystem's root (a served model has none unless configured: deny by default). Symlinks are still
+# resolved and the volume caps (VLP3D_MAX_VOXELS / VLP3D_MAX_BYTES) still apply.
+EMBED_ALLOWED_ROOT = "/"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -26,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="volume files / DICOM series folders, or one manifest (.csv, .parquet, .jsonl) with "
                              "column image (paths relative to the manifest's folder, or absolute) and optional "
                              "report, rescale_slope, rescale_intercept (CT-RATE's RescaleSlope/RescaleIntercept "
-                             "are read as those)")
+                             "are read as those), modality (rows not CT are refused)")
     parser.add_argument("--model", required=True,
                         help="MLflow model URI: models:/NAME@ALIAS (e.g. models:/vlp3d-mg3d@champion), "
                              "models:/NAME/VERSION or runs:/RUN_ID/model")
@@ -99,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     table = fill_rescale(read_inputs(args.inputs), args.rescale_slope, args.rescale_intercept)
     client(tracking_uri_from(args))
     started = time.time()
-    # the command line reads the user's own files: a served model's allowed_root does not apply
-    model, embedder = load_embedder(args.model, model_config={"device": args.device, "allowed_root": ""})
+    model, embedder = load_embedder(args.model, model_config={"device": args.device,
+                                                              "allowed_root": EMBED_ALLOWED_ROOT})
     columns = [c for c in MODEL_COLUMNS if c in table.columns]
     parts = []
     with progress_bar(len(table), "embedding", unit="volume") as bar:
