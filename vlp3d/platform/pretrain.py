@@ -11,7 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlp3d import logs
-from vlp3d.platform.launch import RUNTIME_TAG, Finished, base_loop_config, run_local, run_on_ray
+from vlp3d.platform.launch import (
+    RUNTIME_TAG,
+    Finished,
+    TrainingInterrupted,
+    base_loop_config,
+    end_interrupted,
+    run_local,
+    run_on_ray,
+)
 from vlp3d.platform.mlflow import models, runs, store
 from vlp3d.platform.runtime import init_ray
 from vlp3d.train import checkpoint as checkpoints
@@ -78,7 +86,7 @@ def pretrain(cfg, run_name: str | None = None, progress=log.info, callbacks: Seq
             finished = run_on_ray(cfg, run_name, loop_config, pretraining_datasets(cfg, shard_dir, manifest),
                                   callbacks)
     except BaseException as err:  # a failed (or interrupted) run is never left RUNNING in MLflow
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if isinstance(err, KeyboardInterrupt | TrainingInterrupted) else "FAILED"
         runs.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
         raise
     model_uri = finish(cfg, run_id, run_name, finished, register)
@@ -87,12 +95,15 @@ def pretrain(cfg, run_name: str | None = None, progress=log.info, callbacks: Seq
 
 
 def finish(cfg, run_id: str, run_name: str, finished: Finished, register: bool) -> str:
-    """Deliver what rank 0 could not send, fail a run that stopped early or left no (finite) checkpoint,
-    else log (and register) its model: returns the model URI."""
+    """Deliver what rank 0 could not send, end a run its signal stopped KILLED (`TrainingInterrupted`), fail
+    a run that stopped early or left no (finite) checkpoint, else log (and register) its model: returns
+    the model URI. A stopped, killed or failed run registers nothing."""
     uri = store.uri(cfg)
     with finished.local_checkpoint() as local:
         if local is not None:  # what rank 0 could not deliver to MLflow before it finished
             runs.deliver(uri, run_id, checkpoints.restore_unsent(local))
+        if finished.interrupted:
+            end_interrupted(uri, run_id, run_name, finished)
         if finished.stopped:
             runs.end_run_quietly(uri, run_id, "FAILED", finished.stopped)
             raise NonFiniteTrainingError(f"run {run_name}: {finished.stopped}")

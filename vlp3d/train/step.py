@@ -142,7 +142,7 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
                optimizer: torch.optim.Optimizer, scheduler, precision: str = "fp32",
                scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0,
                after_step: Callable[[], None] | None = None, measure_params: Sequence[nn.Parameter] | None = None,
-               lr_group: str = "encoder") -> dict:
+               lr_group: str = "encoder", check_state: Callable[[], list[str]] | None = None) -> dict:
     """One optimisation step of a (DDP-wrapped) module whose forward takes a batch and returns named,
     unweighted loss terms (`Pretrainer`, fine-tuning's `FinetuneModule`); returns the weighted total
     `loss`, each term (`loss/<term>`), the learning rate of the `lr_group` parameter group, the
@@ -153,6 +153,11 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
     NaN/inf guard: when the loss, a term or the gradient norm is not finite on any rank, every rank
     skips the step together (no weight, optimizer, scheduler or EMA change; under fp16 the grad scaler
     lowers its scale); the names of what was not finite are under `nonfinite`.
+
+    Degenerate state: after the optimizer step, `check_state()` (the task's: a logit scale at zero, a
+    non-finite weight that would feed the EMA teacher, non-finite centres) names what is degenerate;
+    then neither the schedule nor `after_step` (EMA, centres) runs, and the names come back under
+    `degenerate`: the run has diverged (the same on every rank: those states are replicated).
     """
     first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     with autocast(first.device, precision):
@@ -183,6 +188,9 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
         scaler.update()
     else:
         optimizer.step()
+    degenerate = check_state() if check_state is not None else []
+    if degenerate:
+        return {"skipped": 1.0, "nonfinite": [], "degenerate": degenerate}
     scheduler.step()
     if after_step is not None:
         after_step()

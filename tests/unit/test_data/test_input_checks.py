@@ -139,7 +139,7 @@ def test_the_served_model_and_embed_refuse_raw_ct_below_zero_and_say_how_to_fix_
 def test_the_served_model_and_embed_refuse_the_bad_inputs_and_a_listed_modality():
     from vlp3d.inference import VolumeInput, load_ct
 
-    for name, (raw, metadata, modality, says) in BAD.items():
+    for name, (raw, metadata, modality, _says) in BAD.items():
         if name in ACCEPTED_BY_DESIGN or np.asarray(raw).ndim != 3:
             continue
         slope, intercept = metadata or (None, None)
