@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from vlp3d.data.hounsfield import NO_NEGATIVE_HU, HUDecision, NotCTError, require_ct, to_hounsfield
+from vlp3d.data.limits import VolumeLimits
 from vlp3d.data.report import split_sentences
 from vlp3d.data.volume import (
     PreprocessSpec,
-    VolumeLimits,
     body_level,
     dequantise,
     load_volume_hu,

@@ -19,14 +19,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vlp3d.data.hounsfield import HUDecision, to_hounsfield
-
-if TYPE_CHECKING:
-    from vlp3d.data.volume import VolumeLimits
+from vlp3d.data.limits import VolumeLimits
 
 INSTALL_HINT = 'pip install "vlp3d[dicom]"'
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")

@@ -20,7 +20,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from vlp3d.data.volume import VolumeLimits
+from vlp3d.data.limits import VolumeLimits
 from vlp3d.inference import RESCALE_COLUMNS, Embedder, VolumeInput
 
 ALLOWED_ROOT_ENV = "VLP3D_ALLOWED_ROOT"  # set where the model is served: overrides model_config allowed_root
