@@ -241,11 +241,10 @@ class FineTuned:
                 out.append(torch.sigmoid(logits)[0].float().cpu().numpy())
         return out
 
-    def predict_files(self, paths: list[str], limits=None) -> list[np.ndarray]:
-        """NIfTI files or DICOM series, preprocessed with the spec the model was fine-tuned on -> `predict`:
-        the HU and not-CT rules and the `limits` (vlp3d.data.volume.VolumeLimits) of the embedding model
-        (`vlp3d.inference.preprocess_input`)."""
-        from vlp3d.inference import VolumeInput, preprocess_input
+    def predict_inputs(self, items: list, limits=None) -> list[np.ndarray]:
+        """Volume inputs (`vlp3d.inference.VolumeInput`: NIfTI files or DICOM series, with their rescale),
+        preprocessed with the spec the model was fine-tuned on -> `predict`: the HU and not-CT rules and the
+        `limits` (vlp3d.data.limits.VolumeLimits) of the embedding model (`vlp3d.inference.preprocess_input`)."""
+        from vlp3d.inference import preprocess_input
 
-        return self.predict([preprocess_input(VolumeInput(path=str(p), name=str(p)), self.spec, limits=limits)
-                             for p in paths])
+        return self.predict([preprocess_input(item, self.spec, limits=limits) for item in items])

@@ -309,15 +309,22 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
 
 
 def finetuned_signature():
-    """Input of a fine-tuned model: column `image` (a NIfTI file or DICOM series path)."""
+    """Input of a fine-tuned model: column `image` (a NIfTI file or DICOM series path), optional
+    `rescale_slope`/`rescale_intercept` and `modality` as for the embedder (`signature`)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec(DataType.string, "image")]))
+    return ModelSignature(inputs=Schema([
+        ColSpec(DataType.string, "image"),
+        ColSpec(DataType.double, "rescale_slope", required=False),
+        ColSpec(DataType.double, "rescale_intercept", required=False),
+        ColSpec(DataType.string, "modality", required=False),
+    ]))
 
 
 class FineTunedModel(mlflow.pyfunc.PythonModel):
-    """pyfunc of a fine-tuned model: DataFrame with `image` (NIfTI file or DICOM series path) -> segmentation:
+    """pyfunc of a fine-tuned model: DataFrame with `image` (NIfTI file or DICOM series path; the rescale
+    and modality columns and HU rules of `Vlp3dEmbedder`) -> segmentation:
     one column `<class>_ml` per class (its volume in millilitres, at the model's preprocessing spacing);
     classification: one column per label (its probability). model_config as `Vlp3dEmbedder`'s: paths only
     under `allowed_root` (none without one), `max_voxels` / `max_bytes`; errors are one line."""
@@ -343,12 +350,12 @@ class FineTunedModel(mlflow.pyfunc.PythonModel):
         from vlp3d.downstream import SEGMENTATION
 
         frame = pd.DataFrame(model_input)
-        if "image" not in frame:
-            raise ValueError("give the column `image` (a NIfTI file or DICOM series path per row)")
-        paths = [str(p) for p in frame["image"]]
-        check_allowed({i: VolumeInput(path=p, name=f"row {label} ({p})") for i, (label, p) in
-                       enumerate(zip(frame.index, paths, strict=True))}, self.allowed_root)
-        out = self.model.predict_files(paths, limits=self.limits)
+        items = volume_inputs(frame.drop(columns=["image_array", "affine", "spacing"], errors="ignore"))
+        missing = [str(label) for position, label in enumerate(frame.index) if position not in items]
+        if missing:
+            raise ValueError(f"rows {', '.join(missing[:10])}: give `image` (a NIfTI file or DICOM series path)")
+        check_allowed(items, self.allowed_root)
+        out = self.model.predict_inputs(list(items.values()), limits=self.limits)
         if self.model.task == SEGMENTATION:
             voxel_ml = float(np.prod(self.model.spec.spacing_mm)) / 1000.0
             return pd.DataFrame([{f"{name}_ml": float((labels == i).sum()) * voxel_ml
