@@ -133,7 +133,8 @@ def test_the_champion_as_served_denies_paths_caps_volumes_and_never_echoes(store
     cases = [({"image": [str(volumes["hu"])]}, "no allowed root is configured"),
              ({"image_array": [volumes["array"].astype(np.float32)],
                "spacing": [[700.0, 700.0, 700.0]]}, "after resampling"),
-             ({"report": [{"text": secret}], "image": [None]}, "Failed to enforce model input schema")]
+             ({"rescale_slope": [secret], "image": [None]}, "Failed to enforce model input schema"),
+             ({"report": [{"text": secret}]}, "row 0: a report must be text")]
     for frame, says in cases:
         with pytest.raises(MlflowException) as refused:
             served.predict(pd.DataFrame(frame))

@@ -295,6 +295,9 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
         reports = frame["report"] if "report" in frame else pd.Series([None] * len(frame))
         report_embedding = [None] * len(frame)
         texted = [i for i, text in enumerate(reports) if _present(text)]
+        not_text = [str(frame.index[i]) for i in texted if not isinstance(reports.iloc[i], str)]
+        if not_text:  # a dict or list passes MLflow's string column; its repr is not a report
+            raise ValueError(f"row {', '.join(not_text[:10])}: a report must be text")
         if texted:
             try:
                 embedded = self.embedder.embed_reports([str(reports.iloc[i]) for i in texted]).numpy()

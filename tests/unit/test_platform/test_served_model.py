@@ -174,6 +174,7 @@ def test_bad_input_messages_are_one_line_and_name_the_row(model, checkpoint, tmp
             "modality is 'MR', not CT")
     refused(model, {"image_array": [np.full((1, 1, 1), -1000.0, np.float32)], "spacing": [SPACING]},
             "degenerate volume")
+    refused(model, {"report": [{"text": SECRET}]}, "row 0: a report must be text")  # MLflow lets a dict through
 
 
 def test_vlp3d_embed_reads_the_users_own_files():
