@@ -10,6 +10,7 @@ of platform/. Both are logged by vlp3d.platform.mlflow.models.log_model.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ from vlp3d.data.limits import VolumeLimits
 from vlp3d.inference import RESCALE_COLUMNS, Embedder, VolumeInput
 
 ALLOWED_ROOT_ENV = "VLP3D_ALLOWED_ROOT"  # set where the model is served: overrides model_config allowed_root
-# caps on one input volume (vlp3d.data.volume.VolumeLimits), overriding model_config max_voxels / max_bytes
+# caps on one input volume (vlp3d.data.limits.VolumeLimits), overriding model_config max_voxels / max_bytes
 LIMIT_ENV = {"max_voxels": "VLP3D_MAX_VOXELS", "max_bytes": "VLP3D_MAX_BYTES"}
 # MLflow's schema-enforcement error quotes the whole input (report text included) unless this is set
 SCHEMA_DETAILS_ENV = "MLFLOW_DISABLE_SCHEMA_DETAILS"
@@ -177,8 +178,7 @@ def check_allowed(items: dict[int, VolumeInput], allowed_root: str) -> None:
         raise PermissionError(NO_ROOT)
     root = Path(allowed_root).resolve()
     for item in paths:
-        given = Path(item.path)
-        resolved = given.resolve()
+        resolved = Path(item.path).resolve()
         outside = f"{item.name}: this model reads image paths only under its allowed root; send the volume as " \
                   "image_array, or a path under that folder"
         if not resolved.is_relative_to(root):
@@ -232,6 +232,29 @@ def refusal(err: BaseException) -> MlflowException:
     return MlflowException(one_line(message), error_code=INVALID_PARAMETER_VALUE)
 
 
+def serving_settings(context) -> tuple[str, VolumeLimits]:
+    """(allowed root, volume caps) of a loaded model: the environment where it is served, else its
+    model_config; and MLflow's schema errors told not to quote the input (`SCHEMA_DETAILS_ENV`)."""
+    config = dict(context.model_config or {})
+    os.environ.setdefault(SCHEMA_DETAILS_ENV, "true")
+    return os.environ.get(ALLOWED_ROOT_ENV) or str(config.get("allowed_root") or ""), limits_from(config)
+
+
+def one_line_errors(predict):
+    """A pyfunc's `predict` whose every failure reaches the caller as one line (`refusal`; HTTP 400 when
+    served), raised `from None`: no stack trace, no chained exception."""
+    @functools.wraps(predict)
+    def wrapped(self, context, model_input, params=None):
+        try:
+            return predict(self, context, model_input, params)
+        except MlflowException as err:
+            raise MlflowException(one_line(err.message), error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception as err:  # noqa: BLE001 - every failure is one line for the caller
+            raise refusal(err) from None
+
+    return wrapped
+
+
 class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
     """pyfunc: DataFrame (or dict of lists) of the `signature` columns -> `image_embedding` /
     `report_embedding` (L2-normalised lists of floats in one space; None where a row has no input).
@@ -250,9 +273,7 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
         # a model logged before the metadata moved into the instance unpickles without it
         self.metadata = dict(getattr(self, "metadata", None) or {})
         config = dict(context.model_config or {})
-        self.allowed_root = os.environ.get(ALLOWED_ROOT_ENV) or str(config.get("allowed_root") or "")
-        self.limits = limits_from(config)
-        os.environ.setdefault(SCHEMA_DETAILS_ENV, "true")  # see SCHEMA_DETAILS_ENV
+        self.allowed_root, self.limits = serving_settings(context)
         self.embedder = Embedder(context.artifacts["checkpoint"], device=str(config.get("device") or "auto"),
                                  text_encoder=context.artifacts.get("text_encoder"))
 
@@ -271,15 +292,8 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
         with `{name}`, `{Name}`, `{a}` (vlp3d.evaluation.prompts)."""
         return dict(self.metadata.get("prompt_templates", {}))
 
+    @one_line_errors
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        try:
-            return self._predict(model_input, params)
-        except MlflowException as err:
-            raise MlflowException(one_line(err.message), error_code=INVALID_PARAMETER_VALUE) from None
-        except Exception as err:  # noqa: BLE001 - every failure is one line for the caller (HTTP 400 when served)
-            raise refusal(err) from None
-
-    def _predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
         assume_hu = bool((params or {}).get("assume_hu", False))
         frame = as_rows(frame)
@@ -335,21 +349,11 @@ class FineTunedModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from vlp3d.downstream import FineTuned
 
-        config = dict(context.model_config or {})
-        self.allowed_root = os.environ.get(ALLOWED_ROOT_ENV) or str(config.get("allowed_root") or "")
-        self.limits = limits_from(config)
-        os.environ.setdefault(SCHEMA_DETAILS_ENV, "true")
+        self.allowed_root, self.limits = serving_settings(context)
         self.model = FineTuned(context.artifacts["checkpoint"])
 
+    @one_line_errors
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        try:
-            return self._predict(model_input)
-        except MlflowException as err:
-            raise MlflowException(one_line(err.message), error_code=INVALID_PARAMETER_VALUE) from None
-        except Exception as err:  # noqa: BLE001 - every failure is one line for the caller
-            raise refusal(err) from None
-
-    def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
         from vlp3d.downstream import SEGMENTATION
 
         frame = pd.DataFrame(model_input)
