@@ -123,8 +123,8 @@ def test_sigterm_ends_vlp3d_pretrain_killed_with_a_final_checkpoint_and_nothing_
     versions = len(client.search_model_versions("name='vlp3d-local-runtime'"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_demo / 'mlflow.db'}"}
     child = subprocess.Popen(
-        [sys.executable, "-m", "vlp3d.cli", "pretrain", str(tiny_demo / "config.toml"), "--local", "--run-name",
-         "sigterm", *PRETRAIN, "train.max_steps=100000", "train.checkpoint_every=100000"],
+        [sys.executable, "-m", "vlp3d.cli", "pretrain", str(tiny_demo / "config.toml"), *PRETRAIN,
+         "train.max_steps=100000", "train.checkpoint_every=100000", "--local", "--run-name", "sigterm"],
         cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300

@@ -49,9 +49,9 @@ from vlp3d.downstream import (
 )
 from vlp3d.platform.launch import (
     RUNTIME_TAG,
-    TrainingInterrupted,
     base_loop_config,
     end_interrupted,
+    interruptible,
     run_local,
     run_on_ray,
 )
@@ -227,6 +227,7 @@ def _labels_with_positives(shard_dir, labels: list[str], split: str) -> list[str
 # --- the driver ------------------------------------------------------------------------------------
 
 
+@interruptible
 def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.info, callbacks: Sequence = (),
              parent_run_id: str | None = None, register: bool = True, tags: dict[str, str] | None = None,
              local: bool = False, on_report=None) -> FinetuneResult:
@@ -290,7 +291,7 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
             runs.log_files(uri, run_id, [Path(tmp) / f"{ft.task}.csv"], "eval")
         model_uri = models.log_finetuned(run_id, cfg, folder, plan_, metrics, register)
     except BaseException as err:  # a failed (or interrupted) run is never left RUNNING in MLflow
-        status = "KILLED" if isinstance(err, KeyboardInterrupt | TrainingInterrupted) else "FAILED"
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # TrainingInterrupted too
         runs.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
         raise
     return FinetuneResult(run_id, run_name, folder, model_uri, plan_.pretrained.uri, metrics, table,

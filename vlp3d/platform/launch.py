@@ -6,6 +6,7 @@ what the run left: its last checkpoint, the metrics reported with it, and why it
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -49,9 +50,10 @@ class Finished:
             yield folder
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(KeyboardInterrupt):
     """The run was stopped by SIGTERM (`ray job stop`, a scheduler) or SIGINT (Ctrl-C): marked KILLED in
-    MLflow, its final checkpoint written; exit code 128 + the signal's number, as a shell reports it."""
+    MLflow (with its final checkpoint when the loop was running); exit code 128 + the signal's number,
+    as a shell reports it. A KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
     def __init__(self, message: str, signal_name: str):
         super().__init__(message)
@@ -59,6 +61,27 @@ class TrainingInterrupted(RuntimeError):
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT")
+
+
+def interruptible(driver):
+    """A training driver (pretrain, finetune) during which SIGTERM raises `TrainingInterrupted`, as Ctrl-C
+    raises KeyboardInterrupt (Python's default for SIGTERM ends the process on the spot, leaving its
+    MLflow run RUNNING); while the loop runs, `stop_on_signals` takes over. Main thread only."""
+    @functools.wraps(driver)
+    def wrapped(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return driver(*args, **kwargs)
+
+        def handle(signum, frame) -> None:
+            raise TrainingInterrupted("stopped by SIGTERM", "SIGTERM")
+
+        previous = signal.signal(signal.SIGTERM, handle)
+        try:
+            return driver(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapped
 
 
 @contextlib.contextmanager
@@ -74,7 +97,7 @@ def stop_on_signals(on_signal: Callable[[str], None]) -> Iterator[None]:
     def handle(signum, frame) -> None:
         name = signal.Signals(signum).name
         if received:
-            raise KeyboardInterrupt(f"{name} again: stopping at once")
+            raise TrainingInterrupted(f"{name} again: stopped at once, without a final checkpoint", name)
         received.append(name)
         log.warning(f"{name} received: stopping after this step with a final checkpoint ({name} again: at once)")
         on_signal(name)

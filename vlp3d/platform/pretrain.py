@@ -14,9 +14,9 @@ from vlp3d import logs
 from vlp3d.platform.launch import (
     RUNTIME_TAG,
     Finished,
-    TrainingInterrupted,
     base_loop_config,
     end_interrupted,
+    interruptible,
     run_local,
     run_on_ray,
 )
@@ -45,6 +45,7 @@ class PretrainResult:
     elapsed_s: float
 
 
+@interruptible
 def pretrain(cfg, run_name: str | None = None, progress=log.info, callbacks: Sequence = (),
              parent_run_id: str | None = None, register: bool = True, tags: dict[str, str] | None = None,
              local: bool = False, on_report: Callable | None = None) -> PretrainResult:
@@ -85,11 +86,11 @@ def pretrain(cfg, run_name: str | None = None, progress=log.info, callbacks: Seq
 
             finished = run_on_ray(cfg, run_name, loop_config, pretraining_datasets(cfg, shard_dir, manifest),
                                   callbacks)
+        model_uri = finish(cfg, run_id, run_name, finished, register)
     except BaseException as err:  # a failed (or interrupted) run is never left RUNNING in MLflow
-        status = "KILLED" if isinstance(err, KeyboardInterrupt | TrainingInterrupted) else "FAILED"
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # TrainingInterrupted too
         runs.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
         raise
-    model_uri = finish(cfg, run_id, run_name, finished, register)
     return PretrainResult(run_id, run_name, finished.checkpoint, shard_dir, model_uri, finished.metrics,
                           time.time() - started)
 
