@@ -26,7 +26,9 @@ exit codes:
   0  ok
   1  failure: training stopped on non-finite losses or weights, no sweep trial finished,
      `promote`/`register` left the alias where it was, or an unexpected error (with its traceback)
-  2  bad input: config, files, corpus, model URI, or a shard folder in use or holding other shards"""
+  2  bad input: config, files, corpus, model URI, or a shard folder in use or holding other shards
+  130, 143  stopped by SIGINT (Ctrl-C) or SIGTERM (`ray job stop`); training runs end KILLED with a
+     final checkpoint"""
 
 
 def _config_show(args: argparse.Namespace) -> int:

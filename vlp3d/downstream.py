@@ -242,12 +242,10 @@ class FineTuned:
                 out.append(torch.sigmoid(logits)[0].float().cpu().numpy())
         return out
 
-    def predict_files(self, paths: list[str]) -> list[np.ndarray]:
-        """NIfTI files or DICOM series, preprocessed with the spec the model was fine-tuned on -> `predict`."""
-        from vlp3d.data.volume import load_volume_hu, preprocess_hu
+    def predict_inputs(self, items: list, limits=None) -> list[np.ndarray]:
+        """Volume inputs (`vlp3d.inference.VolumeInput`: NIfTI files or DICOM series, with their rescale),
+        preprocessed with the spec the model was fine-tuned on -> `predict`: the HU and not-CT rules and the
+        `limits` (vlp3d.data.limits.VolumeLimits) of the embedding model (`vlp3d.inference.preprocess_input`)."""
+        from vlp3d.inference import preprocess_input
 
-        volumes = []
-        for path in paths:
-            hu, affine, _ = load_volume_hu(path)
-            volumes.append(preprocess_hu(hu, affine, self.spec))
-        return self.predict(volumes)
+        return self.predict([preprocess_input(item, self.spec, limits=limits) for item in items])

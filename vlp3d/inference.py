@@ -11,9 +11,17 @@ import numpy as np
 import torch
 
 from vlp3d.config import ExperimentConfig
-from vlp3d.data.hounsfield import HUDecision, NotCTError, require_ct, to_hounsfield
+from vlp3d.data.hounsfield import NO_NEGATIVE_HU, HUDecision, NotCTError, require_ct, to_hounsfield
+from vlp3d.data.limits import VolumeLimits
 from vlp3d.data.report import split_sentences
-from vlp3d.data.volume import PreprocessSpec, body_level, dequantise, load_volume_hu, preprocess_hu
+from vlp3d.data.volume import (
+    PreprocessSpec,
+    body_level,
+    dequantise,
+    load_volume_hu,
+    preprocess_hu,
+    resampled_voxels,
+)
 from vlp3d.encoders.text import TextEncoder, embed_reports
 from vlp3d.objectives import objective_class
 from vlp3d.objectives.model import VisionLanguageModel, build_model
@@ -42,6 +50,7 @@ class VolumeInput:
     rescale_slope: float | None = None
     rescale_intercept: float | None = None
     name: str = ""  # how errors name it: the path, or "row N"
+    modality: str | None = None  # as a manifest lists it: anything but CT is refused before reading
 
     @property
     def where(self) -> str:
@@ -74,34 +83,61 @@ def array_affine(item: VolumeInput, shape: tuple[int, ...]) -> np.ndarray:
     return affine
 
 
-def _stack(value) -> np.ndarray:
-    """A 3D array from an ndarray or nested lists (ragged input is an error, not an object array)."""
+def _nested_shape(value) -> tuple[int, ...]:
+    """The shape nested lists announce along their first elements (what stacking them would allocate)."""
+    shape = []
+    while isinstance(value, list | tuple | np.ndarray) and not (isinstance(value, np.ndarray) and value.dtype != object):
+        shape.append(len(value))
+        if not len(value):
+            break
+        value = value[0]
+    if isinstance(value, np.ndarray):
+        shape.extend(value.shape)
+    return tuple(shape)
+
+
+def _stack(value, limits: VolumeLimits | None = None) -> np.ndarray:
+    """A 3D array from an ndarray or nested lists (ragged input is an error, not an object array);
+    the shape the lists announce is checked against `limits` before the array is allocated."""
     if isinstance(value, np.ndarray) and value.dtype != object:
         return value
+    if limits is not None:
+        limits.check(_nested_shape(value), 4)
     return np.stack([np.stack([np.asarray(row, dtype=np.float32) for row in plane]) for plane in value])
 
 
-def load_ct(item: VolumeInput, assume_hu: bool = False) -> tuple[np.ndarray, np.ndarray, HUDecision]:
+def load_ct(item: VolumeInput, assume_hu: bool = False,
+            limits: VolumeLimits | None = None) -> tuple[np.ndarray, np.ndarray, HUDecision]:
     """(HU array, RAS affine, decision) of one input, by the rules prepare applies to a corpus row:
-    header scaling first, else the given rescale, then `not_ct_reason`. Stored values all >= 0 with
-    no rescale anywhere raise (they are HU or raw values offset by 1024: nothing tells which), unless
-    `assume_hu` says they are HU."""
+    a listed modality other than CT is refused before reading, header scaling first, else the given
+    rescale, then `not_ct_reason`. Values that may be raw values offset from HU with no rescale
+    anywhere (all >= 0, or air near 0 and soft tissue near 1024) raise, unless `assume_hu` says they
+    are HU. With `limits`, a volume over them is refused from its header or shape, before its voxels
+    are read."""
+    if item.modality is not None and str(item.modality).strip() and str(item.modality).strip().upper() != "CT":
+        raise NotCTError(f"{item.where}: modality is {str(item.modality).strip()[:16]!r}, not CT: this model "
+                         "embeds CT volumes")
     if item.array is not None:
         try:
-            raw = _stack(item.array)
+            raw = _stack(item.array, limits)
         except ValueError as err:
             raise ValueError(f"{item.where}: image array is not a regular 3D array ({err})") from None
         if raw.ndim != 3:
             raise ValueError(f"{item.where}: image array has {raw.ndim} dimensions, expected 3 (x, y, z)")
+        if limits is not None:
+            try:
+                limits.check(raw.shape, 4)
+            except ValueError as err:
+                raise ValueError(f"{item.where}: {err}") from None
         affine = array_affine(item, raw.shape)
-        hu, decision = to_hounsfield(raw, (None, None), item.metadata_scaling)
-        if not np.isfinite(hu).all():
+        if not np.isfinite(raw).all():
             raise ValueError(f"{item.where}: image array contains NaN or infinite values")
+        hu, decision = to_hounsfield(raw, (None, None), item.metadata_scaling)
     else:
         if not Path(str(item.path)).exists():
             raise FileNotFoundError(f"{item.where}: no such file or folder")
         try:
-            hu, affine, decision = load_volume_hu(str(item.path), item.metadata_scaling)
+            hu, affine, decision = load_volume_hu(str(item.path), item.metadata_scaling, limits)
         except (ValueError, OSError) as err:
             raise type(err)(f"{item.where}: {err}") from None
     try:
@@ -110,14 +146,30 @@ def load_ct(item: VolumeInput, assume_hu: bool = False) -> tuple[np.ndarray, np.
         if not err.uncertain_hu:
             raise NotCTError(f"{item.where}: not a CT in Hounsfield units: {err}") from None
         if not assume_hu:
+            found = (f"stored values are all >= 0 ([{float(hu.min()):.0f}, {float(hu.max()):.0f}])"
+                     if str(err).startswith(NO_NEGATIVE_HU) else
+                     "stored values hold nothing near -1000 HU but air near 0 and soft tissue near 1024 (values "
+                     "below 0 are noise or padding)")
             raise NotCTError(
-                f"{item.where}: stored values are all >= 0 ([{float(hu.min()):.0f}, {float(hu.max()):.0f}]) and no "
-                "rescale slope/intercept is in the file or given, so they may be raw values offset from HU (CT-RATE "
-                "stores HU + 1024 and lists RescaleSlope/RescaleIntercept in its metadata CSV). Pass the volume's "
-                "rescale in the columns rescale_slope and rescale_intercept (CT-RATE: 1 and -1024), or, if the "
-                "values are HU, params={'assume_hu': True} (vlp3d embed: --assume-hu)",
-                uncertain_hu=True) from None
+                f"{item.where}: {found} and no rescale slope/intercept is in the file or given, so they may be raw "
+                "values offset from HU (CT-RATE stores HU + 1024 and lists RescaleSlope/RescaleIntercept in its "
+                "metadata CSV). Pass the volume's rescale in the columns rescale_slope and rescale_intercept "
+                "(CT-RATE: 1 and -1024), or, if the values are HU, params={'assume_hu': True} (vlp3d embed: "
+                "--assume-hu)", uncertain_hu=True) from None
     return hu, affine, decision
+
+
+def preprocess_input(item: VolumeInput, spec: PreprocessSpec, assume_hu: bool = False,
+                     limits: VolumeLimits | None = None) -> np.ndarray:
+    """One input as a model trained with `spec` reads it: `load_ct`, then `preprocess_hu`; with `limits`,
+    the grid it would be resampled to is checked before it is resampled."""
+    hu, affine, _ = load_ct(item, assume_hu=assume_hu, limits=limits)
+    if limits is not None:
+        try:
+            limits.check(hu.shape, 4, resampled_voxels(hu.shape, affine, spec))
+        except ValueError as err:
+            raise ValueError(f"{item.where}: {err}") from None
+    return preprocess_hu(hu, affine, spec)
 
 
 class Embedder:
@@ -220,12 +272,12 @@ class Embedder:
         (HU rules: `load_ct`; files that need a rescale: `embed_inputs`)."""
         return self.embed_inputs([VolumeInput(path=str(p)) for p in paths], assume_hu=assume_hu)
 
-    def embed_inputs(self, items: list[VolumeInput], assume_hu: bool = False, batch_size: int = 16) -> torch.Tensor:
-        """Volume inputs (paths or arrays, with their rescale) -> [N, d]; `load_ct` decides their HU."""
-        volumes = []
-        for item in items:
-            hu, affine, _ = load_ct(item, assume_hu=assume_hu)
-            volumes.append(preprocess_hu(hu, affine, self.spec))
+    def embed_inputs(self, items: list[VolumeInput], assume_hu: bool = False, batch_size: int = 16,
+                     limits: VolumeLimits | None = None) -> torch.Tensor:
+        """Volume inputs (paths or arrays, with their rescale) -> [N, d]; `load_ct` decides their HU.
+        With `limits`, each volume is checked against them from its header or shape before it is read,
+        and with the grid this model's preprocessing resamples it to before it is resampled."""
+        volumes = [preprocess_input(item, self.spec, assume_hu, limits) for item in items]
         return self.embed_stored(volumes, batch_size=batch_size) if volumes else torch.zeros(0, self.cfg.model.embed_dim)
 
     @torch.no_grad()

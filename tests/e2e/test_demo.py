@@ -70,7 +70,8 @@ def test_champion_loads_in_a_fresh_process(tiny_demo):
         "assert out['report_embedding'][1] is None and out['image_embedding'][1] is None\n"
         "print(r.shape[0], v.shape[0], round(float(np.linalg.norm(r)), 4), round(float(np.linalg.norm(v)), 4))\n"
     )
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_demo / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_demo / 'mlflow.db'}",
+           "VLP3D_ALLOWED_ROOT": str(tiny_demo)}  # a served model reads no path without it
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     dim_r, dim_v, norm_r, norm_v = out.stdout.split()[-4:]

@@ -7,6 +7,7 @@ import math
 
 import mlflow
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.mlflow_store import current_store
@@ -40,8 +41,17 @@ def test_finetune_segmentation_is_tracked_and_registered_with_its_source(tiny_de
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} == {"eval/segmentation.csv"}
     # the registered model predicts structure volumes from a NIfTI file
     with current_store(uri):
-        model = mlflow.pyfunc.load_model(f"models:/vlp3d-clip-segmentation/{version.version}")
+        model = mlflow.pyfunc.load_model(f"models:/vlp3d-clip-segmentation/{version.version}",
+                                         model_config={"allowed_root": str(tiny_demo)})
         volume = next((tiny_demo / "corpus" / "valid").rglob("*.nii.gz"))
-        predicted = model.predict(pd.DataFrame({"image": [str(volume)]}))
+        # the rescale CT-RATE lists in its metadata CSV (some phantoms store raw values without one)
+        meta = pd.read_csv(tiny_demo / "corpus" / "metadata" / "validation_metadata.csv").set_index("VolumeName")
+        slope, intercept = meta.loc[volume.name, ["RescaleSlope", "RescaleIntercept"]]
+        predicted = model.predict(pd.DataFrame({"image": [str(volume)], "rescale_slope": [float(slope)],
+                                                "rescale_intercept": [float(intercept)]}))
+        # as served without an allowed root: no path is read (one line, deny by default)
+        served = mlflow.pyfunc.load_model(f"models:/vlp3d-clip-segmentation/{version.version}")
+        with pytest.raises(mlflow.exceptions.MlflowException, match="no allowed root is configured"):
+            served.predict(pd.DataFrame({"image": [str(volume)]}))
     assert list(predicted.columns) == ["lung_ml", "heart_ml"]
     assert all(math.isfinite(v) and v >= 0 for v in predicted.iloc[0])

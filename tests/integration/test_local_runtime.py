@@ -3,6 +3,13 @@ resume by name, a toy method, and fine-tuning under every guard of the loop (fp1
 non-finite step skipped on the spot, its scheduler not advanced, the run not restarted). The same
 losses as one Ray Train worker: tests/e2e/test_local_vs_ray.py."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -107,3 +114,37 @@ def test_a_toy_method_defined_in_the_tests_pretrains_end_to_end(toy, tiny_demo):
     assert sorted(_history(client, result.run_id, "train/loss/pull")) == [1, 2]
     assert run.data.params["loss_weight/pull"] == "0.5" and run.data.params["objective.name"] == "toy"
     assert result.model_uri == "models:/vlp3d-toy/1"
+
+
+def test_sigterm_ends_vlp3d_pretrain_killed_with_a_final_checkpoint_and_nothing_registered(tiny_demo):
+    """`ray job stop` sends the driver SIGTERM. Before: the process died at once and its MLflow run
+    stayed RUNNING; the steps since the last periodic checkpoint were lost."""
+    client = _client(tiny_demo)
+    versions = len(client.search_model_versions("name='vlp3d-local-runtime'"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_demo / 'mlflow.db'}"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vlp3d.cli", "pretrain", str(tiny_demo / "config.toml"), *PRETRAIN,
+         "train.max_steps=100000", "train.checkpoint_every=100000", "--local", "--run-name", "sigterm"],
+        cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        run = None
+        while time.time() < deadline and child.poll() is None:  # until two steps' metrics are in MLflow
+            runs = client.search_runs([r.experiment_id for r in client.search_experiments()],
+                                      "attributes.run_name = 'sigterm'")
+            run = runs[0] if runs else None
+            if run is not None and len(client.get_metric_history(run.info.run_id, "train/loss")) >= 2:
+                break
+            time.sleep(0.5)
+        assert run is not None and child.poll() is None
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=300)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stopped by SIGTERM" in errors[0] and "Traceback" not in err
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert len(client.search_model_versions("name='vlp3d-local-runtime'")) == versions  # nothing registered
+    checkpoints = sorted((tiny_demo / "ray_results" / "sigterm").glob("checkpoint_*"))
+    assert len(checkpoints) == 1 and int(checkpoints[0].name.split("_")[1]) >= 2  # the final one

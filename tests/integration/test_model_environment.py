@@ -48,7 +48,8 @@ def test_champion_restores_in_a_fresh_virtualenv(tiny_demo, tmp_path):
     assert install.returncode == 0, install.stderr[-3000:]
 
     volume = next(p for p in sorted((tiny_demo / "corpus" / "valid").rglob("*.nii.gz")) if _is_hu_with_air(p))
-    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": uri}
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": uri,
+           "VLP3D_ALLOWED_ROOT": str(tiny_demo)}  # the folder the served model may read
     restored = subprocess.run([str(venv / "bin" / "python"), "-c", RESTORE, CHAMPION, str(volume), REPORT],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert restored.returncode == 0, restored.stderr[-3000:]

@@ -23,9 +23,10 @@ def store(tiny_demo):
 
 @pytest.fixture(scope="module")
 def champion(store):
+    """The champion allowed to read every path here (the volumes are in temporary folders)."""
     import mlflow
 
-    return mlflow.pyfunc.load_model(CHAMPION)
+    return mlflow.pyfunc.load_model(CHAMPION, model_config={"allowed_root": "/"})
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,27 @@ def test_allowed_root_refuses_paths_outside_it(champion, volumes, tmp_path):
         assert out["image_embedding"].iloc[0] is not None
     finally:
         model.allowed_root = before
+
+
+def test_the_champion_as_served_denies_paths_caps_volumes_and_never_echoes(store, volumes):
+    """As `mlflow models serve` loads it (no model_config): no path without an allowed root; the tiny
+    array with 700 mm voxels that expanded to more than 6 GB on the demo's 8 mm grid is refused before
+    resampling; MLflow's own schema error does not quote the input (it quoted the whole frame)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    served = mlflow.pyfunc.load_model(CHAMPION)
+    secret = "Patient Jane Roe, MRN 1234567: mass in the right upper lobe."
+    cases = [({"image": [str(volumes["hu"])]}, "no allowed root is configured"),
+             ({"image_array": [volumes["array"].astype(np.float32)],
+               "spacing": [[700.0, 700.0, 700.0]]}, "after resampling"),
+             ({"rescale_slope": [secret], "image": [None]}, "Failed to enforce model input schema"),
+             ({"report": [{"text": secret}]}, "row 0: a report must be text")]
+    for frame, says in cases:
+        with pytest.raises(MlflowException) as refused:
+            served.predict(pd.DataFrame(frame))
+        message = refused.value.message
+        assert says in message and "\n" not in message and "MRN" not in message, message
 
 
 def test_signature_example_requirements_and_what_the_loaded_model_tells(champion, store):

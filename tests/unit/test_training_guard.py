@@ -140,7 +140,7 @@ def test_checkpoint_round_trip(tmp_path):
     checkpoints.seed_everything(11, generator)
     state = checkpoints.TrainState(step=7, skipped_steps=2, position={"train": [1, 3]},
                                    rng=[checkpoints.capture_rng(generator)], unsent_logs=[("text", {"text": "x"})],
-                                   term_multipliers={"align": 0.5, "mlm": 1.5})
+                                   term_multipliers={"align": 0.5, "mlm": 1.5}, skipped_in_a_row=3)
     draws = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item())
     checkpoints.save(tmp_path, model, objective, optimizer, scheduler, scaler, state, cfg, {"spec": {}})
 
@@ -151,6 +151,9 @@ def test_checkpoint_round_trip(tmp_path):
     assert (restored.step, restored.skipped_steps, restored.position, restored.unsent_logs) == (
         7, 2, {"train": [1, 3]}, [("text", {"text": "x"})])
     assert restored.term_multipliers == {"align": 0.5, "mlm": 1.5}
+    assert restored.skipped_in_a_row == 3  # before: not in the checkpoint, a resumed run counted from 0
+    for name in (checkpoints.MODEL, checkpoints.OBJECTIVE, checkpoints.TRAIN_STATE):  # before: train_state.pt
+        torch.load(tmp_path / name, weights_only=True)  # needed weights_only=False (NumPy's pickled state)
     checkpoints.restore_rng(restored.rng[0], generator2)
     assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator2).item()) == draws
     for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
@@ -173,4 +176,19 @@ def test_checkpoint_round_trip(tmp_path):
         model2.linear.bias[1] = float("nan")
     torch.save(model2.state_dict(), tmp_path / checkpoints.MODEL)
     assert checkpoints.nonfinite_parameters_in(tmp_path) == ["linear.bias"]
+
+
+class Payload:
+    """What a hostile train_state.pt could pickle: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (print, ("unpickled and ran",))
+
+
+def test_a_train_state_holding_pickled_objects_is_refused_not_unpickled(tmp_path, capsys):
+    torch.save({"step": 1, "rng": [{"numpy": np.random.get_state()}], "payload": Payload()},
+               tmp_path / checkpoints.TRAIN_STATE)
+    with pytest.raises(ValueError, match="weights_only=True.*Start the run afresh"):
+        checkpoints.load_train_state(tmp_path)
+    assert "unpickled and ran" not in capsys.readouterr().out
 

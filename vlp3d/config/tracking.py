@@ -22,7 +22,8 @@ class TrackingConfig:
     experiment: str = _f("", "MLflow experiment; empty: the config name.")
     registered_model: str = _f("", "Registered model name; empty: vlp3d-<objective>.")
     model_allowed_root: str = _f(
-        "", "Folder the logged model may read image paths from (symlinks resolved; other paths are refused, "
-        "arrays still accepted); empty: any path. Set it for a model that will be served. Recorded in the model "
+        "", "Folder the logged model may read image paths from (paths and every file they read resolved, "
+        "symlinks included; other paths are refused, arrays still accepted); empty: no path at all (deny by "
+        "default; `vlp3d embed` reads the files you name). Recorded in the model "
         "as model_config allowed_root; replaced at load time by mlflow.pyfunc.load_model(uri, "
         "model_config={'allowed_root': DIR}) or, e.g. under `mlflow models serve`, $VLP3D_ALLOWED_ROOT.")

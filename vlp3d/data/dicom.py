@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vlp3d.data.hounsfield import HUDecision, to_hounsfield
+from vlp3d.data.limits import VolumeLimits
 
 INSTALL_HINT = 'pip install "vlp3d[dicom]"'
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -156,9 +157,15 @@ def _frames_of(ds, source: str) -> list[_Frame]:
     return frames
 
 
-def _read_folder(folder: Path, pydicom) -> list[_Frame]:
+def _read_folder(folder: Path, pydicom, limits: VolumeLimits | None = None) -> list[_Frame]:
     datasets, skipped = [], 0
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if limits is not None:  # every file is read whole: its bytes count before any is read
+        total = sum(p.stat().st_size for p in paths)
+        if total > limits.max_bytes:
+            raise ValueError(f"{folder}: {len(paths)} files of {total / 2**30:.1f} GiB exceed the cap of "
+                             f"{limits.max_bytes / 2**30:.1f} GiB (max_bytes)")
+    for path in paths:
         try:
             ds = pydicom.dcmread(path)
         except (pydicom.errors.InvalidDicomError, EOFError, OSError):
@@ -239,18 +246,23 @@ def _rescale(frames: list[_Frame], raw: np.ndarray, metadata_scaling: tuple) -> 
     return hu, HUDecision("header", float(slope[0]), float(intercept[0]), [warning])
 
 
-def load_dicom_hu(path: str | Path, metadata_scaling: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray, HUDecision]:
+def load_dicom_hu(path: str | Path, metadata_scaling: tuple = (None, None),
+                  limits: VolumeLimits | None = None) -> tuple[np.ndarray, np.ndarray, HUDecision]:
     """A DICOM series folder or file -> (HU float32 array (x, y, slice), RAS affine, decision).
 
     DICOM RescaleSlope/Intercept (top level or in the Pixel Value Transformation functional
     group) are the "header" scaling: applied once, and metadata scaling only when they are absent
-    (see `to_hounsfield`). Raises ValueError naming the file or folder on unusable input.
+    (see `to_hounsfield`). Raises ValueError naming the file or folder on unusable input, and on
+    a volume over `limits` (from the headers, before any pixel data are decoded).
     """
     path = Path(path)
     pydicom = _pydicom(path)
     if path.is_dir():
-        frames = _read_folder(path, pydicom)
+        frames = _read_folder(path, pydicom, limits)
     else:
+        if limits is not None and path.stat().st_size > limits.max_bytes:
+            raise ValueError(f"{path}: a file of {path.stat().st_size / 2**30:.1f} GiB exceeds the cap of "
+                             f"{limits.max_bytes / 2**30:.1f} GiB (max_bytes)")
         try:
             ds = pydicom.dcmread(path)
         except pydicom.errors.InvalidDicomError as err:
@@ -258,6 +270,11 @@ def load_dicom_hu(path: str | Path, metadata_scaling: tuple = (None, None)) -> t
         if "PixelData" not in ds:
             raise ValueError(f"{path}: DICOM file without pixel data")
         frames = _frames_of(ds, str(path))
+    if limits is not None:
+        try:
+            limits.check((*frames[0].shape[::-1], len(frames)), int(getattr(frames[0].dataset, "BitsAllocated", 16)) // 8)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     frames, affine_lps, geometry_warnings = _assemble(frames, str(path))
     # (slice, row, column) -> (column, row, slice)
     raw = np.stack([frame.pixels() for frame in frames]).transpose(2, 1, 0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ import torch
 from vlp3d.config import DataConfig, ModelConfig
 from vlp3d.data.dicom import is_dicom_path, load_dicom_hu
 from vlp3d.data.hounsfield import HUDecision, to_hounsfield
+from vlp3d.data.limits import VolumeLimits
 
 if TYPE_CHECKING:  # MONAI is imported where a volume is transformed: importing it costs seconds, and a
     # training worker, which reads prepared shards, never needs it
@@ -88,14 +90,18 @@ class PreprocessSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray, HUDecision]:
-    """Read a NIfTI file; return (HU array, affine, decision). Raises ValueError on unreadable data."""
+def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None),
+                  limits: VolumeLimits | None = None) -> tuple[np.ndarray, np.ndarray, HUDecision]:
+    """Read a NIfTI file; return (HU array, affine, decision). Raises ValueError on unreadable data, and
+    on a header whose volume exceeds `limits` (before its data are read)."""
     try:
         img = nib.load(path)
     except nib.filebasedimages.ImageFileError as err:  # not NIfTI, truncated, not gzip: bad input, said as such
         raise ValueError(f"not a readable NIfTI file ({err})") from None
     if len(img.shape) != 3:
         raise ValueError(f"expected a 3D volume, got shape {img.shape}")
+    if limits is not None:
+        limits.check(img.shape, img.get_data_dtype().itemsize)
     proxy = img.dataobj
     if hasattr(proxy, "get_unscaled"):
         # after loading, nibabel moves scl_slope/scl_inter from the header into the array proxy
@@ -111,18 +117,20 @@ def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None)) -> tuple[np
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def load_volume_hu(path, metadata_scaling: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray, HUDecision]:
+def load_volume_hu(path, metadata_scaling: tuple = (None, None),
+                   limits: VolumeLimits | None = None) -> tuple[np.ndarray, np.ndarray, HUDecision]:
     """NIfTI file, DICOM series folder or DICOM file -> (HU array, RAS affine, decision).
 
     Every format returns the same contract as `load_nifti_hu`: stored values converted to HU
     exactly once and an affine from voxel indices to RAS+ world mm (nibabel's convention).
-    DICOM needs the optional extra `pip install "vlp3d[dicom]"`; other files go to nibabel.
+    DICOM needs the optional extra `pip install "vlp3d[dicom]"`; other files go to nibabel. With
+    `limits`, a volume over them is refused from its header, before its voxels are read.
     """
     if str(path).lower().endswith(NIFTI_SUFFIXES):
-        return load_nifti_hu(str(path), metadata_scaling)
+        return load_nifti_hu(str(path), metadata_scaling, limits)
     if is_dicom_path(path):
-        return load_dicom_hu(path, metadata_scaling)
-    return load_nifti_hu(str(path), metadata_scaling)
+        return load_dicom_hu(path, metadata_scaling, limits)
+    return load_nifti_hu(str(path), metadata_scaling, limits)
 
 
 CROP_MARGIN_VOXELS = 4
@@ -222,6 +230,22 @@ def preprocess_volume(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec,
     if with_affine:
         return image, labels, np.asarray(data[IMAGE].affine, dtype=np.float64)
     return image, labels
+
+
+def resampled_voxels(shape, affine: np.ndarray, spec: PreprocessSpec) -> int:
+    """How many voxels `preprocess_volume` resamples a volume of `shape` with `affine` to, computed
+    before it does (the grid `Spacingd` allocates: the whole volume for "highres", the field of view
+    plus its margin for "fixed"); the body crop can only make it smaller."""
+    import nibabel.orientations as orientations
+
+    sizes = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
+    order = orientations.io_orientation(affine)[:, 0].astype(int)  # input axis i -> RAS axis order[i]
+    ras_shape, ras_sizes = np.zeros(3), np.zeros(3)
+    ras_shape[order], ras_sizes[order] = np.asarray(shape, dtype=np.float64), sizes
+    if spec.storage != "highres":
+        needed = np.ceil(np.asarray(spec.shape) * np.asarray(spec.spacing_mm) / ras_sizes)
+        ras_shape = np.minimum(ras_shape, needed + 2 * CROP_MARGIN_VOXELS)
+    return math.prod(int(n) for n in np.ceil(ras_shape * ras_sizes / np.asarray(spec.spacing_mm)))
 
 
 def body_level(spec: PreprocessSpec, threshold_hu: float | None = None, *, dequantised: bool = False) -> float:

@@ -101,6 +101,9 @@ def run_reporting_errors(run, args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as err:
         print(f"error: {redact(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during training (TrainingInterrupted: its exit code)
+        print(f"error: {redact(str(err)) or 'interrupted'}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
     except Exception as err:  # noqa: BLE001 - every error is printed here, credentials removed
         # errors that explain themselves (a prepare folder in use, training stopped on NaNs) carry
         # their exit code; any other is a bug, shown with its traceback (exit 1)

@@ -10,7 +10,11 @@ from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_fro
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".jsonl")
 # CT-RATE's metadata CSV names -> the model's columns
 ALIASES = {"RescaleSlope": "rescale_slope", "RescaleIntercept": "rescale_intercept"}
-MODEL_COLUMNS = ("image", "report", "rescale_slope", "rescale_intercept")
+MODEL_COLUMNS = ("image", "report", "rescale_slope", "rescale_intercept", "modality")
+# the command line reads the files its user names, with the user's own permissions: the allowed root is
+# the filesystem's root (a served model has none unless configured: deny by default). Symlinks are still
+# resolved and the volume caps (VLP3D_MAX_VOXELS / VLP3D_MAX_BYTES) still apply.
+EMBED_ALLOWED_ROOT = "/"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -29,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="volume files / DICOM series folders, or one manifest (.csv, .parquet, .jsonl) with "
                              "column image (paths relative to the manifest's folder, or absolute) and optional "
                              "report, rescale_slope, rescale_intercept (CT-RATE's RescaleSlope/RescaleIntercept "
-                             "are read as those)")
+                             "are read as those), modality (rows not CT are refused)")
     parser.add_argument("--model", required=True,
                         help="MLflow model URI: models:/NAME@ALIAS (e.g. models:/vlp3d-mg3d@champion), "
                              "models:/NAME/VERSION or runs:/RUN_ID/model")
@@ -107,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
     columns = [c for c in MODEL_COLUMNS if c in table.columns]
     plan = EmbedPlan(table, columns, args.model, Path(args.out), part_rows=args.part_rows,
                      batch_size=args.batch_size, params={"assume_hu": args.assume_hu})
-    # the command line reads the user's own files: a served model's allowed_root does not apply
-    model_config = {"device": args.device, "allowed_root": ""}
+    # the command line reads the user's own files (as its user): every path, symlinks resolved, caps applied
+    model_config = {"device": args.device, "allowed_root": EMBED_ALLOWED_ROOT}
     with progress_bar(len(table), "embedding", unit="volume") as bar:
         done = run_embedding(plan, uri, model_config, actors=args.actors, progress=bar.update)
     result = done.pop("result")

@@ -13,6 +13,8 @@ from torch import nn
 
 from vlp3d.config import ExperimentConfig, ObjectiveConfig, get_key
 
+MIN_LOGIT_SCALE = 1e-2  # below it (temperature above 100) the contrastive softmax is flat: diverged
+
 
 class Objective(nn.Module):
     """A pretraining method: `forward(model, batch)` returns its named, unweighted loss terms.
@@ -95,6 +97,20 @@ class Objective(nn.Module):
         if self.micro_batch_refusal is None:
             return {**self.batch_terms(model, self.embed(model, batch)), **self.sample_terms(model, batch)}
         raise NotImplementedError
+
+    def degenerate_state(self, model: nn.Module) -> list[str]:
+        """After an optimizer step, before `after_step`: what is degenerate (the training loop stops the
+        run as diverged). Here: the model's logit scale not finite or below `MIN_LOGIT_SCALE` (a
+        temperature of 100: every softmax flat; at 0 the temperature is infinite), and the objective's
+        own non-finite buffers (centres, queues). Methods with an EMA teacher add the weights it reads."""
+        bad = []
+        scale = model.scale().detach()
+        if not bool(torch.isfinite(scale)) or float(scale) < MIN_LOGIT_SCALE:
+            bad.append(f"logit scale {float(scale):.3g} (minimum {MIN_LOGIT_SCALE:g})")
+        flags = [(name, torch.isfinite(b).all()) for name, b in self.named_buffers() if b.is_floating_point()]
+        if flags and not bool(torch.stack([f for _, f in flags]).all()):
+            bad += [f"objective buffer {name}" for name, flag in flags if not bool(flag)]
+        return bad
 
     # --- gradient caching (vlp3d.train.step): three parts whose composition is `forward`
 

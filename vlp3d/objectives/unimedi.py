@@ -84,10 +84,16 @@ def dino_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, center
 
 
 @torch.no_grad()
-def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
-    """center <- m * center + (1 - m) * mean of the teacher outputs over the global batch (in place)."""
-    batch_mean = all_reduce_mean(teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1]).mean(0))
+def teacher_mean(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The mean of the teacher outputs over the global batch (an all-reduce under DDP)."""
+    return all_reduce_mean(teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1]).mean(0))
+
+
+@torch.no_grad()
+def apply_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> None:
+    """center <- m * center + (1 - m) * batch_mean (in place)."""
     center.mul_(momentum).add_(batch_mean[None], alpha=1 - momentum)
+
 
 
 def select_slices(slice_scores: torch.Tensor, k: int, min_gap: int = 1) -> torch.Tensor:
@@ -183,6 +189,9 @@ class UniMedIObjective(Objective):
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.register_buffer("center_cls", torch.zeros(1, o.dino_dim))
         self.register_buffer("center_patch", torch.zeros(1, o.dino_dim))
+        # this step's global teacher means, computed in forward (a collective every rank runs), applied to
+        # the centres in after_step: a skipped (non-finite) step never reaches the centres
+        self._pending_centres: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _distill(self, teacher_logits, student_logits, center) -> torch.Tensor:
         return dino_loss(teacher_logits, student_logits, center, self.cfg.teacher_temperature,
@@ -229,13 +238,28 @@ class UniMedIObjective(Objective):
                 out["distill_cls"] = sum(cls_losses) / len(cls_losses)
             if "distill_patch" in self.active:
                 out["distill_patch"] = sum(patch_losses) / len(patch_losses)
-            if self.training:
-                update_center(self.center_cls, torch.cat(teacher_cls), o.center_momentum)
-                update_center(self.center_patch, torch.cat(teacher_patch), o.center_momentum)
+            if self.training:  # applied in after_step, only when the step is not skipped
+                self._pending_centres = (teacher_mean(torch.cat(teacher_cls)), teacher_mean(torch.cat(teacher_patch)))
         return out
 
+    def degenerate_state(self, model: nn.Module) -> list[str]:
+        """Also the weights the EMA teacher is about to read (student encoder and head) and the pending
+        centre means: a non-finite one would poison the teacher or the centres for the rest of the run."""
+        bad = super().degenerate_state(model)
+        student = [*model.image_encoder.parameters(), *self.head.parameters()]
+        if not bool(torch.stack([torch.isfinite(p).all() for p in student]).all()):
+            bad.append("student weights (the EMA teacher reads them)")
+        if any(not bool(torch.isfinite(m).all()) for m in self._pending_centres or ()):
+            bad.append("teacher output means (the centres read them)")
+        return bad
+
     def after_step(self, model: nn.Module, step: int) -> None:
-        """EMA teacher update after the optimizer step `step` (1-based)."""
+        """After the optimizer step `step` (1-based; never after a skipped step): the centres move to this
+        step's teacher means, then the EMA teacher update."""
+        if self._pending_centres is not None:
+            apply_center(self.center_cls, self._pending_centres[0], self.cfg.center_momentum)
+            apply_center(self.center_patch, self._pending_centres[1], self.cfg.center_momentum)
+            self._pending_centres = None
         momentum = ema_momentum(step, self.max_steps, *self.cfg.ema_momentum)
         ema_update(self.teacher_encoder, model.image_encoder, momentum)
         ema_update(self.teacher_head, self.head, momentum)

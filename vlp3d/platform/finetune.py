@@ -47,7 +47,14 @@ from vlp3d.downstream import (
     FineTuned,
     NetworkSpec,
 )
-from vlp3d.platform.launch import RUNTIME_TAG, base_loop_config, run_local, run_on_ray
+from vlp3d.platform.launch import (
+    RUNTIME_TAG,
+    base_loop_config,
+    end_interrupted,
+    interruptible,
+    run_local,
+    run_on_ray,
+)
 from vlp3d.platform.mlflow import models, runs, store
 from vlp3d.platform.mlflow.store import PRETRAINED_TAG, TASK_TAG
 from vlp3d.platform.pyfunc import FineTunedModel  # noqa: F401 - models logged before it moved pickled it here
@@ -221,6 +228,7 @@ def _labels_with_positives(shard_dir, labels: list[str], split: str) -> list[str
 # --- the driver ------------------------------------------------------------------------------------
 
 
+@interruptible
 def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.info, callbacks: Sequence = (),
              parent_run_id: str | None = None, register: bool = True, tags: dict[str, str] | None = None,
              local: bool = False, on_report=None) -> FinetuneResult:
@@ -265,6 +273,8 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
 
             finished = run_on_ray(cfg, run_name, loop_config, finetuning_datasets(cfg, plan_.shard_dir, ft.task),
                                   callbacks)
+        if finished.interrupted:
+            end_interrupted(uri, run_id, run_name, finished)
         if finished.stopped:
             raise NonFiniteTrainingError(f"run {run_name}: {finished.stopped}")
         if finished.checkpoint is None:
@@ -282,7 +292,7 @@ def finetune(cfg: ExperimentConfig, run_name: str | None = None, progress=log.in
             runs.log_files(uri, run_id, [Path(tmp) / f"{ft.task}.csv"], "eval")
         model_uri = models.log_finetuned(run_id, cfg, folder, plan_, metrics, register)
     except BaseException as err:  # a failed (or interrupted) run is never left RUNNING in MLflow
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # TrainingInterrupted too
         runs.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
         raise
     return FinetuneResult(run_id, run_name, folder, model_uri, plan_.pretrained.uri, metrics, table,

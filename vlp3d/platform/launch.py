@@ -6,9 +6,12 @@ what the run left: its last checkpoint, the metrics reported with it, and why it
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ class Finished:
     metrics: dict = field(default_factory=dict)
     stopped: str = ""
     error: str = ""
+    interrupted: str = ""  # the signal that stopped it ("SIGTERM", "SIGINT") after a final checkpoint
 
     @contextlib.contextmanager
     def local_checkpoint(self) -> Iterator[Path | None]:
@@ -46,6 +50,90 @@ class Finished:
             return
         with storage.local_folder(self.checkpoint) as folder:
             yield folder
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run was stopped by SIGTERM (`ray job stop`, a scheduler) or SIGINT (Ctrl-C): marked KILLED in
+    MLflow (with its final checkpoint when the loop was running); exit code 128 + the signal's number,
+    as a shell reports it. A KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.exit_code = 128 + int(getattr(signal, signal_name, signal.SIGTERM))
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT")
+
+
+def interruptible(driver):
+    """A training driver (pretrain, finetune) during which SIGTERM raises `TrainingInterrupted`, as Ctrl-C
+    raises KeyboardInterrupt (Python's default for SIGTERM ends the process on the spot, leaving its
+    MLflow run RUNNING); while the loop runs, `stop_on_signals` takes over. Main thread only."""
+    @functools.wraps(driver)
+    def wrapped(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return driver(*args, **kwargs)
+
+        def handle(signum, frame) -> None:
+            raise TrainingInterrupted("stopped by SIGTERM", "SIGTERM")
+
+        previous = signal.signal(signal.SIGTERM, handle)
+        try:
+            return driver(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def stop_on_signals(on_signal: Callable[[str], None]) -> Iterator[None]:
+    """While training runs in this process's main thread: the first SIGTERM or SIGINT calls
+    `on_signal(name)` (the loop then writes a final checkpoint at the end of its step and returns); a
+    second one raises KeyboardInterrupt at once. Elsewhere (a Tune trial's thread) nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[str] = []
+
+    def handle(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if received:
+            raise TrainingInterrupted(f"{name} again: stopped at once, without a final checkpoint", name)
+        received.append(name)
+        log.warning(f"{name} received: stopping after this step with a final checkpoint ({name} again: at once)")
+        on_signal(name)
+
+    previous = {name: signal.signal(getattr(signal, name), handle) for name in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def end_interrupted(uri: str, run_id: str, run_name: str, finished: Finished) -> None:
+    """A run its signal stopped: KILLED in MLflow (again: the signal handler marked it already) and
+    `TrainingInterrupted`, naming its final checkpoint."""
+    from vlp3d.platform.mlflow import runs
+
+    message = (f"run {run_name} stopped by {finished.interrupted}; final checkpoint {finished.checkpoint}: run the "
+               "same command with the same run name to resume it")
+    runs.end_run_quietly(uri, run_id, "KILLED", f"stopped by {finished.interrupted}")
+    raise TrainingInterrupted(message, finished.interrupted)
+
+
+def killed_on_signal(uri: str, run_id: str, request: Callable[[str], None]) -> Callable[[str], None]:
+    """The driver's reaction to a signal: the MLflow run is marked KILLED at once (`ray job stop` SIGKILLs
+    the driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM, 3 s by default: the run must not stay
+    RUNNING), then `request` asks the loop for its final checkpoint."""
+    from vlp3d.platform.mlflow import runs
+
+    def on_signal(name: str) -> None:
+        request(name)
+        runs.end_run_quietly(uri, run_id, "KILLED", f"stopped by {name}")
+
+    return on_signal
 
 
 def local_device(cfg: ExperimentConfig) -> torch.device:
@@ -78,8 +166,10 @@ def run_local(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets:
     tracker = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"])
     store = CheckpointStore(storage_location(cfg), run_name, keep=cfg.train.keep_checkpoints)
     runtime = LocalRuntime(datasets, store, local_device(cfg), tracker, on_report)
-    run(make_task(loop_config, cfg), runtime, cfg, loop_options(loop_config))
-    return Finished(runtime.last_checkpoint, runtime.last_metrics, runtime.stopped)
+    on_signal = killed_on_signal(loop_config["tracking_uri"], loop_config["run_id"], runtime.request_stop)
+    with stop_on_signals(on_signal):
+        result = run(make_task(loop_config, cfg), runtime, cfg, loop_options(loop_config))
+    return Finished(runtime.last_checkpoint, runtime.last_metrics, runtime.stopped, interrupted=result.interrupted)
 
 
 def tracking_refusal(err: BaseException) -> TrackingServerError | None:
@@ -100,9 +190,12 @@ def run_on_ray(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets
     from vlp3d.platform.ray_train import run_notes, torch_trainer
 
     notes = run_notes()
+    on_signal = killed_on_signal(loop_config["tracking_uri"], loop_config["run_id"],
+                                 lambda name: notes.request_stop.remote(name))
     try:
-        result = torch_trainer(cfg, run_name, datasets, {**loop_config, "notes": notes}, callbacks).fit()
-        stopped = ray.get(notes.get.remote())
+        with stop_on_signals(on_signal):
+            result = torch_trainer(cfg, run_name, datasets, {**loop_config, "notes": notes}, callbacks).fit()
+        stopped, interrupted = ray.get(notes.get.remote()), ray.get(notes.requested.remote())
     except Exception as err:
         refused = tracking_refusal(err)
         if refused is not None:  # one line, as in a local run, not Ray's traceback of every attempt
@@ -111,4 +204,4 @@ def run_on_ray(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets
     finally:
         ray.kill(notes)
     location = checkpoint_location(cfg, result.checkpoint.path) if result.checkpoint is not None else None
-    return Finished(location, dict(result.metrics or {}), stopped, str(result.error or ""))
+    return Finished(location, dict(result.metrics or {}), stopped, str(result.error or ""), interrupted)

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlp3d import logs
-from vlp3d.platform.launch import RUNTIME_TAG, Finished, base_loop_config, run_local, run_on_ray
+from vlp3d.platform.launch import (
+    RUNTIME_TAG,
+    Finished,
+    base_loop_config,
+    end_interrupted,
+    interruptible,
+    run_local,
+    run_on_ray,
+)
 from vlp3d.platform.mlflow import models, runs, store
 from vlp3d.platform.runtime import init_ray
 from vlp3d.train import checkpoint as checkpoints
@@ -37,6 +45,7 @@ class PretrainResult:
     elapsed_s: float
 
 
+@interruptible
 def pretrain(cfg, run_name: str | None = None, progress=log.info, callbacks: Sequence = (),
              parent_run_id: str | None = None, register: bool = True, tags: dict[str, str] | None = None,
              local: bool = False, on_report: Callable | None = None) -> PretrainResult:
@@ -78,22 +87,25 @@ def pretrain(cfg, run_name: str | None = None, progress=log.info, callbacks: Seq
 
             finished = run_on_ray(cfg, run_name, loop_config, pretraining_datasets(cfg, shard_dir, manifest),
                                   callbacks)
+        model_uri = finish(cfg, run_id, run_name, finished, register)
     except BaseException as err:  # a failed (or interrupted) run is never left RUNNING in MLflow
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"  # TrainingInterrupted too
         runs.end_run_quietly(uri, run_id, status, f"{type(err).__name__}: {err}")
         raise
-    model_uri = finish(cfg, run_id, run_name, finished, register)
     return PretrainResult(run_id, run_name, finished.checkpoint, shard_dir, model_uri, finished.metrics,
                           time.time() - started)
 
 
 def finish(cfg, run_id: str, run_name: str, finished: Finished, register: bool) -> str:
-    """Deliver what rank 0 could not send, fail a run that stopped early or left no (finite) checkpoint,
-    else log (and register) its model: returns the model URI."""
+    """Deliver what rank 0 could not send, end a run its signal stopped KILLED (`TrainingInterrupted`), fail
+    a run that stopped early or left no (finite) checkpoint, else log (and register) its model: returns
+    the model URI. A stopped, killed or failed run registers nothing."""
     uri = store.uri(cfg)
     with finished.local_checkpoint() as local:
         if local is not None:  # what rank 0 could not deliver to MLflow before it finished
             runs.deliver(uri, run_id, checkpoints.restore_unsent(local))
+        if finished.interrupted:
+            end_interrupted(uri, run_id, run_name, finished)
         if finished.stopped:
             runs.end_run_quietly(uri, run_id, "FAILED", finished.stopped)
             raise NonFiniteTrainingError(f"run {run_name}: {finished.stopped}")

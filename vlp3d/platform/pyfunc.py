@@ -10,6 +10,7 @@ of platform/. Both are logged by vlp3d.platform.mlflow.models.log_model.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 from pathlib import Path
@@ -20,9 +21,19 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from vlp3d.data.limits import VolumeLimits
 from vlp3d.inference import RESCALE_COLUMNS, Embedder, VolumeInput
 
 ALLOWED_ROOT_ENV = "VLP3D_ALLOWED_ROOT"  # set where the model is served: overrides model_config allowed_root
+# caps on one input volume (vlp3d.data.limits.VolumeLimits), overriding model_config max_voxels / max_bytes
+LIMIT_ENV = {"max_voxels": "VLP3D_MAX_VOXELS", "max_bytes": "VLP3D_MAX_BYTES"}
+# MLflow's schema-enforcement error quotes the whole input (report text included) unless this is set
+SCHEMA_DETAILS_ENV = "MLFLOW_DISABLE_SCHEMA_DETAILS"
+MESSAGE_CHARS = 600  # an error message is one line of at most this many characters
+NO_ROOT = (f"this model reads no image paths: no allowed root is configured. Send the volume as image_array, or "
+           f"let it read one folder: ${ALLOWED_ROOT_ENV}=DIR where it is served, "
+           "mlflow.pyfunc.load_model(uri, model_config={'allowed_root': DIR}), or tracking.model_allowed_root "
+           "when training")
 
 # what the model's environment installs, pinned to the training side's versions (the pyfunc
 # imports these, directly or through vlp3d.inference; pydicom reads DICOM series)
@@ -55,7 +66,8 @@ def model_requirements(text_encoder: str) -> list[str]:
 def signature():
     """Inputs: optional columns `image` (a NIfTI file, DICOM file or DICOM series folder), `image_array`
     (x, y, z stored values) with `affine` (4 x 4, voxel -> RAS+ mm) or `spacing` (mm), the metadata
-    rescale `rescale_slope`/`rescale_intercept`, and `report` (text); param `assume_hu`. Outputs:
+    rescale `rescale_slope`/`rescale_intercept`, `modality` (as a manifest lists it: anything but CT
+    is refused) and `report` (text); param `assume_hu`. Outputs:
     `image_embedding`, `report_embedding`."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
@@ -66,6 +78,7 @@ def signature():
     inputs = Schema([
         ColSpec(DataType.string, "image", required=False),
         ColSpec(DataType.string, "report", required=False),
+        ColSpec(DataType.string, "modality", required=False),
         ColSpec(DataType.double, "rescale_slope", required=False),
         ColSpec(DataType.double, "rescale_intercept", required=False),
         ColSpec(AnyType(), "image_array", required=False),
@@ -133,20 +146,113 @@ def volume_inputs(frame: pd.DataFrame) -> dict[int, VolumeInput]:
             affine=row.get("affine") if "affine" in geometry else None,
             spacing_mm=row.get("spacing") if "spacing" in geometry else None,
             rescale_slope=slope, rescale_intercept=intercept,
+            modality=str(row["modality"]) if _present(row.get("modality")) else None,
             name=f"{where} ({path})" if has_path else f"{where} (image_array)")
     return items
 
 
+ANALYZE_PAIRS = {".hdr": ".img", ".img": ".hdr", ".hdr.gz": ".img.gz", ".img.gz": ".hdr.gz"}
+
+
+def files_read(path: Path) -> list[Path]:
+    """Every file reading `path` opens: a folder's files (a DICOM series: hidden files are skipped by the
+    reader too), an Analyze header's image (and the reverse), else the file itself."""
+    if path.is_dir():
+        return [p for p in path.iterdir() if not p.name.startswith(".")]
+    name = path.name.lower()
+    for suffix, pair in ANALYZE_PAIRS.items():
+        if name.endswith(suffix):
+            return [path, path.with_name(path.name[: -len(suffix)] + pair)]
+    return [path]
+
+
 def check_allowed(items: dict[int, VolumeInput], allowed_root: str) -> None:
-    """With an allowed root, every path input must lie under it once symlinks and '..' are resolved."""
-    if not allowed_root:
+    """Deny by default: without an allowed root no path input is read (arrays still are). With one, a
+    path input must be a regular file or a folder under it, and so must every file reading it opens
+    (a series folder's files, an Analyze pair), once symlinks and '..' are resolved: a link inside
+    the root to a file outside it is refused."""
+    paths = [item for item in items.values() if item.path is not None]
+    if not paths:
         return
+    if not allowed_root:
+        raise PermissionError(NO_ROOT)
     root = Path(allowed_root).resolve()
-    for item in items.values():
-        if item.path is not None and not Path(item.path).resolve().is_relative_to(root):
-            raise PermissionError(f"{item.name}: this model reads image paths only under its allowed root "
-                                  f"(model_config allowed_root / ${ALLOWED_ROOT_ENV}); send the volume as "
-                                  "image_array, or a path under that folder")
+    for item in paths:
+        resolved = Path(item.path).resolve()
+        outside = f"{item.name}: this model reads image paths only under its allowed root; send the volume as " \
+                  "image_array, or a path under that folder"
+        if not resolved.is_relative_to(root):
+            raise PermissionError(outside)
+        if not (resolved.is_file() or resolved.is_dir()):
+            raise FileNotFoundError(f"{item.name}: no such file or folder")
+        for read in files_read(resolved):
+            target = read.resolve()
+            if not target.is_relative_to(root):
+                raise PermissionError(outside + " (a file it reads links outside it)")
+            if target.exists() and not (target.is_file() or target.is_dir()):
+                raise PermissionError(f"{item.name}: reads only regular files (a device, pipe or socket is refused)")
+
+
+def limits_from(config: dict) -> VolumeLimits:
+    """The caps on one input volume: $VLP3D_MAX_VOXELS / $VLP3D_MAX_BYTES, else model_config max_voxels /
+    max_bytes, else VolumeLimits' defaults."""
+    values = {}
+    for key, env in LIMIT_ENV.items():
+        value = os.environ.get(env) or config.get(key)
+        if value in (None, ""):
+            continue
+        try:
+            values[key] = int(float(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} = {value!r} (model_config, or ${env}): give a whole number") from None
+        if values[key] <= 0:
+            raise ValueError(f"{key} = {value!r} (model_config, or ${env}): give a positive number")
+    return VolumeLimits(**values)
+
+
+def one_line(message: str) -> str:
+    """A message as one line of at most MESSAGE_CHARS characters (control characters and line breaks,
+    e.g. from a path, become spaces)."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(message)).split())
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 3] + "..."
+
+
+def refusal(err: BaseException) -> MlflowException:
+    """The one-line error a caller gets (HTTP 400 when served): vlp3d's own message for bad input
+    (ValueError, OSError: what was wrong, with the row and path the caller gave, never report text),
+    else the kind of failure only, with neither the exception's text (which may quote the input) nor a
+    stack trace."""
+    if isinstance(err, MemoryError):
+        message = (f"not enough memory on the server for this input; send fewer or smaller volumes, or lower "
+                   f"max_voxels / max_bytes (${LIMIT_ENV['max_voxels']}, ${LIMIT_ENV['max_bytes']})")
+    elif isinstance(err, ValueError | OSError):
+        message = str(err)
+    else:
+        message = f"the model could not process this input ({type(err).__name__}); nothing of the input is echoed"
+    return MlflowException(one_line(message), error_code=INVALID_PARAMETER_VALUE)
+
+
+def serving_settings(context) -> tuple[str, VolumeLimits]:
+    """(allowed root, volume caps) of a loaded model: the environment where it is served, else its
+    model_config; and MLflow's schema errors told not to quote the input (`SCHEMA_DETAILS_ENV`)."""
+    config = dict(context.model_config or {})
+    os.environ.setdefault(SCHEMA_DETAILS_ENV, "true")
+    return os.environ.get(ALLOWED_ROOT_ENV) or str(config.get("allowed_root") or ""), limits_from(config)
+
+
+def one_line_errors(predict):
+    """A pyfunc's `predict` whose every failure reaches the caller as one line (`refusal`; HTTP 400 when
+    served), raised `from None`: no stack trace, no chained exception."""
+    @functools.wraps(predict)
+    def wrapped(self, context, model_input, params=None):
+        try:
+            return predict(self, context, model_input, params)
+        except MlflowException as err:
+            raise MlflowException(one_line(err.message), error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception as err:  # noqa: BLE001 - every failure is one line for the caller
+            raise refusal(err) from None
+
+    return wrapped
 
 
 class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
@@ -155,8 +261,10 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
 
     Loaded (`mlflow.pyfunc.load_model(uri).unwrap_python_model()`) it also gives `logit_scale`,
     `label_names`, `prompt_templates`, `metadata` and the `embedder` (vlp3d.inference.Embedder).
-    model_config: `allowed_root` (path inputs only under it; $VLP3D_ALLOWED_ROOT overrides),
-    `device` ('auto': a GPU when torch sees one)."""
+    model_config: `allowed_root` (path inputs only under it, none without one: deny by default;
+    $VLP3D_ALLOWED_ROOT overrides), `max_voxels` / `max_bytes` (caps on one volume, checked before it
+    is read or resampled; $VLP3D_MAX_VOXELS / $VLP3D_MAX_BYTES override), `device` ('auto': a GPU when
+    torch sees one). Every error is one line (`refusal`) without a stack trace or the report text."""
 
     def __init__(self, metadata: dict | None = None):
         self.metadata = dict(metadata or {})
@@ -165,7 +273,7 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
         # a model logged before the metadata moved into the instance unpickles without it
         self.metadata = dict(getattr(self, "metadata", None) or {})
         config = dict(context.model_config or {})
-        self.allowed_root = os.environ.get(ALLOWED_ROOT_ENV) or str(config.get("allowed_root") or "")
+        self.allowed_root, self.limits = serving_settings(context)
         self.embedder = Embedder(context.artifacts["checkpoint"], device=str(config.get("device") or "auto"),
                                  text_encoder=context.artifacts.get("text_encoder"))
 
@@ -184,16 +292,15 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
         with `{name}`, `{Name}`, `{a}` (vlp3d.evaluation.prompts)."""
         return dict(self.metadata.get("prompt_templates", {}))
 
+    @one_line_errors
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
         assume_hu = bool((params or {}).get("assume_hu", False))
-        try:
-            frame = as_rows(frame)
-            items = volume_inputs(frame)
-            check_allowed(items, self.allowed_root)
-            images = self.embedder.embed_inputs(list(items.values()), assume_hu=assume_hu) if items else None
-        except (ValueError, OSError) as err:  # bad input: the client's error (HTTP 400 when served)
-            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        frame = as_rows(frame)
+        items = volume_inputs(frame)
+        check_allowed(items, self.allowed_root)
+        images = self.embedder.embed_inputs(list(items.values()), assume_hu=assume_hu, limits=self.limits) \
+            if items else None
         out = pd.DataFrame(index=frame.index)
         image_embedding = [None] * len(frame)
         for position, vector in zip(items, [] if images is None else images.numpy(), strict=True):
@@ -202,8 +309,16 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
         reports = frame["report"] if "report" in frame else pd.Series([None] * len(frame))
         report_embedding = [None] * len(frame)
         texted = [i for i, text in enumerate(reports) if _present(text)]
+        not_text = [str(frame.index[i]) for i in texted if not isinstance(reports.iloc[i], str)]
+        if not_text:  # a dict or list passes MLflow's string column; its repr is not a report
+            raise ValueError(f"row {', '.join(not_text[:10])}: a report must be text")
         if texted:
-            embedded = self.embedder.embed_reports([str(reports.iloc[i]) for i in texted]).numpy()
+            try:
+                embedded = self.embedder.embed_reports([str(reports.iloc[i]) for i in texted]).numpy()
+            except Exception as err:  # noqa: BLE001 - a tokenizer's message may quote the text
+                rows = [str(frame.index[i]) for i in texted]
+                raise ValueError(f"the reports of rows {', '.join(rows[:10])} could not be embedded "
+                                  f"({type(err).__name__})") from None
             for position, vector in zip(texted, embedded, strict=True):
                 report_embedding[position] = vector.astype("float32").tolist()
         out["report_embedding"] = report_embedding
@@ -211,28 +326,43 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
 
 
 def finetuned_signature():
-    """Input of a fine-tuned model: column `image` (a NIfTI file or DICOM series path)."""
+    """Input of a fine-tuned model: column `image` (a NIfTI file or DICOM series path), optional
+    `rescale_slope`/`rescale_intercept` and `modality` as for the embedder (`signature`)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec(DataType.string, "image")]))
+    return ModelSignature(inputs=Schema([
+        ColSpec(DataType.string, "image"),
+        ColSpec(DataType.double, "rescale_slope", required=False),
+        ColSpec(DataType.double, "rescale_intercept", required=False),
+        ColSpec(DataType.string, "modality", required=False),
+    ]))
 
 
 class FineTunedModel(mlflow.pyfunc.PythonModel):
-    """pyfunc of a fine-tuned model: DataFrame with `image` (NIfTI file or DICOM series path) -> segmentation:
+    """pyfunc of a fine-tuned model: DataFrame with `image` (NIfTI file or DICOM series path; the rescale
+    and modality columns and HU rules of `Vlp3dEmbedder`) -> segmentation:
     one column `<class>_ml` per class (its volume in millilitres, at the model's preprocessing spacing);
-    classification: one column per label (its probability)."""
+    classification: one column per label (its probability). model_config as `Vlp3dEmbedder`'s: paths only
+    under `allowed_root` (none without one), `max_voxels` / `max_bytes`; errors are one line."""
 
     def load_context(self, context) -> None:
         from vlp3d.downstream import FineTuned
 
+        self.allowed_root, self.limits = serving_settings(context)
         self.model = FineTuned(context.artifacts["checkpoint"])
 
+    @one_line_errors
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from vlp3d.downstream import SEGMENTATION
 
-        paths = [str(p) for p in pd.DataFrame(model_input)["image"]]
-        out = self.model.predict_files(paths)
+        frame = pd.DataFrame(model_input)
+        items = volume_inputs(frame.drop(columns=["image_array", "affine", "spacing"], errors="ignore"))
+        missing = [str(label) for position, label in enumerate(frame.index) if position not in items]
+        if missing:
+            raise ValueError(f"rows {', '.join(missing[:10])}: give `image` (a NIfTI file or DICOM series path)")
+        check_allowed(items, self.allowed_root)
+        out = self.model.predict_inputs(list(items.values()), limits=self.limits)
         if self.model.task == SEGMENTATION:
             voxel_ml = float(np.prod(self.model.spec.spacing_mm)) / 1000.0
             return pd.DataFrame([{f"{name}_ml": float((labels == i).sum()) * voxel_ml

@@ -82,21 +82,41 @@ class RayTrainRuntime:
 
         ray.get(self.notes.stop.remote(message))
 
+    def stop_requested(self) -> str:
+        """The driver's signal, read from the notes actor by every rank and agreed on with one all-reduce
+        (ranks may read the actor either side of the request): one small actor call per step."""
+        import ray
+        import torch.distributed as dist
+
+        requested = ray.get(self.notes.requested.remote())
+        if not (dist.is_available() and dist.is_initialized()):
+            return requested
+        flag = torch.tensor([float(bool(requested))], device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return (requested or ray.get(self.notes.requested.remote()) or "SIGTERM") if flag.item() else ""
+
 
 def run_notes():
-    """A small actor the workers tell why they stopped early."""
+    """A small actor the workers tell why they stopped early, and the driver tells that it was signalled."""
     import ray
 
     @ray.remote(num_cpus=0)
     class RunNotes:
         def __init__(self):
             self.stopped = ""
+            self.signal = ""
 
         def stop(self, message: str) -> None:
             self.stopped = message
 
         def get(self) -> str:
             return self.stopped
+
+        def request_stop(self, signal_name: str) -> None:
+            self.signal = self.signal or signal_name
+
+        def requested(self) -> str:
+            return self.signal
 
     return RunNotes.remote()
 

@@ -3,20 +3,23 @@ export and registration load. One module owns the format:
 
     model.pt          state dict of the embedding model (VisionLanguageModel): inference, export
     objective.pt      the objective's own state: heads, EMA teacher, centres
-    train_state.pt    optimizer, LR scheduler, grad scaler, step, skipped steps, data position,
-                      every random generator of every rank (Python, NumPy, torch CPU and CUDA,
-                      the augmentation generator) and the tracking calls not yet delivered: a
-                      resumed run continues with the batches, masks and augmentations an
-                      uninterrupted run would have used
+    train_state.pt    optimizer, LR scheduler, grad scaler, step, skipped steps (in all and in a
+                      row), data position, every random generator of every rank (Python, NumPy,
+                      torch CPU and CUDA, the augmentation generator) and the tracking calls not
+                      yet delivered: a resumed run continues with the batches, masks and
+                      augmentations an uninterrupted run would have used
     config.toml       the run's configuration, without locations (vlp3d.config.public_config)
     meta.json         preprocessing spec, label names, text width, step, MLflow run id
 
-A checkpoint is only written from finite weights (`nonfinite_parameters`).
+A checkpoint is only written from finite weights (`nonfinite_parameters`). Every file loads with
+`torch.load(weights_only=True)`: tensors, numbers, strings and containers only, no pickled objects
+(NumPy's generator state is stored as lists), so a checkpoint from elsewhere cannot run code.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +35,7 @@ OBJECTIVE = "objective.pt"
 TRAIN_STATE = "train_state.pt"
 CONFIG = "config.toml"
 META = "meta.json"
-FORMAT = 2  # train_state.pt layout; 1 had no data position, scaler or per-rank generators
+FORMAT = 3  # train_state.pt layout; 1 had no data position, scaler or per-rank generators; 2 pickled NumPy's state
 
 
 @dataclass
@@ -46,11 +49,26 @@ class TrainState:
     rng: list[dict] = field(default_factory=list)
     unsent_logs: list = field(default_factory=list)  # tracking calls rank 0 could not deliver yet
     term_multipliers: dict[str, float] = field(default_factory=dict)  # engine.TermBalancer (train.balance_terms)
+    skipped_in_a_row: int = 0  # consecutive non-finite steps up to `step` (train.max_skipped_steps counts them)
+
+
+def _numpy_state() -> dict:
+    """NumPy's legacy generator state as plain numbers and lists (`torch.load(weights_only=True)` safe)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_state(state) -> None:
+    if isinstance(state, dict):
+        np.random.set_state((state["name"], np.asarray(state["keys"], dtype=np.uint32), state["pos"],
+                             state["has_gauss"], state["gauss"]))
+    else:  # FORMAT 2: the tuple np.random.get_state returns
+        np.random.set_state(state)
 
 
 def capture_rng(generator: torch.Generator | None = None) -> dict:
     """This process's generator states: Python, NumPy, torch CPU, CUDA (every device) and `generator`."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if generator is not None:
@@ -59,8 +77,9 @@ def capture_rng(generator: torch.Generator | None = None) -> dict:
 
 
 def restore_rng(state: dict, generator: torch.Generator | None = None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))  # a list after some round trips
+    _set_numpy_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -95,7 +114,8 @@ def save(directory: str | Path, model: nn.Module, objective: nn.Module, optimize
     torch.save(objective.state_dict(), directory / OBJECTIVE)
     torch.save({"format": FORMAT, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "step": state.step,
-                "skipped_steps": state.skipped_steps, "position": state.position, "rng": state.rng,
+                "skipped_steps": state.skipped_steps, "skipped_in_a_row": state.skipped_in_a_row,
+                "position": state.position, "rng": state.rng,
                 "unsent_logs": state.unsent_logs, "term_multipliers": state.term_multipliers},
                directory / TRAIN_STATE)
     (directory / CONFIG).write_text(to_toml(public_config(cfg)))
@@ -106,17 +126,30 @@ def restore(directory: str | Path, model: nn.Module, objective: nn.Module, optim
             scaler: torch.amp.GradScaler | None, map_location: torch.device | str = "cpu") -> TrainState:
     """Load everything `save` wrote into the given objects; returns the training state."""
     directory = Path(directory)
-    model.load_state_dict(torch.load(directory / MODEL, map_location=map_location))
-    objective.load_state_dict(torch.load(directory / OBJECTIVE, map_location=map_location))
-    raw = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=False)
+    model.load_state_dict(torch.load(directory / MODEL, map_location=map_location, weights_only=True))
+    objective.load_state_dict(torch.load(directory / OBJECTIVE, map_location=map_location, weights_only=True))
+    raw = load_train_state(directory)
     optimizer.load_state_dict(raw["optimizer"])
     scheduler.load_state_dict(raw["scheduler"])
     if scaler is not None and raw.get("scaler"):
         scaler.load_state_dict(raw["scaler"])
     return TrainState(step=int(raw["step"]), skipped_steps=int(raw.get("skipped_steps", 0)),
+                      skipped_in_a_row=int(raw.get("skipped_in_a_row", 0)),
                       position={k: list(v) for k, v in raw.get("position", {}).items()}, rng=list(raw.get("rng", [])),
                       unsent_logs=list(raw.get("unsent_logs", [])),
                       term_multipliers=dict(raw.get("term_multipliers", {})))
+
+
+def load_train_state(directory: str | Path) -> dict:
+    """train_state.pt with `weights_only=True`; one written before FORMAT 3 (NumPy's state pickled as an
+    array) is refused with how to go on, never unpickled."""
+    path = Path(directory) / TRAIN_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: holds objects that torch.load(weights_only=True) refuses (a checkpoint written "
+                         f"before vlp3d stored its training state as tensors, numbers and lists, or not by vlp3d): "
+                         f"{str(err).splitlines()[0][:200]}. Start the run afresh under a new name.") from None
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -130,7 +163,7 @@ def read_config(directory: str | Path) -> ExperimentConfig:
 
 def load_model_state(directory: str | Path, map_location: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The embedding model's state dict (what inference and export load)."""
-    return torch.load(Path(directory) / MODEL, map_location=map_location)
+    return torch.load(Path(directory) / MODEL, map_location=map_location, weights_only=True)
 
 
 def restore_unsent(directory: str | Path) -> list:
@@ -138,7 +171,7 @@ def restore_unsent(directory: str | Path) -> list:
     path = Path(directory) / TRAIN_STATE
     if not path.is_file():
         return []
-    return list(torch.load(path, map_location="cpu", weights_only=False).get("unsent_logs", []))
+    return list(load_train_state(directory).get("unsent_logs", []))
 
 
 def nonfinite_parameters_in(directory: str | Path) -> list[str]:

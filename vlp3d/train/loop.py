@@ -89,6 +89,12 @@ class Task:
     def after_step(self, step: int) -> None:
         """After the optimizer step `step` (1-based): e.g. an EMA teacher update."""
 
+    def degenerate(self) -> list[str]:
+        """After the optimizer step, before `after_step`: the names of any degenerate state (a logit scale
+        at zero, weights that would poison an EMA teacher, non-finite centres); [] when all is well.
+        Must be the same on every rank."""
+        return []
+
     def step_metrics(self) -> dict[str, float]:
         """Metrics logged at each log point besides the step's (e.g. the temperature)."""
         return {}
@@ -119,6 +125,7 @@ class LoopResult:
     step: int
     stopped: str = ""  # why the run ended early (diverged), "" when it reached max_steps
     metrics: dict = field(default_factory=dict)
+    interrupted: str = ""  # the signal that ended it (SIGTERM, SIGINT), after a final checkpoint
 
 
 def parse_faults(spec: str, world_size: int) -> list[tuple[int, int, str]]:
@@ -265,7 +272,7 @@ def run(task: Task, runtime: Runtime, cfg: ExperimentConfig, options: LoopOption
     validates = task.has_validation(runtime)
     faults = parse_faults(options.faults, world_size)
     window: list[dict] = []
-    in_a_row = 0
+    in_a_row = state.skipped_in_a_row  # a resumed run counts on (the checkpoint holds the count)
     compile_s = None  # throughput and step times leave out the step that compiles: train/compile_s
     started, samples, timed_steps = time.time(), 0, 0
     # this window's wall time, steps and data wait (time taking batches); CUDA synchronised at log points only
@@ -294,7 +301,8 @@ def run(task: Task, runtime: Runtime, cfg: ExperimentConfig, options: LoopOption
             metrics = train_step(module, effective, batch, task.optimizer, task.scheduler, cfg.train.precision,
                                  scaler, after_step=lambda s=step + 1: task.after_step(s),
                                  measure_params=measured if measured and balancer.due(step + 1) else None,
-                                 lr_group=task.lr_group, micro_batch=task.micro_batch)
+                                 lr_group=task.lr_group, micro_batch=task.micro_batch,
+                                 check_state=task.degenerate)
         term_norms = metrics.pop("term_norms", None)
         step += 1
         if compiling:
@@ -308,6 +316,11 @@ def run(task: Task, runtime: Runtime, cfg: ExperimentConfig, options: LoopOption
             window_steps += 1
         for fault in faults:
             _inject_fault(fault, step, rank, options.run_id)
+        if metrics.get("degenerate"):
+            _stop(runtime, f"{task.label} diverged at step {step}: degenerate {', '.join(metrics['degenerate'])}; no "
+                  "EMA, centre or schedule update was made from it and no checkpoint is written from it. Lower the "
+                  f"learning rate (train.lr = {cfg.train.lr:g}) or check the data.")
+            return LoopResult(step, "diverged")
         if metrics.pop("skipped"):
             state.skipped_steps += 1
             in_a_row += 1
@@ -328,8 +341,10 @@ def run(task: Task, runtime: Runtime, cfg: ExperimentConfig, options: LoopOption
             if term_norms:
                 metrics.update(balancer.update(term_norms))
             window.append(metrics)
-        last = step >= task.max_steps
-        validate = validates and (last or (cfg.train.val_every and step % cfg.train.val_every == 0))
+        interrupted = runtime.stop_requested()  # SIGTERM / SIGINT: a final checkpoint at this step, then stop
+        last = step >= task.max_steps or bool(interrupted)
+        validate = validates and not interrupted and (step >= task.max_steps or (
+            cfg.train.val_every and step % cfg.train.val_every == 0))
         if not (step % log_every == 0 or last or validate):
             continue
         metrics = window_means(window)
@@ -361,7 +376,7 @@ def run(task: Task, runtime: Runtime, cfg: ExperimentConfig, options: LoopOption
                       "no checkpoint was written from them (the last checkpoint holds finite weights).")
                 return LoopResult(step, "non-finite weights")
             state.step, state.position = step, {k: list(v) for k, v in position.items()}
-            state.term_multipliers = balancer.state_dict()
+            state.term_multipliers, state.skipped_in_a_row = balancer.state_dict(), in_a_row
             state.rng = runtime.gather(checkpoints.capture_rng(generator))
             with checkpoint_folder() as folder:
                 written = None
@@ -373,6 +388,12 @@ def run(task: Task, runtime: Runtime, cfg: ExperimentConfig, options: LoopOption
                                      task.meta)
                     written = folder
                 runtime.report(metrics, checkpoint=written)
+            if interrupted:
+                if rank == 0:
+                    log.warning(f"{task.label} stopped by {interrupted} at step {step}: final checkpoint written")
+                if tracker is not None:
+                    tracker.flush(FLUSH_AT_CHECKPOINT_S)
+                return LoopResult(step, "", metrics, interrupted=interrupted)
         elif validate:
             # Ray Train's report waits for its controller to collect the previous one (every ~2 s):
             # reporting every logged step measured 2.0 s/step against 0.33 s without. The tracker gets

@@ -66,6 +66,10 @@ class Runtime(Protocol):
     def stop(self, message: str) -> None:
         """Rank 0: the run ends early for `message` (e.g. diverged); the driver fails it with that reason."""
 
+    def stop_requested(self) -> str:
+        """The signal the driver was sent ("SIGTERM", "SIGINT"; "" when none): every rank gets the same
+        answer at the same step, and the loop then writes a final checkpoint and returns."""
+
 
 def gather_objects(obj: object) -> list:
     """`obj` of every rank of the initialised process group, by rank (one process: [obj])."""
@@ -149,6 +153,7 @@ class LocalRuntime:
         self.tracker = tracker
         self.on_report = on_report
         self.stopped = ""
+        self.requested = ""  # set by the driver's signal handler (`request_stop`)
         self.last_checkpoint: str | Path | None = store.latest()
         self.last_metrics: dict = {}
 
@@ -173,6 +178,12 @@ class LocalRuntime:
 
     def stop(self, message: str) -> None:
         self.stopped = message
+
+    def request_stop(self, signal_name: str) -> None:
+        self.requested = self.requested or signal_name
+
+    def stop_requested(self) -> str:
+        return self.requested
 
 
 @contextlib.contextmanager

@@ -223,7 +223,8 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
                optimizer: torch.optim.Optimizer, scheduler, precision: str = "fp32",
                scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0,
                after_step: Callable[[], None] | None = None, measure_params: Sequence[nn.Parameter] | None = None,
-               lr_group: str = "encoder", micro_batch: int = 0) -> dict:
+               lr_group: str = "encoder", micro_batch: int = 0,
+               check_state: Callable[[], list[str]] | None = None) -> dict:
     """One optimisation step of a (DDP-wrapped) module whose forward takes a batch and returns named,
     unweighted loss terms (`Pretrainer`, fine-tuning's `FinetuneModule`); returns the weighted total
     `loss`, each term (`loss/<term>`), the learning rate of the `lr_group` parameter group, the
@@ -236,6 +237,11 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
     lowers its scale); the names of what was not finite are under `nonfinite`.
 
     `micro_batch` (rows, smaller than the batch): the same step by gradient caching (`cached_backward`).
+
+    Degenerate state: after the optimizer step, `check_state()` (the task's: a logit scale at zero, a
+    non-finite weight that would feed the EMA teacher, non-finite centres) names what is degenerate;
+    then neither the schedule nor `after_step` (EMA, centres) runs, and the names come back under
+    `degenerate`: the run has diverged (the same on every rank: those states are replicated).
     """
     first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     optimizer.zero_grad(set_to_none=True)
@@ -272,6 +278,9 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
         scaler.update()
     else:
         optimizer.step()
+    degenerate = check_state() if check_state is not None else []
+    if degenerate:
+        return {"skipped": 1.0, "nonfinite": [], "degenerate": degenerate}
     scheduler.step()
     if after_step is not None:
         after_step()

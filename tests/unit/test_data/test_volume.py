@@ -90,15 +90,16 @@ def test_not_ct_rule_keeps_ct_and_names_what_is_not():
     assert _reason(ct) is None  # already HU
     assert _reason(ct + 1024, metadata=(1.0, -1024.0)) is None  # raw CT, rescale in the metadata
     assert _reason((ct + 1024) / 2, header=(2.0, -1024.0)) is None  # raw CT, rescale in the header
-    assert _reason(HU) is None  # 8 distinct values, but negative ones: not a mask
-    hand_made = np.full((8, 8, 8), -1000.0)
-    hand_made[2:6, 2:6, 2:6] = 40
-    assert _reason(hand_made) is None and _reason(np.full((8, 8, 8), -1000.0)) is None
+    assert _reason(np.tile(HU, (8, 8, 8))) is None  # 8 distinct values, but negative ones: not a mask
+    hand_made = np.full((16, 16, 16), -1000.0)
+    hand_made[4:12, 4:12, 4:12] = 40
+    assert _reason(hand_made) is None
+    assert "every voxel holds the same value" in _reason(np.full((16, 16, 16), -1000.0))  # degenerate
     assert _reason(ct, modality="CT") is None
 
     assert "DICOM Modality is MR, not CT" == _reason(ct, modality="MR")
     assert "modality 'xray'" in _reason(ct, modality="DX")
-    mask = np.zeros((10, 10, 10), dtype=np.uint8)
+    mask = np.zeros((16, 16, 16), dtype=np.uint8)
     mask[3:7, 3:7, 3:7] = 1
     assert "label mask" in _reason(mask) and "[0, 1]" in _reason(mask)
     labels = mask * 3
@@ -108,7 +109,7 @@ def test_not_ct_rule_keeps_ct_and_names_what_is_not():
     unshifted = _reason(ct + 1024)  # raw CT without any rescale: not HU
     assert unshifted.startswith("no value below 0 HU (range [0, ") and "RescaleIntercept" in unshifted
     assert "no value below 0 HU" in _reason(rng.uniform(0, 900, (16, 16, 16)))  # MR-like intensities
-    assert "no value below 0 HU" in not_ct_reason(rng.uniform(0, 1, (16, 16, 16)), HUDecision("header", 1.0, 0.0))
+    assert "far narrower than a CT" in not_ct_reason(rng.uniform(0, 1, (16, 16, 16)), HUDecision("header", 1.0, 0.0))
 
 
 def test_require_ct_marks_the_case_a_rescale_would_fix():
@@ -129,7 +130,7 @@ def test_require_ct_marks_the_case_a_rescale_would_fix():
     with pytest.raises(NotCTError) as shifted_mr:  # a rescale was given: it is not the missing one
         check(rng.uniform(1024, 1900, (16, 16, 16)), metadata=(1.0, -1024.0))
     assert not shifted_mr.value.uncertain_hu
-    mask = np.zeros((10, 10, 10), dtype=np.uint8)
+    mask = np.zeros((16, 16, 16), dtype=np.uint8)
     mask[3:7, 3:7, 3:7] = 1
     with pytest.raises(NotCTError, match="label mask") as masked:
         check(mask)

@@ -137,5 +137,5 @@ def log_finetuned(run_id: str, cfg: ExperimentConfig, checkpoint_dir: Path, plan
                 "image_encoder": f"{plan_.network.encoder}/{plan_.network.size}"}
     client(cfg).set_tag(run_id, PRETRAINED_TAG, plan_.pretrained.uri)
     return log_model(run_id, cfg, pyfunc.FineTunedModel(), {"checkpoint": str(checkpoint_dir)}, metadata, name,
-                     pyfunc.finetuned_signature(),
+                     pyfunc.finetuned_signature(), model_config={"allowed_root": cfg.tracking.model_allowed_root},
                      version_tags={PRETRAINED_TAG: plan_.pretrained.uri, TASK_TAG: plan_.network.task})

@@ -56,6 +56,9 @@ class Pretrainer(nn.Module):
         if hasattr(self.objective, "after_step"):
             self.objective.after_step(self.model, step)
 
+    def degenerate_state(self) -> list[str]:
+        return self.objective.degenerate_state(self.model)
+
 
 def build_pretrainer(cfg: ExperimentConfig, text_dim: int | None = None) -> tuple[Pretrainer, dict[str, float]]:
     """(model + objective heads, weight per active loss term)."""
@@ -252,6 +255,9 @@ class PretrainTask(Task):
 
     def after_step(self, step: int) -> None:
         self.module.after_step(step)
+
+    def degenerate(self) -> list[str]:
+        return self.module.degenerate_state()
 
     def step_metrics(self) -> dict[str, float]:
         return {"temperature": 1.0 / self.module.model.scale().item()}
