@@ -113,7 +113,7 @@ def main() -> None:
         cluster = Cluster()
         try:
             for _ in range(args.nodes):
-                cluster.add_node(num_cpus=1, object_store_memory=args.store_mb * MB)
+                cluster.add_node(num_cpus=2, object_store_memory=args.store_mb * MB)  # a whole CPU left for read tasks beside a consumer
             ray.init(address=cluster.address, logging_level="ERROR")
             ray.data.DataContext.get_current().execution_options.preserve_order = True
             cfg = ExperimentConfig()
