@@ -12,6 +12,7 @@ from vlp3d.jobs.common import (
     add_config_arguments,
     add_logging_arguments,
     config_keys_epilog,
+    Parser,
     formatter,
     resolve_config_with_sources,
     run_reporting_errors,
@@ -36,7 +37,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vlp3d", formatter_class=formatter(),
         description="Pretrain 3D medical vision-language models (CT + reports) on Ray, tracked in MLflow.",
         epilog=EPILOG,
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(objective.name's defaults) are marked '# <method> default'.",
                                       epilog=config_keys_epilog())
     add_config_arguments(show)
+    add_logging_arguments(show, top_level=False)
     show.set_defaults(run=_config_show)
     return parser
 

@@ -49,6 +49,26 @@ def resolve_config_with_sources(args: argparse.Namespace, extra: list[str] | Non
     return load_config_with_sources(config, [*(extra or []), *overrides])
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that takes options and positionals (CONFIG, `key=value` overrides, files) in
+    any order: `vlp3d finetune cfg.toml finetune.init=random --model URI` and `vlp3d demo --n 24
+    train.max_steps=4 --workdir W` alike (`parse_known_intermixed_args`). A parser with sub-commands
+    or a `-- COMMAND ...` remainder (`vlp3d`, `vlp3d jobs`, `vlp3d submit`) parses as usual; its
+    sub-commands are Parsers too (`add_subparsers` uses the parent's class)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        positional_kinds = {action.nargs for action in self._get_positional_actions()}
+        if self._intermixing or positional_kinds & {argparse.PARSER, argparse.REMAINDER}:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args (Python 3.11)
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Wraps the description paragraph; keeps the epilog's key table as written."""
 
@@ -109,6 +129,6 @@ def run_reporting_errors(run, args: argparse.Namespace) -> int:
 
 
 def run_main(build_parser, run, argv: list[str] | None = None) -> int:
-    parser = build_parser(argparse.ArgumentParser(formatter_class=formatter()))
+    parser = build_parser(Parser(formatter_class=formatter()))
     add_logging_arguments(parser)
     return run_reporting_errors(run, parser.parse_args(argv))
