@@ -140,7 +140,7 @@ def test_choosing_the_toy_method_applies_its_defaults_and_config_show_marks_them
     assert main(["config", "show", "objective.name=toy", "model.size=tiny"]) == 0
     out = capsys.readouterr().out
     assert "lr = 0.0123  # toy default" in out and "temperature = 0.5  # toy default" in out
-    assert 'size = "tiny"\n' in out and "\n[objective.toy]\n" in out
+    assert 'size = "tiny"  # override\n' in out and "\n[objective.toy]\n" in out
     path = tmp_path / "shown.toml"
     path.write_text(out)
     assert load_config(path) == cfg

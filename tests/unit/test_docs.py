@@ -64,5 +64,5 @@ def test_version(capsys):
 
 def test_help_lists_exit_codes():
     epilog = build_parser().epilog
-    for code in ("0  ok", "1  failure", "2  bad input"):
+    for code in ("0  success", "1  the work failed", "2  bad input", "3  an internal error"):
         assert code in epilog

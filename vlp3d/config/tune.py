@@ -32,18 +32,19 @@ class TuneConfig:
         "finetune` of finetune.model, evaluated on data.eval_split: label-efficiency sweeps over "
         "finetune.label_fraction x finetune.init, plotted as label_efficiency.png on the parent run).",
     )
-    num_samples: int = _f(1, "Trials per grid point ('grid') or in all ('random', 'optuna').")
+    num_samples: int = _f(1, "Trials per grid point ('grid') or in all ('random', 'optuna').", ge=1)
     metric: str = _f("eval/macro_auroc", "Trial metric that ranks trials and guides Optuna (reported at the end of a trial).")
     mode: Literal["max", "min"] = _f("max", "Optimisation direction of `tune.metric`.")
     scheduler: Literal["none", "asha"] = _f(
         "none", "'asha': stop poor trials early on tune.asha_metric, reported every train.val_every steps.")
     asha_metric: str = _f("val/loss", "Metric ASHA compares at its rungs (reported during training).")
     asha_mode: Literal["max", "min"] = _f("min", "Direction of tune.asha_metric.")
-    asha_grace_steps: int = _f(0, "Steps every trial runs before ASHA may stop it (0: train.max_steps // 4).")
-    asha_reduction_factor: int = _f(2, "ASHA keeps 1/reduction_factor of the trials at each rung.")
+    asha_grace_steps: int = _f(0, "Steps every trial runs before ASHA may stop it (0: train.max_steps // 4).", ge=0)
+    asha_reduction_factor: int = _f(2, "ASHA keeps 1/reduction_factor of the trials at each rung.", ge=2)
     max_concurrent_trials: int = _f(
         0, "Trials run at once (0: as many as the cluster's CPUs/GPUs hold, keeping one CPU for Ray Data; set "
         "it on an autoscaling cluster, whose resources grow only once trials ask).",
+        ge=0,
     )
     trial_runtime: Literal["auto", "local", "ray_train"] = _f(
         "auto", "Where a trial's training loop runs: 'local' in the trial's own process (LocalRuntime: no worker "
@@ -51,6 +52,6 @@ class TuneConfig:
         "cluster.num_workers Ray Train workers (restarts after worker failures), 'auto': local for one-worker "
         "trials, else Ray Train.",
     )
-    trial_cpus: float = _f(0.1, "CPUs of each trial's driver process (its Train workers take cluster.* resources).")
-    seed: int = _f(0, "Seed of random/Optuna sampling and of the scaling-fit bootstrap.")
-    fit_bootstrap: int = _f(1000, "Bootstrap resamples for the 95% intervals of fitted scaling exponents.")
+    trial_cpus: float = _f(0.1, "CPUs of each trial's driver process (its Train workers take cluster.* resources).", gt=0)
+    seed: int = _f(0, "Seed of random/Optuna sampling and of the scaling-fit bootstrap.", ge=0, le=2**32 - 1)
+    fit_bootstrap: int = _f(1000, "Bootstrap resamples for the 95% intervals of fitted scaling exponents.", ge=0)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vlp3d.errors import InputError
 from vlp3d.evaluation.metrics import (
     chance_recall,
     macro_auroc,
@@ -107,7 +108,7 @@ def paired_metric_name(metric: str) -> str:
     listing them if it is none of them."""
     name = metric.split("/", 2)[-1] if metric.startswith("eval/") else metric
     if name not in PAIRED_METRICS:
-        raise ValueError(f"--metric {metric}: models are compared on one of {', '.join(PAIRED_METRICS)}")
+        raise InputError(f"--metric {metric}: models are compared on one of {', '.join(PAIRED_METRICS)}")
     return name
 
 

@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import textwrap
+import time
+import traceback
+from pathlib import Path
 
+import vlp3d
 from vlp3d import logs
 from vlp3d.config import (
-    ConfigError,
     ExperimentConfig,
     TrackingConfig,
     describe,
     load_config_with_sources,
+    redact_userinfo,
 )
+from vlp3d.errors import InputError
 
 CONFIG_HELP = "TOML experiment config (see configs/). Omit for the built-in CPU demo defaults."
 OVERRIDES_HELP = "config overrides as section.key=value (TOML values), e.g. train.max_steps=200 data.shape=[32,32,32]"
@@ -111,21 +117,62 @@ def add_logging_arguments(parser: argparse.ArgumentParser, top_level: bool = Tru
                         default=default, help="same as --log-level debug")
 
 
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+# a user path or service: bad input (exit 2), whoever raised it
+INPUT_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                FileExistsError, ConnectionError)
+EXIT_CODES_HELP = """exit codes (every command):
+  0  success: the work is done (also `promote` keeping the current champion, a decision it was asked for)
+  1  the work failed: training stopped on non-finite losses, no sweep trial finished, a Ray job FAILED
+  2  bad input, with a one-line reason: config, arguments, files, corpus, model URI, an unreachable
+     cluster or tracking server, a shard folder in use or holding other shards
+  3  an internal error (a bug in vlp3d): the traceback goes to a log file, the terminal says where"""
+ERROR_LOG_ENV = "VLP3D_ERROR_LOG_DIR"  # where internal errors' tracebacks go (default: a temporary folder)
+
+
+def exit_code_of(err: BaseException) -> int:
+    """The exit code a command ends with when `err` escapes it (vlp3d.errors)."""
+    code = getattr(err, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    return EXIT_BAD_INPUT if isinstance(err, INPUT_ERRORS) else EXIT_INTERNAL
+
+
+def write_traceback(err: BaseException) -> Path:
+    """The traceback of `err` in a new file under $VLP3D_ERROR_LOG_DIR (default <tmp>/vlp3d-errors)."""
+    folder = Path(os.environ.get(ERROR_LOG_ENV) or Path(tempfile.gettempdir()) / "vlp3d-errors")
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(tempfile.mkstemp(prefix=f"vlp3d-{stamp}-", suffix=".log", dir=folder)[1])
+    command = " ".join(sys.argv[:1] + [redact_userinfo(a) for a in sys.argv[1:]])
+    path.write_text(f"vlp3d {vlp3d.__version__}, python {sys.version.split()[0]}\n$ {command}\n\n"
+                    + "".join(traceback.format_exception(err)))
+    return path
+
+
 def run_reporting_errors(run, args: argparse.Namespace) -> int:
-    """Run a job; bad input (config, files, corpus, unreachable model) becomes one error line and exit 2."""
+    """Run a job and turn what escapes it into an exit code and one line on stderr (EXIT_CODES_HELP):
+    bad input and failed work say why; anything else is a bug, its traceback written to a file."""
     logs.configure(getattr(args, "log_level", None))
     try:
-        return run(args) or 0
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (ArithmeticError, RuntimeError) as err:
-        # errors that explain themselves (a prepare folder in use, training stopped on NaNs) carry
-        # their exit code; any other is a bug, shown with its traceback
-        if getattr(err, "exit_code", None) is None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return run(args) or EXIT_OK
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every error ends as an exit code, none as a bare traceback
+        code = exit_code_of(err)
+        text = redact_userinfo(str(err)) or type(err).__name__
+        if code != EXIT_INTERNAL:
+            print(f"error: {text}", file=sys.stderr)
+            return code
+        try:
+            where = f"the traceback is in {write_traceback(err)}"
+        except OSError as log_err:
+            traceback.print_exception(err)
+            where = f"the traceback is above (it could not be written to a file: {log_err})"
+        print(f"internal error (a bug in vlp3d; please report it with the traceback): {type(err).__name__}: "
+              f"{text.splitlines()[0] if text else ''}; {where}", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def run_main(build_parser, run, argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from vlp3d.table import format_table
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = (
         "Evaluate a model on a held-out split: zero-shot multi-label AUROC per finding and macro (prompts "
-        "'There is a X.' / 'There is no X.'), F1, bootstrap 95%% CIs, and volume<->report Recall@1/5/10 and "
+        "'There is a X.' / 'There is no X.'), F1, bootstrap 95% CIs, and volume<->report Recall@1/5/10 and "
         "MAP with the pool size. Metrics and tables are logged to the model's MLflow run; a registered model also "
         "gets ROC and reliability plots and its model card (version description and tags) rewritten. A split "
         "holding any patient the model pretrained on is refused."

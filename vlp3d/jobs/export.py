@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlp3d.errors import InputError
 from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_from
 
 FORMATS = ("swinunetr", "unetr")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         state, kwargs = export_encoder(embedder.model.image_encoder, args.format)
     except TypeError as err:
-        raise ValueError(f"--format {args.format}: {err} (this model's model.image_encoder = "
+        raise InputError(f"--format {args.format}: {err} (this model's model.image_encoder = "
                          f"{embedder.cfg.model.image_encoder!r})") from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

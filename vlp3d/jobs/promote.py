@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "of the difference (patients resampled together for both models; the lower bound must be above 0). "
         "With no holder, the challenger gets the alias. The decision (both figures, the difference and its "
         "interval, the split and its hash) is recorded as tags vlp3d.promotion.* of the challenger version "
-        "and in its model card. Exit code 0 when the alias moved, 1 when it stayed."
+        "and in its model card. Exit code 0 whether the alias moved or stayed (the decision is the result: "
+        "printed and recorded), 2 for bad input (an unknown model or version, shards that do not fit)."
     )
     parser.add_argument("name", help="registered model name, e.g. vlp3d-clip")
     parser.add_argument("--challenger", required=True, metavar="VERSION", help="version to promote, e.g. 2")
@@ -56,7 +57,7 @@ def decide(args: argparse.Namespace, name: str, version: str) -> int:
                              metric=args.metric, alias=args.alias, batch_size=args.batch_size,
                              n_boot=args.bootstrap, seed=args.seed, force=args.force)
     print(message)
-    return 0 if moved else 1
+    return 0  # keeping the champion is a decision, not a failure
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from vlp3d.errors import InputError
 from vlp3d.jobs.commands import COMMANDS
 from vlp3d.jobs.common import run_main
 
@@ -23,7 +24,7 @@ def resolve_address(args: argparse.Namespace) -> str:
     address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if "://" not in address:
         if address == "auto" or address.endswith(":6379"):
-            raise ValueError(f"--address {address!r}: give the Jobs API (dashboard) URL, e.g. "
+            raise InputError(f"--address {address!r}: give the Jobs API (dashboard) URL, e.g. "
                              "http://127.0.0.1:8265, not the GCS address")
         address = f"http://{address}"
     return address
@@ -33,10 +34,13 @@ AUTH_EPILOG = """token authentication (clusters from cluster.yaml require it):
   export RAY_AUTH_MODE=token
   ray rsync-down cluster.yaml '~/.ray/auth_token' ~/.ray/vlp3d-cluster-token   # the head's token, over SSH
   export RAY_AUTH_TOKEN_PATH=~/.ray/vlp3d-cluster-token
-  (or the token itself in RAY_AUTH_TOKEN, or in ~/.ray/auth_token; `ray get-auth-token` prints it on the head)
-
-exit codes: 0 submitted (with --follow: the job SUCCEEDED); 1 the job FAILED or was STOPPED;
-  2 bad input, cluster unreachable, or the cluster refused the token (the message says what to set)"""
+  (or the token itself in RAY_AUTH_TOKEN, or in ~/.ray/auth_token; `ray get-auth-token` prints it on the head)"""
+EXIT_CODES = """exit codes:
+  0  submitted (with --follow: the job SUCCEEDED; with --dry-run: the upload would be accepted)
+  1  with --follow: the job FAILED or was STOPPED
+  2  bad input, a file the deny-list refuses, the cluster unreachable, or the cluster refused the token
+     (the message says what to set)
+  3  an internal error (a bug in vlp3d): the traceback goes to a log file, the terminal says where"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from vlp3d.errors import InputError
 from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, resolve_config, run_main
 from vlp3d.table import format_table
 
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name
     if args.resume:
         if args.name:
-            raise ValueError(f"--name {args.name} and --resume {args.resume}: pass only --resume NAME.")
+            raise InputError(f"--name {args.name} and --resume {args.resume}: pass only --resume NAME.")
         cfg, name = stored_config(cfg.tracking.workdir, args.resume)
         print(f"resuming sweep {name} with the config it started with")
     result = run_sweep(cfg, name=name, resume=bool(args.resume))

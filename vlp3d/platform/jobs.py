@@ -37,6 +37,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlp3d.errors import InputError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -162,7 +164,7 @@ class _AuthCheckingClient:
                 raise ClusterAuthError(auth_help(self._inner._address, _status(err))) from None
             except RuntimeError as err:
                 if "status code 404" in str(err):  # an unknown job id
-                    raise ValueError(str(err).removeprefix("Request failed with status code 404: ")) from None
+                    raise InputError(str(err).removeprefix("Request failed with status code 404: ")) from None
                 raise
 
         return call
@@ -175,7 +177,7 @@ def default_working_dir() -> Path:
     checkout = Path(vlp3d.__file__).resolve().parents[1]
     if (checkout / "pyproject.toml").is_file():
         return checkout
-    raise ValueError("vlp3d is not running from a source checkout: pass --working-dir DIR "
+    raise InputError("vlp3d is not running from a source checkout: pass --working-dir DIR "
                      "(the folder uploaded as the job's working directory)")
 
 
@@ -225,9 +227,9 @@ def load_runtime_env(value: str | None) -> dict:
         try:
             loaded = json.loads(value)
         except json.JSONDecodeError:
-            raise ValueError(f"--runtime-env {value!r}: neither a file nor a JSON object") from None
+            raise InputError(f"--runtime-env {value!r}: neither a file nor a JSON object") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"--runtime-env {value!r}: expected a mapping (working_dir, env_vars, pip, ...)")
+        raise InputError(f"--runtime-env {value!r}: expected a mapping (working_dir, env_vars, pip, ...)")
     return loaded
 
 
@@ -236,7 +238,7 @@ def passed_env(names: Sequence[str], environ: dict | None = None) -> dict[str, s
     environ = os.environ if environ is None else environ
     missing = [n for n in names if n not in environ]
     if missing:
-        raise ValueError(f"--env {', '.join(missing)}: not set in this environment")
+        raise InputError(f"--env {', '.join(missing)}: not set in this environment")
     wanted = [*([TRACKING_ENV] if TRACKING_ENV in environ else []), *names]
     return {name: environ[name] for name in dict.fromkeys(wanted)}
 
@@ -257,7 +259,7 @@ def entrypoint(command: Sequence[str], cli_commands: Iterable[str]) -> str:
     """`pretrain cfg.toml ...` -> `python -m vlp3d.cli pretrain cfg.toml ...`; any other command
     (`python script.py`, `bash -c ...`) runs as given."""
     if not command:
-        raise ValueError("nothing to run: give the command after --, e.g. `vlp3d submit -- pretrain configs/demo.toml`")
+        raise InputError("nothing to run: give the command after --, e.g. `vlp3d submit -- pretrain configs/demo.toml`")
     command = list(command)
     if command[0] in set(cli_commands):
         command = ["python", "-m", "vlp3d.cli", *command]

@@ -20,6 +20,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from vlp3d.errors import InputError
 from vlp3d.inference import RESCALE_COLUMNS, Embedder, VolumeInput
 
 ALLOWED_ROOT_ENV = "VLP3D_ALLOWED_ROOT"  # set where the model is served: overrides model_config allowed_root
@@ -106,7 +107,7 @@ def as_rows(frame: pd.DataFrame) -> pd.DataFrame:
     try:
         return pd.DataFrame({c: list(v) if isinstance(v, list | tuple | np.ndarray) else v for c, v in row.items()})
     except ValueError as err:
-        raise ValueError(f"input columns of different lengths ({err})") from None
+        raise InputError(f"input columns of different lengths ({err})") from None
 
 
 def volume_inputs(frame: pd.DataFrame) -> dict[int, VolumeInput]:
@@ -119,12 +120,12 @@ def volume_inputs(frame: pd.DataFrame) -> dict[int, VolumeInput]:
         has_path, has_array = _present(path), _present(array)
         slope, intercept = (row.get(c) if _present(row.get(c)) else None for c in RESCALE_COLUMNS)
         if (slope is None) != (intercept is None):
-            raise ValueError(f"{where}: give both rescale_slope and rescale_intercept (or neither)")
+            raise InputError(f"{where}: give both rescale_slope and rescale_intercept (or neither)")
         geometry = [c for c in ("affine", "spacing") if _present(row.get(c))]
         if has_path and has_array:
-            raise ValueError(f"{where}: give `image` (a path) or `image_array`, not both")
+            raise InputError(f"{where}: give `image` (a path) or `image_array`, not both")
         if has_path and geometry:
-            raise ValueError(f"{where}: {' and '.join(geometry)} apply to `image_array` only; a file's geometry "
+            raise InputError(f"{where}: {' and '.join(geometry)} apply to `image_array` only; a file's geometry "
                              "comes from its header")
         if not (has_path or has_array):  # a report-only row: its rescale or geometry has nothing to apply to
             continue

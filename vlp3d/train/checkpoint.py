@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from vlp3d.config import ExperimentConfig, load_stored_config, public_config, to_toml
+from vlp3d.errors import InputError
 
 MODEL = "model.pt"
 OBJECTIVE = "objective.pt"
@@ -88,7 +89,7 @@ def save(directory: str | Path, model: nn.Module, objective: nn.Module, optimize
     """Write the checkpoint folder; refuses (ValueError) when a weight is not finite."""
     bad = nonfinite_parameters(model) + [f"objective.{n}" for n in nonfinite_parameters(objective)]
     if bad:
-        raise ValueError(f"not writing a checkpoint at step {state.step}: non-finite values in {', '.join(bad[:5])}"
+        raise InputError(f"not writing a checkpoint at step {state.step}: non-finite values in {', '.join(bad[:5])}"
                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     directory = Path(directory)
     torch.save(model.state_dict(), directory / MODEL)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlp3d.config import ExperimentConfig
+from vlp3d.errors import InputError
 from vlp3d.train import checkpoint as checkpoints
 from vlp3d.train.feed import DeviceBatches
 from vlp3d.train.runtime import Runtime, checkpoint_folder
@@ -128,7 +129,7 @@ def parse_faults(spec: str, world_size: int) -> list[tuple[int, int, str]]:
         parts = item.split(":")
         mode = parts[2] if len(parts) > 2 else "raise"
         if mode not in ("raise", "kill", "nan"):
-            raise ValueError(f"{FAULT_ENV}={spec!r}: the mode of {item!r} must be raise, kill or nan")
+            raise InputError(f"{FAULT_ENV}={spec!r}: the mode of {item!r} must be raise, kill or nan")
         faults.append((int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else world_size - 1, mode))
     return faults
 

@@ -9,6 +9,7 @@ import mlflow
 
 import vlp3d
 from vlp3d.config import ExperimentConfig
+from vlp3d.errors import InputError
 from vlp3d.platform.mlflow.registry import finetuned_name, registered_name
 from vlp3d.platform.mlflow.store import PRETRAINED_TAG, TASK_TAG, client, uri
 
@@ -19,7 +20,7 @@ def load_embedder(model_uri: str, model_config: dict | None = None):
     try:
         model = mlflow.pyfunc.load_model(model_uri, model_config=model_config)
     except mlflow.exceptions.MlflowException as err:
-        raise ValueError(
+        raise InputError(
             f"cannot load --model {model_uri} from the MLflow store {mlflow.get_tracking_uri()}: {err.message} "
             "(set --workdir/--tracking-uri or MLFLOW_TRACKING_URI to the store the model was registered in)"
         ) from None
@@ -32,7 +33,7 @@ def predict(model, model_input, params: dict | None = None):
     try:
         return model.predict(model_input, params=params)
     except mlflow.exceptions.MlflowException as err:
-        raise ValueError(err.message) from None
+        raise InputError(err.message) from None
 
 
 def model_metadata(cfg: ExperimentConfig, checkpoint_dir: Path, metrics: dict) -> dict:
