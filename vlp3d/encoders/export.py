@@ -32,7 +32,7 @@ def image_encoder_state_dict(
             out[_strip_wrappers(stripped[len(prefix) :])] = value
     if not out:
         heads = sorted({_strip_wrappers(key).split(".", 1)[0] for key in model_state})
-        raise KeyError(
+        raise InputError(
             f"no key starts with {prefix!r}; the state dict's top-level names are {heads}."
         )
     return out

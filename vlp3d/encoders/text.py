@@ -44,7 +44,7 @@ def _load(auto_cls, name: str):
             "(offline?). Download it once (`huggingface-cli download NAME --local-dir DIR`) and set "
             "model.text_encoder = \"DIR\", or use the offline default model.text_encoder = \"minilm\"."
         )
-        raise OSError(f"cannot load text encoder model.text_encoder = {name!r}: {hint}") from err
+        raise InputError(f"cannot load text encoder model.text_encoder = {name!r}: {hint}") from err
 
 
 def _transformer_layers(model: nn.Module) -> nn.ModuleList:

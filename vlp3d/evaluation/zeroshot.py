@@ -51,11 +51,11 @@ def evaluate_embeddings(image_emb: torch.Tensor, report_emb: torch.Tensor, label
     names = list(evaluate_labels) or label_names
     unknown = [n for n in names if n not in label_names]
     if unknown:
-        raise KeyError(f"eval.labels: {unknown} not in the shard labels {label_names}")
+        raise InputError(f"eval.labels: {unknown} not in the shard labels {label_names}")
     sets = prompt_sets or BUILTIN_SETS
     missing = [n for n in ensemble if n not in sets]
     if missing or not ensemble:
-        raise KeyError(f"eval.prompt_ensemble = {list(ensemble)}: {missing or 'empty'}; prompt sets are {sorted(sets)}.")
+        raise InputError(f"eval.prompt_ensemble = {list(ensemble)}: {missing or 'empty'}; prompt sets are {sorted(sets)}.")
     cols = [label_names.index(n) for n in names]
     positive, negative = ensemble_embeddings(names, [sets[n] for n in ensemble], embed_prompts)
     probabilities = zero_shot_probabilities(image_emb, positive, negative, logit_scale)
