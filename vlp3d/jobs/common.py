@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -17,9 +18,11 @@ from vlp3d.config import (
     ExperimentConfig,
     TrackingConfig,
     describe,
+    load_config,
     load_config_with_sources,
     redact_userinfo,
 )
+from vlp3d.config.loading import WORKDIR_ENV
 from vlp3d.errors import InputError
 
 CONFIG_HELP = "TOML experiment config (see configs/). Omit for the built-in CPU demo defaults."
@@ -88,23 +91,89 @@ def formatter() -> type[argparse.HelpFormatter]:
     return _HelpFormatter
 
 
+STORE_CONFIG_HELP = ("experiment config whose [tracking] names the MLflow store and whose [data]/[eval] keys are "
+                     "this command's defaults, e.g. vlp3d-runs/demo/config.toml, which `vlp3d demo` writes")
+
+
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--workdir` and `--tracking-uri` of jobs that read an MLflow store without a config; the
-    defaults are `tracking.workdir` / `tracking.tracking_uri`'s."""
-    workdir = TrackingConfig().workdir
-    parser.add_argument("--workdir", default=workdir,
-                        help=f"workdir of the local MLflow store (default: tracking.workdir = {workdir})")
-    parser.add_argument("--tracking-uri", default=TrackingConfig().tracking_uri,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db)")
+    """`--config`, `--workdir` and `--tracking-uri` of jobs that read an MLflow store (evaluate, probe,
+    promote, register, embed, export): the store rule of `store_uri`."""
+    parser.add_argument("--config", metavar="FILE", help=STORE_CONFIG_HELP)
+    parser.add_argument("--workdir", default=None,
+                        help="workdir of the local MLflow store (default: the config's tracking.workdir, "
+                             f"else ${WORKDIR_ENV}, else {TrackingConfig().workdir})")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: the config's tracking.tracking_uri, else "
+                             "$MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db)")
+
+
+def store_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The config of `--config` (or the defaults; $VLP3D_WORKDIR applies) with `--workdir` and
+    `--tracking-uri` applied."""
+    from vlp3d.config import replace
+
+    cfg = load_config(getattr(args, "config", None))
+    changes = {key: value for key, value in (("workdir", getattr(args, "workdir", None)),
+                                             ("tracking_uri", getattr(args, "tracking_uri", None))) if value}
+    return replace(cfg, tracking=changes) if changes else cfg
+
+
+def store_uri(cfg: ExperimentConfig, args: argparse.Namespace | None = None, must_exist: bool = False,
+              create: bool = True, sources: dict[str, str] | None = None) -> str:
+    """The one store rule of every command: --tracking-uri, else --workdir, else the config's
+    tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else the config's tracking.workdir (a config
+    file's, else $VLP3D_WORKDIR, else the default) as sqlite:///WORKDIR/mlflow.db. Logs which store
+    it is and why. `must_exist`: a local store that is not there is bad input (a command that reads
+    a model must not create an empty store and then report the model missing); `create`: false in a
+    dry run (the workdir is not made)."""
+    from vlp3d.platform.runtime import tracking_uri
+
+    uri = tracking_uri(cfg, create=create and not must_exist)
+    given = {} if args is None else vars(args)
+    config = given.get("config")
+    if given.get("tracking_uri"):
+        why = "--tracking-uri"
+    elif given.get("workdir"):
+        why = "--workdir"
+    elif cfg.tracking.tracking_uri:
+        why = f"tracking.tracking_uri of {config or 'the config'}"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        why = "$MLFLOW_TRACKING_URI"
+    elif sources and "tracking.workdir" in sources:
+        why = {"override": "the tracking.workdir override", "config file": f"tracking.workdir of {config}"}.get(
+            sources["tracking.workdir"], sources["tracking.workdir"])
+    elif config and cfg.tracking.workdir != TrackingConfig().workdir:
+        why = f"tracking.workdir of {config}"
+    elif os.environ.get(WORKDIR_ENV):
+        why = f"${WORKDIR_ENV}"
+    else:
+        why = (f"tracking.workdir of {config}" if config else "the default tracking.workdir") + \
+              f"; --config FILE, --workdir DIR or ${WORKDIR_ENV} name another"
+    logging.getLogger(__name__).info("MLflow store: %s (%s)", redact_userinfo(uri), why)
+    if must_exist and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise InputError(f"no MLflow store at {uri.removeprefix('sqlite:///')} ({why}): pass the config the "
+                         f"model was trained with (--config, e.g. vlp3d-runs/demo/config.toml after `vlp3d demo`), "
+                         f"--workdir DIR, or set ${WORKDIR_ENV}.")
+    return uri
+
+
+def given(value, default):
+    """An option's value, else (None: not given) the config's."""
+    return default if value is None else value
+
+
+def shards_from(args: argparse.Namespace, cfg: ExperimentConfig) -> str:
+    """`--shards`, else the config's data.shards; bad input when neither names them."""
+    shards = args.shards or cfg.data.shards
+    if not shards:
+        raise InputError("no shards: pass --shards DIR, or --config FILE whose data.shards names them "
+                         "(vlp3d-runs/demo/config.toml after `vlp3d demo`).")
+    return shards
 
 
 def tracking_uri_from(args: argparse.Namespace) -> str:
-    """The MLflow store named by `--tracking-uri` / `--workdir` (as `tracking.*` would name it)."""
-    from vlp3d.config import replace
-    from vlp3d.platform.runtime import tracking_uri
-
-    cfg = replace(ExperimentConfig(), tracking={"workdir": args.workdir, "tracking_uri": args.tracking_uri or ""})
-    return tracking_uri(cfg)
+    """The MLflow store of a command that reads one (`add_tracking_arguments`); it must exist."""
+    return store_uri(store_config(args), args, must_exist=True)
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser, top_level: bool = True) -> None:
@@ -173,6 +242,16 @@ def run_reporting_errors(run, args: argparse.Namespace) -> int:
         print(f"internal error (a bug in vlp3d; please report it with the traceback): {type(err).__name__}: "
               f"{text.splitlines()[0] if text else ''}; {where}", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def run_store(cfg: ExperimentConfig, args: argparse.Namespace, sources: dict[str, str] | None = None,
+              dry_run: bool = False) -> list[list[str]]:
+    """Plan rows of where a training run's results go (`--dry-run`, and logged before a run): the
+    MLflow store (and why), Ray Train's checkpoint storage."""
+    uri = store_uri(cfg, args, create=not dry_run, sources=sources)
+    checkpoints = cfg.tracking.storage or str(Path(cfg.tracking.workdir, "ray_results"))
+    return [["MLflow store", redact_userinfo(uri)],
+            ["checkpoints", f"{redact_userinfo(checkpoints)}/<run name>, every {cfg.train.checkpoint_every} steps"]]
 
 
 def run_main(build_parser, run, argv: list[str] | None = None) -> int:

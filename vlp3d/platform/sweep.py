@@ -35,7 +35,14 @@ from vlp3d.objectives import objective_class
 from vlp3d.platform.evaluate import evaluate_as_configured
 from vlp3d.platform.mlflow import models, runs, store
 from vlp3d.platform.runtime import checkpoint_location, init_ray
-from vlp3d.search_space import VARIANT, SearchSpace, apply_params, parse_space, trial_label
+from vlp3d.search_space import (
+    VARIANT,
+    SearchSpace,
+    apply_params,
+    parse_space,
+    planned_trials,
+    trial_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +193,6 @@ def _training_kwargs(cfg: ExperimentConfig) -> dict:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     return {"callbacks": [TuneReportCallback()]}
-
-
-def planned_trials(cfg: ExperimentConfig, space: SearchSpace) -> int:
-    return space.grid_size() * cfg.tune.num_samples if cfg.tune.search == "grid" else cfg.tune.num_samples
 
 
 def concurrency(cfg: ExperimentConfig, configs: list[ExperimentConfig]) -> int:
