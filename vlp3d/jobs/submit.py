@@ -141,21 +141,14 @@ def run(args: argparse.Namespace) -> int:
 
 def submit_options(args: argparse.Namespace) -> dict:
     """`ray job submit`'s options given on the command line, as JobSubmissionClient.submit_job kwargs."""
-    import json
+    from vlp3d.platform.jobs import json_object
 
     options = {"submission_id": args.submission_id, "entrypoint_num_cpus": args.entrypoint_num_cpus,
                "entrypoint_num_gpus": args.entrypoint_num_gpus, "entrypoint_memory": args.entrypoint_memory}
     for key, option, value in (("metadata", "--metadata-json", args.metadata_json),
                                ("entrypoint_resources", "--entrypoint-resources", args.entrypoint_resources)):
-        if value is None:
-            continue
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            raise InputError(f"{option} {value!r}: not JSON; give an object, e.g. '{{\"team\": \"ct\"}}'") from None
-        if not isinstance(parsed, dict):
-            raise InputError(f"{option} {value!r}: expected a JSON object")
-        options[key] = parsed
+        if value is not None:
+            options[key] = json_object(value, option, "not JSON; give an object, e.g. '{\"team\": \"ct\"}'")
     for key in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory"):
         if options[key] is not None and options[key] < 0:
             raise InputError(f"--{key.replace('_', '-')} {options[key]}: must be >= 0")

@@ -179,15 +179,15 @@ def load_runtime_env(value: str | None, json_value: str | None = None) -> dict:
 
             loaded = yaml.safe_load(path.read_text())
         else:
-            loaded = _json_object(value, "--runtime-env", "neither a file nor a JSON object")
+            loaded = json_object(value, "--runtime-env", "neither a file nor a JSON object")
         if not isinstance(loaded, dict):
             raise InputError(f"--runtime-env {value!r}: expected a mapping (working_dir, env_vars, pip, ...)")
     if json_value:
-        loaded = {**loaded, **_json_object(json_value, "--runtime-env-json", "not a JSON object")}
+        loaded = {**loaded, **json_object(json_value, "--runtime-env-json", "not a JSON object")}
     return loaded
 
 
-def _json_object(text: str, option: str, why: str) -> dict:
+def json_object(text: str, option: str, why: str) -> dict:
     try:
         loaded = json.loads(text)
     except json.JSONDecodeError:
