@@ -11,7 +11,8 @@ from vlp3d.jobs.commands import COMMANDS
 from vlp3d.jobs.common import run_main
 
 log = logging.getLogger(__name__)
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # = vlp3d.platform.jobs.DEFAULT_ADDRESS (no Ray import here)
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+PLANNED = ("pretrain", "finetune", "sweep")  # commands whose --dry-run plan `submit --dry-run` prints too  # = vlp3d.platform.jobs.DEFAULT_ADDRESS (no Ray import here)
 
 
 API_SERVER_ENV, RAY_ADDRESS_ENV = "RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"
@@ -116,12 +117,20 @@ def run(args: argparse.Namespace) -> int:
     upload = submission.upload
     if args.dry_run:
         for name in upload.files:
-            print(f"  {name}")
+            print(f"  upload  {name}")
         print(f"dry run: would upload {len(upload.files)} files ({upload.size / 1024:.1f} KiB) from {upload.root} "
               f"to {address} and run: {submission.entrypoint}")
         print(f"  environment passed (values not shown): {', '.join(submission.env_names) or 'none'}")
         if submission.options:
             print(f"  options: {', '.join(f'{k}={v}' for k, v in submission.options.items())}")
+        if command[:1] and command[0] in PLANNED:  # the job's own plan (as resolved on this machine)
+            import importlib
+
+            from vlp3d.jobs.commands import JOBS
+
+            job = importlib.import_module(JOBS[command[0]][0])
+            print("\nthe job's plan, resolved on this machine (paths as the cluster's nodes see them may differ):")
+            return run_main(job.add_arguments, job.run, [*command[1:], "--dry-run"])
         return 0
     log.info("uploading %s: %d files, %.1f KiB (allow-list; --dry-run lists them)", upload.root,
              len(upload.files), upload.size / 1024)

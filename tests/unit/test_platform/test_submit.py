@@ -122,11 +122,11 @@ def test_dry_run_lists_the_upload_and_contacts_nothing(monkeypatch, capsys, tmp_
                  "--submission-id", "mine-1", "--", "pretrain", "configs/demo.toml"])
     out = capsys.readouterr().out
     assert code == 0
-    listed = [line.strip() for line in out.splitlines() if line.startswith("  ") and "/" in line or
-              line.strip() in ("pyproject.toml", "README.md")]
+    listed = [line.removeprefix("  upload  ") for line in out.splitlines() if line.startswith("  upload  ")]
     assert sorted(listed) == sorted([*CODE, "benchmarks/bench.py"])
     assert f"would upload {len(CODE) + 1} files (0.0 KiB)" in out
     assert "python -m vlp3d.cli pretrain configs/demo.toml" in out and "submission_id=mine-1" in out
+    assert "dry run: pretrain" in out and "train.max_steps" in out  # the job's own plan follows
 
 
 def test_submit_sends_ray_job_submits_options_and_the_staged_upload(monkeypatch, tmp_path, capsys):
