@@ -106,12 +106,18 @@ def auth_help(address: str, status: int | None) -> str:
     )
 
 
+ADDRESS_ENVS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
 def client(address: str):
-    """A JobSubmissionClient for `address`; a refused token becomes `ClusterAuthError`."""
+    """A JobSubmissionClient for `address` (vlp3d.jobs.submit.resolve_address applied --address and the
+    environment already: Ray's client, which lets $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS override the
+    address it is given, is built without them); a refused token becomes `ClusterAuthError`."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     quiet_ray_client()
+    saved = {name: os.environ.pop(name) for name in ADDRESS_ENVS if name in os.environ}
     try:
         return _AuthCheckingClient(JobSubmissionClient(address))
     except AuthenticationError as err:
@@ -120,6 +126,8 @@ def client(address: str):
         raise ConnectionError(f"{err} Is the cluster up and its dashboard reachable (for a cluster "
                               "from cluster.yaml: `ray dashboard cluster.yaml` keeps a tunnel to "
                               "127.0.0.1:8265 open)?") from None
+    finally:
+        os.environ.update(saved)
 
 
 def _status(err: Exception) -> int | None:

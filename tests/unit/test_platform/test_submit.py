@@ -322,11 +322,15 @@ def test_a_refused_request_is_exit_2_with_what_to_set(monkeypatch, tmp_path, cap
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("HOME", str(tmp_path))
+        # --address wins over the environment (Ray's own client would let these override it)
+        monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+        monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
         address = f"http://127.0.0.1:{server.server_address[1]}"
         assert main(["jobs", "list", "--address", address]) == 2
         err = capsys.readouterr().err
         assert f"the Ray cluster at {address} requires a token (HTTP 401)" in err
         assert "RAY_AUTH_MODE=token" in err and "RAY_AUTH_TOKEN_PATH" in err
+        assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"  # put back
     finally:
         server.shutdown()
         server.server_close()
