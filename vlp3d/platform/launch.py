@@ -16,6 +16,7 @@ import torch
 
 from vlp3d import storage
 from vlp3d.config import ExperimentConfig
+from vlp3d.errors import InputError
 from vlp3d.platform.runtime import checkpoint_location, storage_location
 from vlp3d.train.loop import FAULT_ENV, LoopOptions, run
 from vlp3d.train.runtime import CheckpointStore, LocalRuntime
@@ -80,6 +81,19 @@ def run_local(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets:
     return Finished(runtime.last_checkpoint, runtime.last_metrics, runtime.stopped)
 
 
+def worker_input_error(err: BaseException) -> InputError | None:
+    """The InputError (bad input: a config key, too few rows for the batch, ...) a Ray Train worker
+    raised, out of the error `fit()` raises for it (WorkerGroupError.worker_failures, whose entries
+    may wrap it as their `cause`); None for any other failure."""
+    for failure in (getattr(err, "worker_failures", None) or {}).values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, InputError):
+                return InputError(str(seen))
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
+
+
 def run_on_ray(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets: dict,
                callbacks: Sequence = ()) -> Finished:
     """The loop on `cluster.num_workers` Ray Train workers (restarted from the last checkpoint up to
@@ -92,6 +106,11 @@ def run_on_ray(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets
     try:
         result = torch_trainer(cfg, run_name, datasets, {**loop_config, "notes": notes}, callbacks).fit()
         stopped = ray.get(notes.get.remote())
+    except Exception as err:
+        bad_input = worker_input_error(err)
+        if bad_input is None:
+            raise
+        raise bad_input from None  # bad input found on a worker: exit 2 with its line, not a bug
     finally:
         ray.kill(notes)
     location = checkpoint_location(cfg, result.checkpoint.path) if result.checkpoint is not None else None
