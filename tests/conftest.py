@@ -33,6 +33,12 @@ os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "tes
 for _name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
     os.environ.pop(_name, None)
 
+# a credential in every process's environment (Ray's workers included), which no MLflow store, log line
+# or upload may hold (tests/privacy_scan.py)
+from tests.privacy_scan import CREDENTIAL_ENV, PLANTED_CREDENTIAL  # noqa: E402
+
+os.environ[CREDENTIAL_ENV] = PLANTED_CREDENTIAL
+
 
 LEVELS = ("unit", "integration", "e2e")  # tests/<level>/: the level is the folder (tests/README.md)
 
@@ -129,9 +135,18 @@ TINY_DEMO = ["--n", "24", "train.max_steps=4", "train.global_batch=8", "train.ch
 @pytest.fixture(scope="session")
 def tiny_demo(ray_session, tmp_path_factory):
     """A tiny demo run once per session: integration and end-to-end tests read its shards, runs and
-    registry (`models:/vlp3d-clip@champion`)."""
+    registry (`models:/vlp3d-clip@champion`). Its corpus is the demo's phantom with one report sentence
+    planted (an MRN and a DICOM UID: tests/privacy_scan.py), written before the demo, which reuses it."""
+    import json
+
+    from tests.privacy_scan import plant_in_corpus
     from vlp3d.cli import main
+    from vlp3d.data.phantom import synthesize
 
     workdir = tmp_path_factory.mktemp("demo")
+    n = int(TINY_DEMO[TINY_DEMO.index("--n") + 1])
+    synthesize(workdir / "corpus", n, seed=0)
+    (workdir / "corpus" / "_synth.json").write_text(json.dumps({"n": n, "seed": 0, "radiographs": False}))
+    plant_in_corpus(workdir / "corpus")
     assert main(["demo", "--workdir", str(workdir), *TINY_DEMO]) == 0
     return workdir

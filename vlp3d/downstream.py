@@ -23,6 +23,7 @@ from torch import nn
 from vlp3d.errors import InputError
 
 SEGMENTATION, CLASSIFICATION = "segmentation", "classification"
+UNETR_FEATURE_SIZE = 16  # the decoder width of UNETR around a vit3d encoder
 SEGMENTATION_ENCODERS = {"swin3d": "MONAI SwinUNETR", "vit3d": "MONAI UNETR", "resnet3d": "ResNetUNet (ours)"}
 
 
@@ -152,7 +153,7 @@ def build_network(spec: NetworkSpec, encoder_state: dict[str, torch.Tensor] | No
 
         from vlp3d.encoders.export import unetr_kwargs, unetr_state_dict
 
-        net = UNETR(out_channels=spec.out_channels, feature_size=16, **unetr_kwargs(encoder))
+        net = UNETR(out_channels=spec.out_channels, feature_size=UNETR_FEATURE_SIZE, **unetr_kwargs(encoder))
         return net, _load_export(net, unetr_state_dict(encoder) if encoder_state is not None else None, "vit.")
     raise InputError(f"finetune.task = 'segmentation' has no decoder for model.image_encoder = {spec.encoder!r}: "
                      f"use a model pretrained with one of {sorted(SEGMENTATION_ENCODERS)} "

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlp3d.config import ExperimentConfig
 from vlp3d.data.hounsfield import HUDecision, NotCTError, require_ct, to_hounsfield
 from vlp3d.data.report import split_sentences
 from vlp3d.data.volume import PreprocessSpec, body_level, dequantise, load_volume_hu, preprocess_hu
@@ -127,14 +128,28 @@ class Embedder:
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", text_encoder: str | None = None):
         checkpoint_dir = Path(checkpoint_dir)
-        self.cfg = checkpoints.read_config(checkpoint_dir)
-        self.meta = checkpoints.read_meta(checkpoint_dir)
+        cfg, meta = checkpoints.read_config(checkpoint_dir), checkpoints.read_meta(checkpoint_dir)
+        model = build_model(cfg, text_dim=int(meta["text_dim"]))
+        model.load_state_dict(checkpoints.load_model_state(checkpoint_dir, map_location=resolve_device(device)))
+        self._setup(cfg, meta, model, device, text_encoder)
+
+    @classmethod
+    def from_model(cls, cfg: ExperimentConfig, meta: dict, model: VisionLanguageModel, device: str = "cpu",
+                   text_encoder: str | None = None) -> Embedder:
+        """The embedder of a model already built and loaded (an export read back: vlp3d.formats.hf), with the
+        checkpoint's `meta` (preprocessing spec, label names, text width)."""
+        embedder = cls.__new__(cls)
+        embedder._setup(cfg, meta, model, device, text_encoder)
+        return embedder
+
+    def _setup(self, cfg: ExperimentConfig, meta: dict, model: VisionLanguageModel, device: str,
+               text_encoder: str | None) -> None:
+        self.cfg, self.meta = cfg, meta
         self.spec = PreprocessSpec.from_dict(self.meta["spec"])
         self.text_encoder_path = text_encoder or self.spec.text_encoder
         self.label_names: list[str] = list(self.meta["label_names"])
         self.device = torch.device(resolve_device(device))
-        self.model: VisionLanguageModel = build_model(self.cfg, text_dim=int(self.meta["text_dim"]))
-        self.model.load_state_dict(checkpoints.load_model_state(checkpoint_dir, map_location=self.device))
+        self.model: VisionLanguageModel = model
         self.model.to(self.device).eval()
         self._text_encoder: TextEncoder | None = None
 

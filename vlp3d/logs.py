@@ -4,6 +4,9 @@
 that logs (the level travels in $VLP3D_LOG_LEVEL, which `init_ray` hands to the workers). Log lines
 go to stderr; a command's results (tables, summaries) go to stdout with `print`.
 
+Every line vlp3d logs, and every line of MLflow's own loggers, passes through `vlp3d.redact.redact`
+(credentials removed, exception text included) on its way to the terminal.
+
 Below `debug`, third-party chatter stays off the terminal: MLflow's INFO lines (database set-up,
 signature checks) and artifact-download bars, and Ray's per-report and per-dataset lines
 (`vlp3d.platform.runtime`). At `debug` everything is shown, with time and logger name.
@@ -17,6 +20,7 @@ import sys
 import warnings
 
 from vlp3d.errors import InputError
+from vlp3d.redact import redact
 
 LEVEL_ENV = "VLP3D_LOG_LEVEL"
 LEVELS = ("debug", "info", "warning", "error")
@@ -50,11 +54,40 @@ def configure(level: str | None = None) -> logging.Logger:
         handler = _StderrHandler()
         setattr(handler, _HANDLER_FLAG, True)
         root.addHandler(handler)
-    handler.setFormatter(logging.Formatter(
+    handler.setFormatter(RedactingFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else "%(message)s"))
+    redact_handlers("mlflow")
     if not debug:
         _quiet_third_party()
     return root
+
+
+def redact_handlers(name: str) -> None:
+    """Every handler of logger `name` (MLflow's own stderr handler, set up when mlflow is imported)
+    writes its lines without credentials. Idempotent."""
+    for handler in logging.getLogger(name).handlers:
+        handler.addFilter(_REDACT)
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log line, its traceback included, without credentials (`vlp3d.redact.redact`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class RedactMessages(logging.Filter):
+    """Rewrites a record's message without credentials, for handlers vlp3d does not format."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        return True
+
+
+_REDACT = RedactMessages()
 
 
 def ensure_configured() -> None:

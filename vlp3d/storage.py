@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 
 # `is_uri` lives with the config, the bottom layer (it checks keys for URIs too); storage uses and re-exports it
 from vlp3d.config import URI_SCHEME, ConfigError, is_uri
+from vlp3d.redact import redact
 
 
 def filesystem(location: str | Path, key: str = "") -> tuple[pafs.FileSystem, str]:
@@ -31,11 +32,11 @@ def filesystem(location: str | Path, key: str = "") -> tuple[pafs.FileSystem, st
         fs, path = pafs.FileSystem.from_uri(str(location))
     except (ValueError, OSError, TypeError) as err:  # ArrowInvalid is a ValueError
         where = f"{key} = " if key else ""
-        raise ConfigError(
-            f"{where}{location!r}: pyarrow cannot open this filesystem URI ({err}). Use a local folder or a "
+        raise ConfigError(redact(  # pyarrow's message repeats the URI, user-info and query included
+            f"{where}{str(location)!r}: pyarrow cannot open this filesystem URI ({err}). Use a local folder or a "
             "URI such as s3://bucket/prefix, gs://bucket/prefix or file:///absolute/path (credentials come "
             "from the environment, e.g. AWS_ACCESS_KEY_ID / AWS_PROFILE / an instance profile, never the URI)."
-        ) from None
+        )) from None
     return fs, path.rstrip("/") or path
 
 
@@ -75,6 +76,16 @@ def read_text(location: str | Path) -> str:
     fs, path = filesystem(location)
     with fs.open_input_stream(path) as stream:
         return stream.read().decode()
+
+
+def write_text(location: str | Path, text: str) -> None:
+    """Write a small text file at a local path or a URI (the bucket's permissions apply to a URI)."""
+    if not is_uri(location):
+        Path(location).write_text(text)
+        return
+    fs, path = filesystem(location)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
 
 
 def list_dir(location: str | Path) -> list[tuple[str | Path, bool]]:
@@ -140,7 +151,7 @@ def download(location: str, local_dir: str | Path) -> Path:
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"{location}: no such folder")
+        raise FileNotFoundError(redact(f"{location}: no such folder"))
     pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir
 

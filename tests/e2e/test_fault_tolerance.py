@@ -7,6 +7,7 @@ other runs use the demo's store and must reproduce the reference's losses step b
   run (FAILED in MLflow, not registered), and `pretrain` with its name resumes it to the end.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -16,11 +17,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pandas as pd
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-import vlp3d
+from tests.privacy_scan import assert_nothing_leaked, demo_needles, store_files
 from vlp3d.config import load_config
 
 STEPS = 8
@@ -132,26 +133,30 @@ def test_metrics_logged_during_an_outage_arrive(reference):
     assert run.data.metrics["train/skipped_steps"] == 0
 
 
-def test_no_secret_report_or_patient_file_in_the_mlflow_store(reference, tiny_demo):
-    """Every byte the server stored (database and artifacts, the registered model included)."""
-    reports = pd.concat(pd.read_csv(p) for p in (tiny_demo / "corpus" / "radiology_text_reports").glob("*.csv"))
-    needles = {SECRET, str(tiny_demo / "corpus"), str(tiny_demo / "shards")}
-    needles |= set(reports["Findings_EN"]) | set(reports["Impressions_EN"].dropna()) | set(reports["VolumeName"])
-    files = [p for p in reference["root"].rglob("*") if p.is_file() and p.name != "server.log"]
-    assert any(p.name == "model.pt" for p in files)  # the model's artifacts are part of the scan
-    package = Path(vlp3d.__file__).parent
-    code = [p for p in files if "code" in p.parts and "vlp3d" in p.parts[p.parts.index("code"):]]
-    assert any(p.name == "inference.py" for p in code)  # the model carries vlp3d's code (code_paths)
-    for path in files:
-        data = path.read_bytes()
-        if path in code:  # vlp3d's own source, byte for byte (the phantom's report templates are in it)
-            relative = path.parts[path.parts.index("code") + 2:]
-            assert data == package.joinpath(*relative).read_bytes(), path
-            continue
-        for needle in needles:
-            assert needle.encode() not in data, f"{needle[:60]!r} found in {path.relative_to(reference['root'])}"
+def test_no_secret_report_or_patient_file_in_the_mlflow_store(reference, tiny_demo, tmp_path):
+    """Every byte the server stored and every byte of the demo's own store (prepare, pretrain, evaluate,
+    promote and whatever else the session ran into it), database and artifacts, registered models
+    included: no report, planted MRN, DICOM UID or credential, file path, patient key or unkeyed
+    fingerprint of a patient (tests/privacy_scan.py)."""
+    from vlp3d.data.patients import patient_key, split_patients
+
+    needles = demo_needles(tiny_demo) | {SECRET}
+    for root in (reference["root"], tiny_demo):
+        files = store_files(root / "db", root / "artifacts") if root == reference["root"] else \
+            store_files(tiny_demo / "mlflow.db", tiny_demo / "mlartifacts")
+        assert any(p.name == "model.pt" for p in files)  # the model's artifacts are part of the scan
+        assert any(p.name == "inference.py" and "code" in p.parts for p in files)  # vlp3d's code (code_paths)
+        assert assert_nothing_leaked(files, needles) == len(files)
     params = reference["client"].get_run(reference["result"].run_id).data.params
     assert "data.corpus" not in params and not any(k.startswith("tracking.") for k in params)
+    # the pretraining patients are in the store, keyed: recognisable with the key (the leakage check), not without
+    record = json.loads(Path(mlflow.artifacts.download_artifacts(
+        f"runs:/{reference['result'].run_id}/data/pretraining_patients.json", tracking_uri=reference["uri"],
+        dst_path=str(tmp_path))).read_text())
+    shard_dir = reference["result"].shard_dir
+    key = patient_key(shard_dir)
+    assert record["key_id"] == key.key_id
+    assert record["fingerprints"] == sorted(key.fingerprint(p) for p in split_patients(shard_dir)["train"])
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,10 @@ def test_shards_and_checkpoints_in_a_bucket(tiny_demo, s3_server, tmp_path, monk
     # and removed; the same corpus again is a no-op
     local = resolve_shard_dir(tiny_demo / "shards")
     shutil.copytree(local, staging_folder(cfg, cfg.data.shards) / local.name)
+    # the same patients as the demo's shards: their patient key is shared (evaluated on those below)
+    monkeypatch.setenv("VLP3D_PATIENT_KEY_FILE", str(tiny_demo / "shards" / "_patient_key"))
     prepared = prepare(cfg, str(tiny_demo / "corpus"), cfg.data.shards, progress=lambda line: None)
+    assert storage.read_text(f"{root}/shards/_patient_key") == (tiny_demo / "shards" / "_patient_key").read_text()
     assert prepared.shard_dir == f"{root}/shards/{local.name}"
     assert read_manifest(prepared.shard_dir) == read_manifest(local)
     assert [storage.name(f) for f in shard_files(prepared.shard_dir)] == [storage.name(f) for f in shard_files(local)]

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.privacy_scan import assert_nothing_leaked, demo_needles, store_files
 from vlp3d.config import ConfigError, load_config
 
 NAME = "killed-sweep"
@@ -144,6 +145,14 @@ def test_one_parent_run_and_one_child_run_per_trial(resumed_sweep, tiny_demo):
     assert {"sweep/trials.csv", "sweep/trials.parquet", "sweep/fits.csv", "sweep/curves.csv",
             "plots/scaling_data.png", "plots/trials_auroc.png"} <= artifacts
     assert parent.data.metrics["trials_finished"] == 2 and parent.data.metrics["trials_stopped"] == 1
+
+
+def test_the_sweep_store_holds_no_patient_data_or_secret(resumed_sweep, tiny_demo):
+    """The demo's store after the sweep (parent run, trial runs, their models, trial table and plots):
+    every byte searched as in test_fault_tolerance (tests/privacy_scan.py)."""
+    files = store_files(tiny_demo / "mlflow.db", tiny_demo / "mlartifacts")
+    assert {"trials.parquet", "scaling_data.png"} <= {p.name for p in files}  # the sweep's artifacts are scanned
+    assert assert_nothing_leaked(files, demo_needles(tiny_demo)) == len(files)
 
 
 def test_too_few_points_are_said_and_tables_and_plots_still_written(resumed_sweep):

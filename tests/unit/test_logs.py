@@ -51,3 +51,21 @@ def test_progress_line_shows_terms_validation_throughput_data_wait_and_eta():
     last = progress_line(600, 600, {"loss": 2.0, "loss/align": 2.0, "lr": 1e-4, "samples_per_s": 3.0},
                          {"align": 1.0}, eta_s=0.0)
     assert last == "step 600/600 | loss 2.0000 | lr 1.0e-04 | 3.0 samples/s"
+
+
+def test_every_line_of_vlp3d_and_of_mlflow_loses_its_credentials(restore_level, capsys, tmp_path):
+    from vlp3d.platform.mlflow import store
+
+    logs.configure("info")
+    try:
+        raise OSError("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI rejected")
+    except OSError:
+        logging.getLogger("vlp3d.platform.test").exception("MLflow at https://u:p@ss@mlflow.example/x failed")
+    err = capsys.readouterr().err
+    assert "https://mlflow.example/x failed" in err and "rejected" in err  # the line and its traceback ...
+    assert "p@ss" not in err and "wJalrXUtnFEMI" not in err  # ... without the secrets
+    store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")  # MLflow imported: its own handler redacts too
+    handlers = logging.getLogger("mlflow").handlers
+    record = logging.LogRecord("mlflow.store", logging.WARNING, __file__, 1, "retrying %s", ("http://u:pw@h:5000/api",), None)
+    assert handlers and all(handler.filter(record) for handler in handlers)
+    assert record.getMessage() == "retrying http://h:5000/api"

@@ -56,7 +56,6 @@ from vlp3d.config.public import (
     flatten,
     logged_params,
     public_config,
-    redact_userinfo,
 )
 from vlp3d.config.schema import (
     coerce_value,
@@ -80,7 +79,7 @@ __all__ = [
     "chosen_method", "coerce_value", "config_hash", "describe", "did_you_mean", "flatten", "from_dict",
     "get_key", "is_uri", "key_annotation", "leaf_fields", "load_config", "load_config_with_sources",
     "load_stored_config", "logged_params", "method_defaults_applied", "migrate_stored", "moved_key_message",
-    "parse_override", "public_config", "read_toml", "redact_userinfo", "register_method", "registered_methods",
+    "parse_override", "public_config", "read_toml", "register_method", "registered_methods",
     "replace", "setting", "sub_tables", "unregister_method",
     "to_dict", "to_toml", "with_method_defaults",
 ]

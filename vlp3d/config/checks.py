@@ -10,6 +10,7 @@ from vlp3d.config.experiment import SECTIONS, ExperimentConfig
 from vlp3d.config.fields import ConfigError, Range, is_uri
 from vlp3d.config.methods import method_sections
 from vlp3d.config.schema import get_key, leaf_fields
+from vlp3d.redact import redact
 
 _RANGES: dict[tuple, dict[str, Range]] = {}
 
@@ -56,7 +57,7 @@ def check_ranges(cfg: ExperimentConfig) -> None:
     """Raise ConfigError, naming the key, unless `cfg` passes every check above."""
     for key, why in LOCAL_ONLY.items():
         if is_uri(get_key(cfg, key)):
-            raise ConfigError(f"{key} = {get_key(cfg, key)!r} must be a local folder, not a URI: {why}.")
+            raise ConfigError(f"{key} = {redact(get_key(cfg, key))!r} must be a local folder, not a URI: {why}.")
     if cfg.train.balance_terms and not cfg.train.grad_share_every:
         raise ConfigError("train.balance_terms = true needs train.grad_share_every > 0 (the steps at which the "
                           "terms' gradient shares are measured and the multipliers move), e.g. 50.")

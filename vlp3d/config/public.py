@@ -1,15 +1,15 @@
 """What leaves the process: every key as strings (`flatten`), the allow-list of MLflow params
 (`logged_params`, no locations), and a config as it may be stored with a run or a model
-(`public_config`: locations emptied, URIs without user-info)."""
+(`public_config`: locations emptied, credentials redacted)."""
 
 from __future__ import annotations
 
 import json
-import re
 
 from vlp3d.config.experiment import ExperimentConfig, to_dict
 from vlp3d.config.loading import from_dict
 from vlp3d.config.schema import find_raw, leaf_fields
+from vlp3d.redact import redact
 
 
 def flatten(cfg: ExperimentConfig) -> dict[str, str]:
@@ -25,25 +25,19 @@ def flatten(cfg: ExperimentConfig) -> dict[str, str]:
 
 # what MLflow receives as params: the training-relevant sections, every field but locations
 LOGGED_SECTIONS = ("data", "model", "objective", "train", "eval", "finetune", "tune", "cluster")
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
-
-
-def redact_userinfo(text: str) -> str:
-    """`https://user:secret@host/x` -> `https://host/x` (any URI inside `text`)."""
-    return _USERINFO.sub(r"\1", text)
 
 
 def logged_params(cfg: ExperimentConfig) -> dict[str, str]:
     """The allow-list of MLflow params: `name` and the keys of LOGGED_SECTIONS except locations
-    (corpus, shard and work folders, tracking and Ray addresses), URIs without user-info."""
+    (corpus, shard and work folders, tracking and Ray addresses), credentials redacted."""
     flat = flatten(cfg)
     allowed = {"name"} | {key for key, f in leaf_fields(ExperimentConfig)
                           if key.split(".", 1)[0] in LOGGED_SECTIONS and not f.metadata.get("location")}
-    return {k: redact_userinfo(v) for k, v in flat.items() if k in allowed}
+    return {k: redact(v) for k, v in flat.items() if k in allowed}
 
 
 def public_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """`cfg` as it may be stored with a run or a model: locations emptied, URIs without user-info."""
+    """`cfg` as it may be stored with a run or a model: locations emptied, credentials redacted."""
     raw = to_dict(cfg)
     changed = False
     for key, f in leaf_fields(ExperimentConfig):
@@ -52,7 +46,7 @@ def public_config(cfg: ExperimentConfig) -> ExperimentConfig:
         *path, name = key.split(".")
         table = find_raw(raw, ".".join(path))[1]
         value = table[name]
-        new = "" if f.metadata.get("location") else redact_userinfo(value) if isinstance(value, str) else value
+        new = "" if f.metadata.get("location") else redact(value) if isinstance(value, str) else value
         if new != value:
             table[name], changed = new, True
     return from_dict(raw) if changed else cfg

@@ -12,6 +12,15 @@ from vlp3d.config.fields import _f
 @dataclass(frozen=True)
 class TrainConfig:
     global_batch: int = _f(32, "Batch size summed over all workers.", ge=1)
+    micro_batch: int = _f(
+        0, "Rows of a worker's batch put through the image encoder at once (sets the memory; 0: the whole "
+        "per-worker batch, train.global_batch / cluster.num_workers). Smaller, and the step is the same "
+        "step: contrastive terms are computed over the whole global batch with every negative (gradient "
+        "caching: all micro-batches embedded without a graph, the loss and its gradient on the embeddings, "
+        "then each micro-batch re-run and back-propagated), per-sample terms accumulated; must divide the "
+        "per-worker batch. Methods that cannot cache say why (docs/methods.md).",
+        ge=0,
+    )
     max_steps: int = _f(600, "Optimizer steps to train for.", ge=1)
     lr: float = _f(2e-3, "Peak learning rate (AdamW).", gt=0)
     weight_decay: float = _f(1e-4, "AdamW weight decay.", ge=0)

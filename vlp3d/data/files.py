@@ -1,4 +1,5 @@
-"""Status files that survive a crash and a second writer: atomic JSON writes and a folder lock.
+"""Status files that survive a crash and a second writer: atomic JSON writes, a folder lock, and
+secret files created once (`create_secret_file`, the patient key).
 
 Standard library only, so a Ray worker or a short-lived process imports it at no cost.
 
@@ -50,6 +51,36 @@ def write_json_atomic(path: str | Path, data, indent: int | None = None) -> None
             tmp.unlink()
         raise
     _fsync_folder(path.parent)
+
+
+def create_secret_file(path: str | Path, text: str) -> bool:
+    """Write `text` to `path` readable by its owner only (0600) unless `path` exists: True when this
+    call created it. Atomic: a reader never sees it half written, and of two concurrent callers one
+    creates it and the other finds it (a hard link, unlike a rename, never replaces a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive create in place
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    _fsync_folder(path.parent)
+    return True
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -46,6 +46,7 @@ from vlp3d.data.radiograph import load_radiograph, resize_2d
 from vlp3d.data.report import report_text
 from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_volume, quantise
 from vlp3d.errors import InputError
+from vlp3d.redact import redact
 
 MANIFEST = "_manifest.json"
 LABEL_MAP = "label_map"  # shard column of CT rows when the corpus has voxel label maps (`decode_label_map`)
@@ -132,10 +133,10 @@ def resolve_shard_dir(root: str | Path, spec_hash: str | None = None) -> Path | 
         return storage.join(root, candidates[0])
     found = f"found preprocessing hashes {candidates}" if candidates else "found no prepared shards"
     want = f" for preprocessing hash {spec_hash}" if spec_hash else ""
-    raise FileNotFoundError(
+    raise FileNotFoundError(redact(
         f"no shards{want} under '{root}' ({found}). Run `vlp3d prepare CONFIG --corpus PATH --out {root}` "
         "with the same data.* settings as this run."
-    )
+    ))
 
 
 def read_manifest(shard_dir: str | Path) -> dict:

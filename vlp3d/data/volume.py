@@ -171,11 +171,12 @@ def preprocess_hu(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec) -> n
 
 
 def preprocess_volume(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec,
-                      label_map: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                      label_map: np.ndarray | None = None, with_affine: bool = False) -> tuple:
     """`preprocess_hu`, carrying an optional voxel label map (integer class per voxel, on the same
     grid as `hu`) through the same transforms: one chain of MONAI dictionary transforms, the label
     map resampled with nearest-neighbour interpolation, cropped with the volume (the body box is
-    the CT's) and padded with 0 (background). Returns (image, uint8 label map or None)."""
+    the CT's) and padded with 0 (background). Returns (image, uint8 label map or None), and with
+    `with_affine` the affine of the output grid (voxel -> RAS+ mm) third."""
     from monai.data import MetaTensor
     from monai.transforms import (
         CenterSpatialCropd,
@@ -219,6 +220,8 @@ def preprocess_volume(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec,
     labels = None
     if LABEL in data:
         labels = np.round(data[LABEL][0].as_tensor().numpy()).astype(np.uint8)
+    if with_affine:
+        return image, labels, np.asarray(data[IMAGE].affine, dtype=np.float64)
     return image, labels
 
 

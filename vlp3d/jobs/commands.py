@@ -21,7 +21,8 @@ JOBS = {
                 "move @champion to a version only if it is better beyond the paired bootstrap interval"),
     "register": ("vlp3d.jobs.register", "`promote` for a models:/NAME/VERSION URI"),
     "models": ("vlp3d.jobs.models", "list image encoders and presets with parameters and memory"),
-    "export": ("vlp3d.jobs.export", "export the image encoder for MONAI SwinUNETR / UNETR"),
+    "export": ("vlp3d.jobs.export",
+               "export a model: encoder for MONAI SwinUNETR / UNETR, Hugging Face, ONNX, MONAI bundle"),
     "submit": ("vlp3d.jobs.submit", "run a vlp3d command on a Ray cluster (Ray Jobs API, token auth)"),
     "jobs": ("vlp3d.jobs.jobs", "list, follow or stop the jobs of a Ray cluster"),
 }

@@ -20,10 +20,10 @@ from vlp3d.config import (
     describe,
     load_config,
     load_config_with_sources,
-    redact_userinfo,
 )
 from vlp3d.config.loading import WORKDIR_ENV
 from vlp3d.errors import InputError
+from vlp3d.redact import redact
 
 CONFIG_HELP = "TOML experiment config (see configs/). Omit for the built-in CPU demo defaults."
 OVERRIDES_HELP = "config overrides as section.key=value (TOML values), e.g. train.max_steps=200 data.shape=[32,32,32]"
@@ -149,7 +149,7 @@ def store_uri(cfg: ExperimentConfig, args: argparse.Namespace | None = None, mus
     else:
         why = (f"tracking.workdir of {config}" if config else "the default tracking.workdir") + \
               f"; --config FILE, --workdir DIR or ${WORKDIR_ENV} name another"
-    logging.getLogger(__name__).info("MLflow store: %s (%s)", redact_userinfo(uri), why)
+    logging.getLogger(__name__).info("MLflow store: %s (%s)", redact(uri), why)
     if must_exist and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise InputError(f"no MLflow store at {uri.removeprefix('sqlite:///')} ({why}): pass the config the "
                          f"model was trained with (--config, e.g. vlp3d-runs/demo/config.toml after `vlp3d demo`), "
@@ -213,9 +213,9 @@ def write_traceback(err: BaseException) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(tempfile.mkstemp(prefix=f"vlp3d-{stamp}-", suffix=".log", dir=folder)[1])
-    command = " ".join(sys.argv[:1] + [redact_userinfo(a) for a in sys.argv[1:]])
+    command = " ".join(sys.argv[:1] + [redact(a) for a in sys.argv[1:]])
     path.write_text(f"vlp3d {vlp3d.__version__}, python {sys.version.split()[0]}\n$ {command}\n\n"
-                    + "".join(traceback.format_exception(err)))
+                    + redact("".join(traceback.format_exception(err))))
     return path
 
 
@@ -230,7 +230,7 @@ def run_reporting_errors(run, args: argparse.Namespace) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - every error ends as an exit code, none as a bare traceback
         code = exit_code_of(err)
-        text = redact_userinfo(str(err)) or type(err).__name__
+        text = redact(err) or type(err).__name__
         if code != EXIT_INTERNAL:
             print(f"error: {text}", file=sys.stderr)
             return code
@@ -250,8 +250,8 @@ def run_store(cfg: ExperimentConfig, args: argparse.Namespace, sources: dict[str
     MLflow store (and why), Ray Train's checkpoint storage."""
     uri = store_uri(cfg, args, create=not dry_run, sources=sources)
     checkpoints = cfg.tracking.storage or str(Path(cfg.tracking.workdir, "ray_results"))
-    return [["MLflow store", redact_userinfo(uri)],
-            ["checkpoints", f"{redact_userinfo(checkpoints)}/<run name>, every {cfg.train.checkpoint_every} steps"]]
+    return [["MLflow store", redact(uri)],
+            ["checkpoints", f"{redact(checkpoints)}/<run name>, every {cfg.train.checkpoint_every} steps"]]
 
 
 def run_main(build_parser, run, argv: list[str] | None = None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from vlp3d.errors import InputError
@@ -21,7 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "logged model, through the model's own pyfunc: the same preprocessing and HU rules as the served model "
         "(header rescale first, else the given rescale; stored values all >= 0 with no rescale anywhere stop "
         "with an error naming the file). Writes one row per input: the input columns, image_embedding and "
-        "report_embedding (L2-normalised float lists)."
+        "report_embedding (L2-normalised float lists), and error (why the model refused that row, else empty: "
+        "a refused volume never stops the others). Works in parts of --part-rows rows, each written beside "
+        "the output (OUT.parquet.parts/) as soon as it is done: a rerun of the same command resumes from them. "
+        "With --actors N the parts are embedded by N Ray Data actors (on the Ray cluster of $RAY_ADDRESS, "
+        "else a local Ray), each loading the model once, a GPU each when the cluster has GPUs."
     )
     parser.add_argument("inputs", nargs="+", metavar="FILES_OR_MANIFEST",
                         help="volume files / DICOM series folders, or one manifest (.csv, .parquet, .jsonl) with "
@@ -34,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="FILE.parquet", help="Parquet file to write (replaced)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="rows per model call: volumes preprocessed and embedded together (default: 8)")
+    parser.add_argument("--part-rows", type=int, default=256,
+                        help="rows per part: the unit written to OUT.parquet.parts/ and resumed (default: 256)")
+    parser.add_argument("--actors", type=int, default=0,
+                        help="Ray Data actors embedding parts in parallel, each loading the model once "
+                             "(default 0: in this process, without Ray)")
     parser.add_argument("--device", default="auto",
                         help="torch device of the image model: auto (the first GPU torch sees, else the CPU), "
                              "cpu, cuda, cuda:1, ... (default: auto)")
@@ -86,43 +94,33 @@ def fill_rescale(table, slope: float | None, intercept: float | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from vlp3d.logs import progress_bar
-    from vlp3d.platform.mlflow.models import load_embedder, predict
-    from vlp3d.platform.mlflow.store import client
+    from vlp3d.platform.embed import EmbedPlan, run_embedding
     from vlp3d.table import format_table
 
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.batch_size < 1 or args.part_rows < 1 or args.actors < 0:
+        raise InputError(f"--batch-size and --part-rows must be at least 1 and --actors at least 0, got "
+                         f"{args.batch_size}, {args.part_rows} and {args.actors}")
     if not args.out.endswith(".parquet"):
         raise InputError(f"--out {args.out}: name a .parquet file")
     table = fill_rescale(read_inputs(args.inputs), args.rescale_slope, args.rescale_intercept)
-    client(tracking_uri_from(args))
-    started = time.time()
-    # the command line reads the user's own files: a served model's allowed_root does not apply
-    model, embedder = load_embedder(args.model, model_config={"device": args.device, "allowed_root": ""})
+    uri = tracking_uri_from(args)
     columns = [c for c in MODEL_COLUMNS if c in table.columns]
-    parts = []
+    plan = EmbedPlan(table, columns, args.model, Path(args.out), part_rows=args.part_rows,
+                     batch_size=args.batch_size, params={"assume_hu": args.assume_hu})
+    # the command line reads the user's own files: a served model's allowed_root does not apply
+    model_config = {"device": args.device, "allowed_root": ""}
     with progress_bar(len(table), "embedding", unit="volume") as bar:
-        for start in range(0, len(table), args.batch_size):
-            chunk = table.iloc[start:start + args.batch_size][columns]
-            out = predict(model, chunk, params={"assume_hu": args.assume_hu})
-            parts.append(out.set_axis(chunk.index))
-            bar.update(len(chunk))
-    embedded = pd.concat(parts) if parts else pd.DataFrame(columns=["image_embedding", "report_embedding"])
-    result = pd.concat([table, embedded], axis=1)
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(out_path.name + ".partial")
-    result.to_parquet(partial, index=False)
-    partial.replace(out_path)
-    images = int(result["image_embedding"].notna().sum())
-    reports = int(result["report_embedding"].notna().sum())
-    rows = [["rows", len(result)], ["volumes embedded", images], ["reports embedded", reports],
-            ["embedding size", embedder.cfg.model.embed_dim], ["device", str(embedder.device)],
-            ["seconds", round(time.time() - started, 1)], ["written", str(out_path)]]
+        done = run_embedding(plan, uri, model_config, actors=args.actors, progress=bar.update)
+    result = done.pop("result")
+    embed_dim = len(next((v for v in result["image_embedding"] if v is not None), ())) or \
+        len(next((v for v in result["report_embedding"] if v is not None), ()))
+    rows = [[what, value] for what, value in done.items()]
+    rows += [["embedding size", embed_dim], ["where", f"{args.actors} Ray Data actors" if args.actors else
+                                             f"this process ({args.device})"], ["written", str(plan.out)]]
     print(format_table(rows, ["what", "value"], title=f"vlp3d embed with {args.model}"))
+    if done["refused"]:
+        print(f"{done['refused']} row(s) refused by the model: see the 'error' column of {plan.out}")
     return 0
 
 

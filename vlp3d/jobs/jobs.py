@@ -7,6 +7,7 @@ import datetime
 
 from vlp3d.jobs.common import add_logging_arguments, formatter, run_main
 from vlp3d.jobs.submit import AUTH_EPILOG, add_address_argument, follow_to_the_end, resolve_address
+from vlp3d.redact import redact
 from vlp3d.table import format_table
 
 EXIT_CODES = """exit codes:
@@ -49,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     address = resolve_address(args)
     if args.jobs_command == "list":
         rows = [[job.submission_id or job.job_id or "-", str(job.status.value), _when(job.start_time),
-                 _short(job.entrypoint or "")]
+                 _short(redact(job.entrypoint or ""))]
                 for job in sorted(jobs.list_jobs(address), key=lambda j: j.start_time or 0)]
-        print(format_table(rows, ["job", "status", "started", "entrypoint"], title=f"jobs at {address}"))
+        print(format_table(rows, ["job", "status", "started", "entrypoint"], title=redact(f"jobs at {address}")))
         return 0
     if args.jobs_command == "logs":
         if args.follow:

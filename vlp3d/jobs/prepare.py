@@ -7,6 +7,7 @@ import sys
 
 from vlp3d.errors import InputError
 from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, resolve_config, run_main
+from vlp3d.redact import redact
 from vlp3d.table import format_table
 
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = prepare(cfg, corpus, out)
     except (FolderLockedError, PrepareError) as err:  # a folder in use or holding other shards: one line
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(err)}", file=sys.stderr)
         return 2
     print(summary(result))
     return 0
@@ -56,14 +57,17 @@ def summary(result) -> str:
     rows += [["failed", counts["failed"]], ["with warnings", counts["with_warnings"]]]
     if counts.get("resumed"):
         rows.append(["kept from an interrupted run", counts["resumed"]])
-    text = format_table(rows, ["rows", "count"], title=f"shards: {result.shard_dir}")
-    from vlp3d.platform.prepare import failure_records
+    text = format_table(rows, ["rows", "count"], title=redact(f"shards: {result.shard_dir}"))
+    from vlp3d import storage
+    from vlp3d.platform.prepare import FAILED_DIR
 
-    # the console may show paths (from _failed/); the manifest holds row and reason only
-    failures = failure_records(result.shard_dir) or result.manifest["failed"]
+    # row numbers and scrubbed reasons (the manifest's): this output lands in job logs; paths stay in _failed/
+    failures = result.manifest["failed"]
     for failure in failures[:10]:
-        where = f" ({failure['path']})" if failure.get("path") else ""
-        text += f"\n  failed row {failure['row']}{where}: {failure['reason']}"
+        text += f"\n  failed row {failure['row']}: {failure['reason']}"
+    if failures:
+        text += redact(f"\n  (each failed row's file and full reason: {storage.join(result.shard_dir, FAILED_DIR)}"
+                       "/row-NNNNNNNN.json, row = the manifest's row number)")
     return text
 
 

@@ -9,6 +9,7 @@ import os
 from vlp3d.errors import InputError
 from vlp3d.jobs.commands import COMMANDS
 from vlp3d.jobs.common import run_main
+from vlp3d.redact import redact
 
 log = logging.getLogger(__name__)
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -140,9 +141,9 @@ def run(args: argparse.Namespace) -> int:
         log.warning("MLFLOW_TRACKING_URI is not set here: the job tracks into a local sqlite store "
                     "on the head node (set it to your MLflow server, reachable from the cluster)")
     job_id = jobs.submit(address, submission)
-    print(f"submitted job {job_id} to {address}: {submission.entrypoint}")
-    print(f"  follow: vlp3d jobs logs {job_id} --follow --address {address}")
-    print(f"  stop:   vlp3d jobs stop {job_id} --address {address}")
+    print(redact(f"submitted job {job_id} to {address}: {submission.entrypoint}"))
+    print(redact(f"  follow: vlp3d jobs logs {job_id} --follow --address {address}"))
+    print(redact(f"  stop:   vlp3d jobs stop {job_id} --address {address}"))
     if not args.follow:
         return 0
     return follow_to_the_end(address, job_id)
@@ -171,7 +172,7 @@ def follow_to_the_end(address: str, job_id: str) -> int:
     try:
         status = jobs.follow(address, job_id)
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} keeps running (vlp3d jobs stop {job_id} --address {address})")
+        print(redact(f"\nstopped following; job {job_id} keeps running (vlp3d jobs stop {job_id} --address {address})"))
         return 1
     print(f"job {job_id} {status}")
     return jobs.exit_code(status)

@@ -37,6 +37,9 @@ class Objective(nn.Module):
     projection_terms: ClassVar[frozenset[str]] = frozenset()
     # terms sharing heads: with only some of a group active, some of its heads get no gradient
     shared_head_groups: ClassVar[tuple[frozenset[str], ...]] = ()
+    # gradient caching (train.micro_batch): None when the method splits its step into `embed`,
+    # `batch_terms` and `sample_terms` (below), else why it cannot (shown to the user)
+    micro_batch_refusal: ClassVar[str | None] = "it does not split its loss into per-sample embeddings and batch terms"
 
     @classmethod
     def weight_key(cls, term: str) -> str:
@@ -88,4 +91,24 @@ class Objective(nn.Module):
                 or any(0 < len(active & group) < len(group) for group in cls.shared_head_groups))
 
     def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every term of one batch. A method that caches (micro_batch_refusal None) computes exactly
+        `batch_terms(model, embed(model, batch))` and `sample_terms(model, batch)`."""
+        if self.micro_batch_refusal is None:
+            return {**self.batch_terms(model, self.embed(model, batch)), **self.sample_terms(model, batch)}
         raise NotImplementedError
+
+    # --- gradient caching (vlp3d.train.step): three parts whose composition is `forward`
+
+    def embed(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-sample representations [B, ...] the batch terms compare across the batch (e.g. the
+        normalised image and report embeddings); each row depends on its own sample only."""
+        raise NotImplementedError
+
+    def batch_terms(self, model: nn.Module, embeddings: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The terms that compare samples (contrastive, with the global batch's negatives), from the
+        whole worker batch's `embed` output."""
+        raise NotImplementedError
+
+    def sample_terms(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The terms that are means over samples (reconstruction): accumulated over micro-batches."""
+        return {}

@@ -50,11 +50,14 @@ class ClipObjective(Objective):
     name = "clip"
     terms = ("align",)
     projection_terms = frozenset(terms)
+    micro_batch_refusal = None  # caches: the normalised embeddings, then the InfoNCE over the batch
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module | None = None, text_dim: int | None = None):
         super().__init__()
         self.loss = ClipLoss(gather_with_grad=cfg.objective.gather_with_grad, local_loss=cfg.objective.local_loss)
 
-    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        image, text, scale = model(batch["volume"], batch["report_embedding"])
-        return {"align": self.loss(image, text, scale)}
+    def embed(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"image": model.encode_image(batch["volume"]), "text": model.encode_text(batch["report_embedding"])}
+
+    def batch_terms(self, model: nn.Module, embeddings: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"align": self.loss(embeddings["image"], embeddings["text"], model.scale())}

@@ -143,6 +143,10 @@ def masked_token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 })
 class MG3DObjective(Objective):
     name = "mg3d"
+    # (train.micro_batch)
+    micro_batch_refusal = ("`mlm` and `mim` are means over every masked token and voxel of the batch (not per "
+                           "volume), and `disentangled` and `sentence_match` compare every pair of the batch "
+                           "through heads that take both sides; caching only `align` would change the other terms")
     terms = TERMS
     projection_terms = frozenset({"align", "disentangled"})
     shared_head_groups = (frozenset({"mim", "mlm", "sentence_consistency"}),)  # fusion, MLM and consistency heads

@@ -87,6 +87,10 @@ def corrupt(crop: torch.Tensor, patch: int, mask_ratio: float, shuffle_ratio: fl
 })
 class T3DObjective(Objective):
     name = "t3d"
+    # (train.micro_batch)
+    micro_batch_refusal = ("not yet: its crop and crop-report contrasts could be cached, but `restore` draws "
+                           "its corruption for the whole batch at once, so a micro-batched step would not be "
+                           "the same step")
     terms = TERMS
     projection_terms = frozenset({"text_contrast"})
     columns = ("image", "image_shape", "report_embedding", "row")  # row: seeds each volume's crops

@@ -151,6 +151,10 @@ def forward_with_attention(encoder: nn.Module, image: torch.Tensor):
 })
 class UniMedIObjective(Objective):
     name = "unimedi"
+    # (train.micro_batch)
+    micro_batch_refusal = ("self-distillation centres the teacher's outputs on the mean over the whole batch "
+                           "(updated in the forward pass) and each step pairs a 3D batch with a 2D batch of "
+                           "another size; micro-batches would move the centres per micro-batch")
     terms = TERMS
     projection_terms = frozenset({"vl_contrast"})
     uses_2d = True  # radiographs (the shards' xray/ rows) as a second dataset

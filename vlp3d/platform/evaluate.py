@@ -11,7 +11,14 @@ import torch
 
 from vlp3d import logs, storage
 from vlp3d.config import ExperimentConfig
-from vlp3d.data.patients import leaked_patients, split_hash, split_patients
+from vlp3d.data.patients import (
+    PatientKeyError,
+    leaked_patients,
+    patient_key,
+    split_hash,
+    split_patients,
+    unkeyed_fingerprint,
+)
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files
 from vlp3d.errors import InputError
 from vlp3d.evaluation.metrics import paired_bootstrap
@@ -107,14 +114,15 @@ class LeakageError(ValueError):
 
 def check_leakage(tracking_uri: str, run_id: str | None, embedder, shard_dir: Path | str, split: str,
                   manifest: dict) -> None:
-    """Refuse to score a model on patients it pretrained on. The model's run records fingerprints
-    of its pretraining patients (runs.log_pretraining_patients); for a run without that record,
-    the shards' own pretraining split counts when they hold the model's data (same data hash)."""
+    """Refuse to score a model on patients it pretrained on. The model's run records keyed fingerprints
+    of its pretraining patients (runs.log_pretraining_patients), compared under the same patient key
+    (a record of another key is refused: the check could not see anything); for a run without that
+    record, the shards' own pretraining split counts when they hold the model's data (same data hash)."""
     evaluated = split_patients(shard_dir).get(split, set())
     record = runs.pretraining_patients(tracking_uri, run_id) if run_id else None
     train_split = embedder.cfg.data.train_split
     if record is not None:
-        leaked = leaked_patients(evaluated, set(record["fingerprints"]))
+        leaked = leaked_patients(evaluated, set(record["fingerprints"]), _record_fingerprint(record, shard_dir, run_id))
         source = f"split '{record['split']}' of the shards it pretrained on (recorded with run {run_id})"
     else:
         data_hash = store.client(tracking_uri).get_run(run_id).data.tags.get("vlp3d.data_hash") if run_id else None
@@ -124,13 +132,31 @@ def check_leakage(tracking_uri: str, run_id: str | None, embedder, shard_dir: Pa
             return
         leaked = sorted(evaluated & split_patients(shard_dir).get(train_split, set()))
         source = f"split '{train_split}' of these shards"
-    if leaked:
-        examples = ", ".join(leaked[:5]) + (", ..." if len(leaked) > 5 else "")
+    if leaked:  # counted, never named: the message reaches terminals and job logs
         raise LeakageError(
             f"refusing to evaluate on split '{split}' of {shard_dir}: {len(leaked)} of its {len(evaluated)} patients "
-            f"were in the model's pretraining data ({source}), e.g. {examples}. Evaluate on a split of held-out "
+            f"were in the model's pretraining data ({source}). Evaluate on a split of held-out "
             f"patients (--split / data.eval_split, not the pretraining split '{train_split}'), or prepare the "
             "corpus so that these patients are in one split only (patient_id and split columns of the manifest).")
+
+
+def _record_fingerprint(record: dict, shard_dir: Path | str, run_id: str):
+    """How the record's fingerprints were made: under the patient key with its `key_id` (the key of
+    these shards, or $VLP3D_PATIENT_KEY_FILE's, must be that one), or unkeyed (an older vlp3d: still
+    compared, with a warning that the store holds brute-forceable fingerprints)."""
+    if "key_id" not in record:
+        logger.warning(f"run {run_id} records its pretraining patients with unkeyed fingerprints (vlp3d before "
+                       "keyed fingerprints), which anyone who can read the MLflow store can reverse by trying "
+                       "ids; delete its artifact data/pretraining_patients.json once evaluations are done, "
+                       "or pretrain again (docs/security.md)")
+        return unkeyed_fingerprint
+    key = patient_key(shard_dir)
+    if key.key_id != record["key_id"]:
+        raise PatientKeyError(
+            f"cannot check the patients of {shard_dir} against those the model pretrained on: run {run_id} fingerprinted "
+            f"them with patient key {record['key_id']}, and the key here ({key.source}) is {key.key_id}. Set "
+            "VLP3D_PATIENT_KEY_FILE to the key file beside the shards the model pretrained on (docs/security.md)")
+    return key.fingerprint
 
 
 def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid", batch_size: int = 32,

@@ -53,6 +53,7 @@ from vlp3d.platform.mlflow import models, runs, store
 from vlp3d.platform.mlflow.store import PRETRAINED_TAG, TASK_TAG
 from vlp3d.platform.pyfunc import FineTunedModel  # noqa: F401 - models logged before it moved pickled it here
 from vlp3d.platform.runtime import init_ray
+from vlp3d.redact import redact
 from vlp3d.train import checkpoint as checkpoints
 from vlp3d.train.tasks.finetune import class_lookup, local_datasets
 
@@ -106,9 +107,9 @@ def resolve_pretrained(cfg: ExperimentConfig) -> Pretrained:
             name, number = path.split("/", 1)
             version = client.get_model_version(name, number)
     except mlflow.exceptions.MlflowException as err:
-        raise InputError(f"finetune.model (--model) = {model_uri}: not found in the MLflow store "
-                         f"{store.uri(cfg)} ({err.message}); set tracking.workdir / tracking.tracking_uri to the "
-                         "store the model was registered in.") from None
+        raise InputError(redact(f"finetune.model (--model) = {model_uri}: not found in the MLflow store "
+                                f"{store.uri(cfg)} ({err.message}); set tracking.workdir / tracking.tracking_uri "
+                                "to the store the model was registered in.")) from None
     folder = Path(cfg.tracking.workdir).resolve() / PRETRAINED_DIR / f"{name}-v{version.version}"
     if not (folder / "MLmodel").is_file():
         folder.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from vlp3d.errors import InputError
 from vlp3d.platform.upload import Upload, plan_upload
+from vlp3d.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def follow(address: str, job_id: str, out=None, poll_s: float = 1.0) -> str:
 
     async def tail():
         async for chunk in jobs.tail_job_logs(job_id):
-            out.write(chunk)
+            out.write(redact(chunk))
             out.flush()
 
     try:
@@ -319,7 +320,7 @@ def list_jobs(address: str) -> list:
 
 
 def logs(address: str, job_id: str) -> str:
-    return client(address).get_job_logs(job_id)
+    return redact(client(address).get_job_logs(job_id))
 
 
 def status(address: str, job_id: str) -> str:

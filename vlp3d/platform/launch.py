@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from vlp3d import storage
 from vlp3d.config import ExperimentConfig
 from vlp3d.errors import InputError
+from vlp3d.platform.mlflow.server import TrackingServerError
 from vlp3d.platform.runtime import checkpoint_location, storage_location
 from vlp3d.train.loop import FAULT_ENV, LoopOptions, run
 from vlp3d.train.runtime import CheckpointStore, LocalRuntime
@@ -81,6 +83,15 @@ def run_local(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets:
     return Finished(runtime.last_checkpoint, runtime.last_metrics, runtime.stopped)
 
 
+def tracking_refusal(err: BaseException) -> TrackingServerError | None:
+    """The tracking server's refusal of rank 0's credentials inside Ray Train's error (whatever Ray
+    wrapped it in), as the one-line error the logger raised; None for any other error."""
+    text = " ".join([str(err), *(str(e) for e in getattr(err, "worker_failures", {}).values())])
+    found = re.search(r"MLflow tracking server \S+ refused this client \(HTTP 40[13].*?\(values are never shown\)\.",
+                      text)
+    return TrackingServerError(found.group(0)) if found else None
+
+
 def worker_input_error(err: BaseException) -> InputError | None:
     """The InputError (bad input: a config key, too few rows for the batch, ...) a Ray Train worker
     raised, out of the error `fit()` raises for it (WorkerGroupError.worker_failures, whose entries
@@ -107,10 +118,13 @@ def run_on_ray(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets
         result = torch_trainer(cfg, run_name, datasets, {**loop_config, "notes": notes}, callbacks).fit()
         stopped = ray.get(notes.get.remote())
     except Exception as err:
+        refused = tracking_refusal(err)
+        if refused is not None:  # one line, as in a local run, not Ray's traceback of every attempt
+            raise refused from None
         bad_input = worker_input_error(err)
-        if bad_input is None:
-            raise
-        raise bad_input from None  # bad input found on a worker: exit 2 with its line, not a bug
+        if bad_input is not None:
+            raise bad_input from None  # bad input found on a worker: exit 2 with its line, not a bug
+        raise
     finally:
         ray.kill(notes)
     location = checkpoint_location(cfg, result.checkpoint.path) if result.checkpoint is not None else None

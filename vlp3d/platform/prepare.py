@@ -29,7 +29,8 @@ Safety rules (docs/prepare.md):
   input rows; otherwise `PrepareError` lists the missing row ids (a rerun resumes them).
 - Privacy: `_failed/row-*.json` (kept in the finished folder) hold path, volume name, reason and
   attempts; `_manifest.json` (logged to MLflow with each run) holds only `{row, reason}` per
-  failed row, the row's path and volume name replaced by `<image>` in the reason.
+  failed row, the reason scrubbed (`vlp3d.redact.scrub`): the row's path and volume name replaced
+  by `<image>`, other absolute paths by `<path>`, DICOM UIDs by `<uid>`, credentials removed.
 
 Resume: `_prepare.json` (written first) records the source manifest hash. A run that stopped
 before writing `_manifest.json` is resumed by the next run with the same source: rows found in
@@ -65,6 +66,7 @@ from vlp3d.data.corpus import (
     read_corpus,
 )
 from vlp3d.data.files import FolderLock, remove_temporaries, write_json_atomic
+from vlp3d.data.patients import ensure_patient_key
 from vlp3d.data.shards import (
     MANIFEST,
     MODALITIES,
@@ -77,6 +79,7 @@ from vlp3d.data.shards import (
 from vlp3d.data.volume import PreprocessSpec
 from vlp3d.objectives.model import text_dim_for
 from vlp3d.platform.runtime import init_ray
+from vlp3d.redact import redact, scrub
 
 FAILED_DIR = "_failed"
 PROGRESS = "_prepare.json"
@@ -152,16 +155,14 @@ def _record_failure(failed_dir: str | Path, row: dict, reason: str, attempts: in
 
 
 def _public_reason(record: dict) -> str:
-    """A failure's reason without the row's path or volume name (they may identify a patient):
-    what `_manifest.json`, and so MLflow, holds. Names shorter than 4 characters are left alone."""
-    reason = str(record.get("reason", ""))
+    """A failure's reason without the row's path or volume name, other paths, DICOM UIDs or credentials
+    (they may identify a patient): what `_manifest.json`, and so MLflow, holds. Names shorter than 4
+    characters are left alone."""
     path = str(record.get("path") or "")
     names = {path, Path(path).name if path else "", str(record.get("volume_name") or "")}
     if path:
         names.add(str(Path(path).resolve()))
-    for name in sorted((n for n in names if len(n) >= 4 and n != "None"), key=len, reverse=True):
-        reason = reason.replace(name, "<image>")
-    return reason
+    return scrub(record.get("reason", ""), *(n for n in names if len(n) >= 4), mark="<image>")
 
 
 def failure_records(shard_dir: str | Path) -> list[dict]:
@@ -254,6 +255,7 @@ def prepare(cfg: ExperimentConfig, corpus: str, out: str, progress=log.info,
     table["fraction_rank"] = fraction_ranks(table, label_names)
     source_hash = manifest_hash(table)
     shard_dir = Path(out).resolve() / spec.hash
+    ensure_patient_key(shard_dir.parent, progress)  # also for shards prepared before the key existed
     finished = _finished_manifest(shard_dir, corpus, source_hash, progress)
     if finished is not None:  # checked before locking: concurrent no-op runs never collide
         return PrepareResult(shard_dir, finished, skipped=True)
@@ -281,18 +283,20 @@ def prepare_to_uri(cfg: ExperimentConfig, corpus: str, out: str, progress=log.in
     target = storage.join(out, spec.hash)
     table = read_corpus(corpus, valid_fraction=cfg.data.valid_fraction)
     table["fraction_rank"] = fraction_ranks(table, list(table.attrs["label_names"]))
+    key = ensure_patient_key(out, progress)  # beside the shards in the bucket, and the same in the staging folder
     finished = _finished_manifest(target, corpus, manifest_hash(table), progress)
     if finished is not None:
         return PrepareResult(target, finished, skipped=True)
     staging = staging_folder(cfg, out)
-    progress(f"preparing in {staging}, then uploading to {target}")
+    ensure_patient_key(staging, copy_of=key)
+    progress(redact(f"preparing in {staging}, then uploading to {target}"))
     staged = prepare(cfg, corpus, str(staging), progress, rows_per_file)
     files = [p for p in staged.shard_dir.rglob("*") if p.is_file() and p.name != LOCK]
     with logs.progress_bar(sum(p.stat().st_size for p in files), "upload shards", unit="B", unit_scale=True) as bar:
         storage.upload(staged.shard_dir, str(target), last=(MANIFEST,), skip=(LOCK,),
                        on_file=lambda path: bar.update(path.stat().st_size))
     shutil.rmtree(staging)
-    progress(f"uploaded {len(files)} files to {target}")
+    progress(redact(f"uploaded {len(files)} files to {target}"))
     return PrepareResult(target, staged.manifest, skipped=False)
 
 
@@ -310,12 +314,12 @@ def _finished_manifest(shard_dir: Path | str, corpus: str, source_hash: str, pro
     try:
         existing = json.loads(storage.read_text(manifest_path))
     except ValueError as err:
-        raise PrepareError(
+        raise PrepareError(redact(
             f"{manifest_path} cannot be read ({err}); prepare never deletes a folder holding a manifest: "
-            f"check it, or delete {shard_dir} yourself and prepare again") from err
+            f"check it, or delete {shard_dir} yourself and prepare again")) from err
     held = existing.get("source_manifest_hash")
     if held == source_hash:
-        progress(f"shards up to date: {shard_dir} (spec {existing.get('spec_hash')}, source {source_hash})")
+        progress(redact(f"shards up to date: {shard_dir} (spec {existing.get('spec_hash')}, source {source_hash})"))
         return existing
     new_corpus = str(Path(corpus).resolve())
     if existing.get("corpus") == new_corpus:
@@ -324,10 +328,10 @@ def _finished_manifest(shard_dir: Path | str, corpus: str, source_hash: str, pro
     else:
         what = (f"it holds the corpus {existing.get('corpus')} (source manifest hash {held}), this run prepares "
                 f"{new_corpus} (source manifest hash {source_hash})")
-    raise PrepareError(
+    raise PrepareError(redact(
         f"{shard_dir} holds finished shards of another source with the same preprocessing "
         f"(spec {existing.get('spec_hash')}): {what}. prepare never deletes finished shards: choose another "
-        f"--out for this corpus, or delete {shard_dir} yourself if those shards are no longer needed.")
+        f"--out for this corpus, or delete {shard_dir} yourself if those shards are no longer needed."))
 
 
 def _prepare_locked(cfg, spec: PreprocessSpec, corpus: str, table: pd.DataFrame, label_names: list[str],

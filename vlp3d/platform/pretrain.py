@@ -51,6 +51,7 @@ def pretrain(cfg, run_name: str | None = None, progress=log.info, callbacks: Seq
     logs.ensure_configured()
     started = time.time()
     shard_dir, manifest = preflight(cfg)
+    store.check_server(store.uri(cfg))  # an unreachable or refusing server: one line before Ray starts
     if not local:
         init_ray(cfg)
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -35,6 +35,7 @@ from vlp3d.objectives import objective_class
 from vlp3d.platform.evaluate import evaluate_as_configured
 from vlp3d.platform.mlflow import models, runs, store
 from vlp3d.platform.runtime import checkpoint_location, init_ray
+from vlp3d.redact import scrub
 from vlp3d.search_space import (
     VARIANT,
     SearchSpace,
@@ -455,7 +456,7 @@ def collect(grid, cfg: ExperimentConfig, space: SearchSpace, sweep_name: str) ->
             **{table_column(k): v for k, v in metrics.items()
                if str(k).startswith(EVAL_PREFIX) and table_column(k) not in evaluation},
             "mlflow_run_id": run_id,
-            "error": str(result.error).strip().splitlines()[-1][:300] if result.error else "",
+            "error": scrub(str(result.error).strip().splitlines()[-1])[:300] if result.error else "",
         })
         rows.append(row)
         if history is not None and "val/loss" in history:
@@ -547,8 +548,9 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
     # Tune saves which trials ended at most every 10 s by default: a driver killed sooner after a trial
     # ended (one-worker trials end seconds apart) would, on --resume, rerun a trial the scheduler had stopped
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    init_ray(cfg)
     uri = store.uri(cfg)
+    store.check_server(uri)  # an unreachable or refusing server: one line before Ray starts
+    init_ray(cfg)
     parent_run_id = runs.start_or_resume_sweep_run(cfg, name, {"space": cfg.tune.space,
                                                                "variants": cfg.tune.variants})
     planned = planned_trials(cfg, space)

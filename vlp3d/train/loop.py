@@ -54,6 +54,7 @@ class Task:
     def __init__(self, cfg: ExperimentConfig, meta: Mapping):
         self.cfg, self.meta = cfg, dict(meta)
         self.max_steps, self.global_batch = cfg.train.max_steps, cfg.train.global_batch
+        self.micro_batch = 0  # rows per rank through the model at once (gradient caching); 0: the whole batch
         self.weights: dict[str, float] = {}
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -290,7 +291,7 @@ def run(task: Task, runtime: Runtime, cfg: ExperimentConfig, options: LoopOption
             metrics = train_step(module, effective, batch, task.optimizer, task.scheduler, cfg.train.precision,
                                  scaler, after_step=lambda s=step + 1: task.after_step(s),
                                  measure_params=measured if measured and balancer.due(step + 1) else None,
-                                 lr_group=task.lr_group)
+                                 lr_group=task.lr_group, micro_batch=task.micro_batch)
         term_norms = metrics.pop("term_norms", None)
         if counter is not None:
             compute["flops_per_step"] = counter.get_total_flops() * world_size

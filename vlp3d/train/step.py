@@ -138,11 +138,92 @@ class TermBalancer:
         self.multipliers.update({k: float(v) for k, v in state.items() if k in self.multipliers})
 
 
+def split_batch(batch: Mapping[str, torch.Tensor], rows: int) -> list[dict]:
+    """`batch` as consecutive micro-batches of `rows` rows (every tensor split along its first dimension)."""
+    size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+    return [{k: v[start:start + rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            for start in range(0, size, rows)]
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def average_gradients(module: nn.Module) -> None:
+    """The gradient average over workers that DDP's backward would have done (gradient caching runs its
+    backward passes under `no_sync`); a no-op in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world_size = torch.distributed.get_world_size()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for every parameter
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def cached_backward(module: nn.Module, weights: Mapping[str, float], batch: Mapping[str, torch.Tensor], rows: int,
+                    precision: str, scaler: torch.amp.GradScaler | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Gradient caching (Gao et al. 2021, "GradCache"; open_clip's --accum-freq): the gradient of the
+    whole batch's loss with a graph of `rows` samples at a time. (1) every micro-batch's per-sample
+    embeddings without a graph; (2) the batch terms (contrastive, with the global batch's negatives)
+    on the concatenated embeddings, back-propagated to them; (3) each micro-batch embedded again, with
+    the random state of (1), and back-propagated with the cached embedding gradients, together with
+    its share of the per-sample terms. The parameters' gradients equal one backward of the whole batch
+    (to float rounding); DDP's average happens once, at the end. `module` is a `Pretrainer` (or its DDP
+    wrapper) whose forward takes `part`. Returns (the batch's terms, the weighted loss), detached."""
+    first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    device, total = first.device, first.shape[0]
+    chunks = split_batch(batch, rows)
+    no_sync = module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+    scale = (lambda t: scaler.scale(t)) if scaler is not None else (lambda t: t)
+    with no_sync:
+        states, parts = [], []
+        with torch.no_grad(), autocast(device, precision):
+            for chunk in chunks:
+                states.append(_rng_state(device))
+                parts.append(module(chunk, part="embed"))
+        leaves = {k: torch.cat([p[k] for p in parts]).detach().requires_grad_(True) for k in parts[0]}
+        with autocast(device, precision):
+            batch_terms = module(leaves, part="batch")
+            batch_loss = sum(weights[name] * value for name, value in batch_terms.items())
+        scale(batch_loss).backward()
+        cached = {k: leaf.grad for k, leaf in leaves.items()}
+        sample_terms: dict[str, torch.Tensor] = {}
+        offset = 0
+        for chunk, state in zip(chunks, states, strict=True):
+            n = next(v for v in chunk.values() if isinstance(v, torch.Tensor)).shape[0]
+            _set_rng_state(device, state)
+            with autocast(device, precision):
+                again = module(chunk, part="embed")
+                surrogate = sum((again[k] * cached[k][offset:offset + n]).sum() for k in again)
+                terms = module(chunk, part="sample")
+                share = sum(weights[name] * value for name, value in terms.items()) * (n / total) if terms else 0.0
+            (surrogate + scale(share) if terms else surrogate).backward()
+            for name, value in terms.items():
+                sample_terms[name] = sample_terms.get(name, 0.0) + value.detach() * (n / total)
+            offset += n
+    average_gradients(module)
+    terms = {**{k: v.detach() for k, v in batch_terms.items()}, **sample_terms}
+    return terms, sum(weights[name] * value for name, value in terms.items())
+
+
 def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[str, torch.Tensor],
                optimizer: torch.optim.Optimizer, scheduler, precision: str = "fp32",
                scaler: torch.amp.GradScaler | None = None, max_grad_norm: float = 1.0,
                after_step: Callable[[], None] | None = None, measure_params: Sequence[nn.Parameter] | None = None,
-               lr_group: str = "encoder") -> dict:
+               lr_group: str = "encoder", micro_batch: int = 0) -> dict:
     """One optimisation step of a (DDP-wrapped) module whose forward takes a batch and returns named,
     unweighted loss terms (`Pretrainer`, fine-tuning's `FinetuneModule`); returns the weighted total
     `loss`, each term (`loss/<term>`), the learning rate of the `lr_group` parameter group, the
@@ -153,19 +234,27 @@ def train_step(module: nn.Module, weights: Mapping[str, float], batch: Mapping[s
     NaN/inf guard: when the loss, a term or the gradient norm is not finite on any rank, every rank
     skips the step together (no weight, optimizer, scheduler or EMA change; under fp16 the grad scaler
     lowers its scale); the names of what was not finite are under `nonfinite`.
+
+    `micro_batch` (rows, smaller than the batch): the same step by gradient caching (`cached_backward`).
     """
     first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
-    with autocast(first.device, precision):
-        terms = module(batch)
-        loss = sum(weights[name] * value for name, value in terms.items())
-    term_norms = term_gradient_norms(terms, weights, measure_params) if measure_params else None
     optimizer.zero_grad(set_to_none=True)
-    # backward on every rank even for a non-finite loss: DDP's gradient all-reduce must line up
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
+    term_norms = None
+    if 0 < micro_batch < first.shape[0]:
+        terms, loss = cached_backward(module, weights, batch, micro_batch, precision, scaler)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
     else:
-        loss.backward()
+        with autocast(first.device, precision):
+            terms = module(batch)
+            loss = sum(weights[name] * value for name, value in terms.items())
+        term_norms = term_gradient_norms(terms, weights, measure_params) if measure_params else None
+        # backward on every rank even for a non-finite loss: DDP's gradient all-reduce must line up
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
     names = [*terms, "gradients"]
     flags = torch.stack([~torch.isfinite(terms[n].detach().float()) for n in terms]

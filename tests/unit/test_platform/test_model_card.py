@@ -62,3 +62,32 @@ def test_the_mlflow_package_imports_the_library_absolutely():
         assert len(source.read_text().splitlines()) < 600, source
         assert all(node.level == 0 for node in ast.walk(ast.parse(source.read_text()))
                    if isinstance(node, ast.ImportFrom)), f"{source}: relative import"
+
+
+def test_an_export_card_reads_the_registered_versions_auroc_with_its_intervals(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.mlflow_store import current_store
+    from vlp3d.platform.mlflow.card import registered_evaluation
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with current_store(uri):
+        client = MlflowClient(uri, uri)
+        run = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts")),
+                                tags={"vlp3d.data_hash": "feedbeef"})
+        for key, value in {"eval/valid/macro_auroc": 0.8, "eval/valid/macro_auroc_ci_low": 0.7,
+                           "eval/valid/macro_auroc_ci_high": 0.9}.items():
+            client.log_metric(run.info.run_id, key, value)
+        table = tmp_path / "valid_zero_shot.csv"
+        pd.DataFrame({"label": ["Emphysema"], "auroc": [0.95], "auroc_ci_low": [0.9], "auroc_ci_high": [0.99],
+                      "f1": [0.5], "positives": [4], "n": [12]}).to_csv(table, index=False)
+        client.log_artifact(run.info.run_id, str(table), "eval")
+        client.create_registered_model("vlp3d-clip")
+        client.create_model_version("vlp3d-clip", str(tmp_path), run.info.run_id, description="card text")
+        client.set_registered_model_alias("vlp3d-clip", "champion", "1")
+        facts = registered_evaluation(uri, "models:/vlp3d-clip@champion")
+    assert facts["model_uri"] == "models:/vlp3d-clip/1" and facts["description"] == "card text"
+    assert facts["data_hash"] == "feedbeef"
+    assert facts["evaluations"] == [
+        {"split": "valid", "label": "macro", "value": 0.8, "ci_low": 0.7, "ci_high": 0.9, "n": 12},
+        {"split": "valid", "label": "Emphysema", "value": 0.95, "ci_low": 0.9, "ci_high": 0.99, "n": 12}]

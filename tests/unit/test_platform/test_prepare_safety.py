@@ -273,3 +273,15 @@ def test_preprocess_batch_retries_a_flaky_read_and_records_failures_with_attempt
     assert eio_left[2] == 100 - 3
     assert str(good) in broken["reason"] and str(good) not in p._public_reason(broken)
     assert p._public_reason(broken) == "OSError: [Errno 5] Input/output error: '<image>' (after 3 attempts)"
+
+
+def test_a_dicom_folders_reason_reaches_the_manifest_without_its_series_uids():
+    """A folder of two series fails with their SeriesInstanceUIDs in the reason (vlp3d.data.dicom): the
+    manifest, logged to MLflow with every run, keeps the reason's sense without the UIDs or the folder."""
+    import vlp3d.platform.prepare as p
+
+    folder = "/data/dicom/QX8675309/CT_1"
+    record = {"row": 4, "path": folder, "volume_name": "CT_1",
+              "reason": f"ValueError: {folder}: holds 2 series (1.2.840.113619.2.55.3.604688119.868.1, "
+                        "1.2.840.113619.2.55.3.604688119.868.2); put one series per folder"}
+    assert p._public_reason(record) == "ValueError: <image>: holds 2 series (<uid>, <uid>); put one series per folder"

@@ -10,6 +10,7 @@ import pytest
 from vlp3d.config import ExperimentConfig, logged_params, public_config, replace
 from vlp3d.platform.mlflow import store
 from vlp3d.platform.mlflow.logger import RankZeroLogger
+from vlp3d.platform.mlflow.server import TrackingServerError
 
 
 def test_params_are_an_allow_list_without_locations_or_userinfo():
@@ -36,7 +37,6 @@ def test_failure_records_keep_row_and_reason_only():
     assert public["failed"] == [{"row": 2, "reason": "OSError: cannot read <file> (<file>)"}]
     assert public["warnings"] == [{"row": 1, "warning": "raw values in <path>"}]
     assert "corpus" not in public and public["counts"] == {"rows": 3}
-    assert store.scrub("see https://a:b@host/x and Input/output error") == "see https://host/x and Input/output error"
 
 
 def test_client_leaves_the_users_environment_as_it_was(tmp_path, monkeypatch):
@@ -131,5 +131,24 @@ def test_a_tracking_uri_with_a_password_is_never_printed_by_mlflow(tmp_path, mon
     with current_store(f"sqlite:///{tmp_path / 'mlflow.db'}"):
         store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert not MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()  # no secret: MLflow's links stay
-        store.client("http://vlp3d:hunter2@127.0.0.1:9")
-        assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get()
+        with pytest.raises(TrackingServerError, match="127.0.0.1:9 is unreachable") as unreachable:
+            store.client("http://vlp3d:hunter2@127.0.0.1:9")  # nothing listens there
+        assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() and "hunter2" not in str(unreachable.value)
+
+
+def test_ending_a_run_quietly_never_prints_the_password(monkeypatch):
+    """The warning when a run cannot be marked FAILED quoted MLflow's error, which quotes the URL with
+    its user:password; the failure tag itself is scrubbed too."""
+    from vlp3d.platform.mlflow import runs
+
+    def unreachable(uri, run_id, status, tags):
+        assert tags == {"vlp3d.failure": "OSError: cannot read <path> (see http://host:5000/x)"}
+        raise ConnectionError(f"API request to {uri}/api/2.0/mlflow/runs/set-tag failed: Max retries exceeded")
+
+    warnings = []
+    monkeypatch.setattr(runs, "end_run", unreachable)
+    monkeypatch.setattr(runs.log, "warning", lambda message, *a, **k: warnings.append(message))
+    runs.end_run_quietly("http://vlp3d:hunter2@host:5000", "run-1", "FAILED",
+                         "OSError: cannot read /data/ct/QX8675309/a.nii.gz (see http://u:pw@host:5000/x)")
+    assert warnings == ["could not mark MLflow run run-1 FAILED: ConnectionError: API request to http://host:5000/api/"
+                        "2.0/mlflow/runs/set-tag failed: Max retries exceeded"]

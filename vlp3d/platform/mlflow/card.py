@@ -208,3 +208,28 @@ def update_model_card(uri_: str, name: str, version: str) -> None:
     mlflow_client.update_model_version(name, version, description=description)
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value[:5000])
+
+
+def registered_evaluation(uri_: str, model_uri: str) -> dict:
+    """What an export's model card takes from a registered version (models:/NAME/VERSION or models:/NAME@ALIAS):
+    `model_uri` resolved to models:/NAME/VERSION, the version's markdown description, the data hash and per
+    evaluated split the zero-shot AUROC, macro and per finding, with its 95% bootstrap interval and the number
+    of volumes (`evaluations`: dicts with split, label, value, ci_low, ci_high, n)."""
+    from vlp3d.platform.mlflow.registry import model_version
+
+    version = model_version(uri_, model_uri)
+    mlflow_client = client(uri_)
+    run = mlflow_client.get_run(version.run_id)
+    tables, metrics = _eval_tables(mlflow_client, run.info.run_id), run.data.metrics
+    evaluations = []
+    for split in sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and k.endswith("/macro_auroc")}):
+        prefix, table = f"eval/{split}/", tables.get(f"{split}_zero_shot")
+        rows = list(table.itertuples()) if table is not None and "n" in table else []
+        n = int(rows[0].n) if rows else int(metrics.get(prefix + "retrieval_pool", 0))
+        evaluations.append({"split": split, "label": "macro", "value": metrics[prefix + "macro_auroc"],
+                            "ci_low": metrics.get(prefix + "macro_auroc_ci_low", float("nan")),
+                            "ci_high": metrics.get(prefix + "macro_auroc_ci_high", float("nan")), "n": n})
+        evaluations += [{"split": split, "label": r.label, "value": float(r.auroc), "ci_low": float(r.auroc_ci_low),
+                         "ci_high": float(r.auroc_ci_high), "n": int(r.n)} for r in rows]
+    return {"model_uri": f"models:/{version.name}/{version.version}", "description": version.description or "",
+            "data_hash": run.data.tags.get("vlp3d.data_hash", ""), "evaluations": evaluations}

@@ -12,19 +12,30 @@ from vlp3d.config import ExperimentConfig
 from vlp3d.errors import InputError
 from vlp3d.platform.mlflow.registry import finetuned_name, registered_name
 from vlp3d.platform.mlflow.store import PRETRAINED_TAG, TASK_TAG, client, uri
+from vlp3d.redact import redact
+
+
+def load_pyfunc(model_uri: str, model_config: dict | None = None):
+    """The pyfunc at `model_uri`; an unknown name/alias/run is a ValueError saying where it looked.
+    `model_config` replaces the logged one's keys (`allowed_root`, `device`: vlp3d.platform.pyfunc)."""
+    try:
+        return mlflow.pyfunc.load_model(model_uri, model_config=model_config)
+    except mlflow.exceptions.MlflowException as err:
+        raise InputError(redact(
+            f"cannot load --model {model_uri} from the MLflow store {mlflow.get_tracking_uri()}: {err.message} "
+            "(set --workdir/--tracking-uri or MLFLOW_TRACKING_URI to the store the model was registered in)"
+        )) from None
 
 
 def load_embedder(model_uri: str, model_config: dict | None = None):
-    """The pyfunc at `model_uri` (and its Embedder); an unknown name/alias/run is a ValueError saying where it
-    looked. `model_config` replaces the logged one's keys (`allowed_root`, `device`: vlp3d.platform.pyfunc)."""
-    try:
-        model = mlflow.pyfunc.load_model(model_uri, model_config=model_config)
-    except mlflow.exceptions.MlflowException as err:
-        raise InputError(
-            f"cannot load --model {model_uri} from the MLflow store {mlflow.get_tracking_uri()}: {err.message} "
-            "(set --workdir/--tracking-uri or MLFLOW_TRACKING_URI to the store the model was registered in)"
-        ) from None
-    return model, model.unwrap_python_model().embedder
+    """The pyfunc at `model_uri` and its Embedder (`load_pyfunc`); a model that embeds nothing (a fine-tuned
+    one) is an InputError."""
+    model = load_pyfunc(model_uri, model_config)
+    embedder = getattr(model.unwrap_python_model(), "embedder", None)
+    if embedder is None:
+        raise InputError(f"--model {model_uri} is not an embedding model (a `vlp3d pretrain` model); it is a "
+                         f"{type(model.unwrap_python_model()).__name__}")
+    return model, embedder
 
 
 def predict(model, model_input, params: dict | None = None):

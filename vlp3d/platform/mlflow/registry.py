@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import mlflow
 
-from vlp3d.config import ExperimentConfig, redact_userinfo
+from vlp3d.config import ExperimentConfig
 from vlp3d.errors import InputError
 from vlp3d.platform.mlflow.card import PROMOTION_TAG, update_model_card
 from vlp3d.platform.mlflow.store import client
+from vlp3d.redact import redact
 
 __all__ = ["PROMOTION_TAG", "alias_holder", "finetuned_name", "model_version", "promote", "registered_name",
            "registered_versions"]
@@ -41,8 +42,8 @@ def model_version(uri_: str, model_uri: str):
         return mlflow_client.get_model_version(name, version)
     except (ValueError, mlflow.exceptions.MlflowException) as err:
         message = getattr(err, "message", str(err))
-        raise InputError(f"no registered model version {model_uri} in the MLflow store {redact_userinfo(uri_)} "
-                         f"({message}); list them with `mlflow models` or the MLflow UI") from None
+        raise InputError(redact(f"no registered model version {model_uri} in the MLflow store {uri_} "
+                                f"({message}); list them with `mlflow models` or the MLflow UI")) from None
 
 
 def alias_holder(uri_: str, name: str, alias: str):

@@ -13,7 +13,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 import vlp3d
-from vlp3d.config import ExperimentConfig, logged_params, public_config, redact_userinfo, to_toml
+from vlp3d.config import ExperimentConfig, logged_params, public_config, to_toml
 from vlp3d.platform.mlflow.card import update_model_card
 from vlp3d.platform.mlflow.logger import RankZeroLogger
 from vlp3d.platform.mlflow.registry import registered_versions
@@ -25,8 +25,8 @@ from vlp3d.platform.mlflow.store import (
     git_tags,
     log_params,
     public_manifest,
-    scrub,
 )
+from vlp3d.redact import redact, scrub
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +68,20 @@ PRETRAINING_PATIENTS = "data/pretraining_patients.json"
 
 
 def log_pretraining_patients(mlflow_client: MlflowClient, run_id: str, shard_dir: Path, split: str) -> None:
-    """Fingerprints (never the ids) of the patients of the pretraining split: what the leakage check
-    compares an evaluated split with, whatever shards it is read from later."""
-    from vlp3d.data.patients import patient_fingerprint, split_patients
+    """Keyed fingerprints (never the ids, never the key) of the patients of the pretraining split, with
+    the key's id: what the leakage check compares an evaluated split with, whatever shards it is read
+    from later (under the same key)."""
+    from vlp3d.data.patients import patient_key, split_patients
 
+    key = patient_key(shard_dir)
     patients = split_patients(shard_dir).get(split, set())
-    record = {"split": split, "fingerprints": sorted(patient_fingerprint(p) for p in patients)}
+    record = {"split": split, "key_id": key.key_id, "fingerprints": sorted(key.fingerprint(p) for p in patients)}
     mlflow_client.log_text(run_id, json.dumps(record), PRETRAINING_PATIENTS)
 
 
 def pretraining_patients(uri_: str, run_id: str) -> dict | None:
-    """The record `log_pretraining_patients` wrote for a run ({split, fingerprints}), or None for a
-    run logged before it existed."""
+    """The record `log_pretraining_patients` wrote for a run ({split, key_id, fingerprints}; without
+    key_id: unkeyed fingerprints of an older vlp3d), or None for a run logged before it existed."""
     try:
         return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{PRETRAINING_PATIENTS}"))
     except Exception:  # noqa: BLE001 - missing artifact: MlflowException or OSError by store
@@ -93,7 +95,7 @@ def deliver(uri_: str, run_id: str, items: list, timeout_s: float = 300.0) -> No
     logger = RankZeroLogger(uri_, run_id)
     logger.requeue(items)
     if not logger.flush(timeout_s):
-        log.warning(f"MLflow at {redact_userinfo(uri_)} still unreachable: {len(items)} tracking calls of run "
+        log.warning(f"MLflow at {redact(uri_)} still unreachable: {len(items)} tracking calls of run "
                     f"{run_id} were not delivered (they stay in the run's last checkpoint, train_state.pt)")
 
 
@@ -103,7 +105,7 @@ def end_run_quietly(uri_: str, run_id: str, status: str, reason: str) -> None:
     try:
         end_run(uri_, run_id, status, {"vlp3d.failure": scrub(reason)[:5000]})
     except Exception as err:  # noqa: BLE001 - the original error matters more
-        log.warning(f"could not mark MLflow run {run_id} {status}: {type(err).__name__}: {err}")
+        log.warning(redact(f"could not mark MLflow run {run_id} {status}: {type(err).__name__}: {err}"))
 
 def log_evaluation(run_id: str, uri_: str, metrics: dict[str, float], tables: dict[str, pd.DataFrame],
                    figures: dict | None = None, tags: dict[str, str] | None = None) -> None:

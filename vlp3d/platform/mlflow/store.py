@@ -1,16 +1,18 @@
 """The MLflow store: its client, experiments, runs found by tag, the code version a run records, and what
-may be logged (file paths and URI user-info scrubbed)."""
+may be logged (`public_manifest`: failure reasons scrubbed by `vlp3d.redact.scrub`)."""
 
 from __future__ import annotations
 
 import os
-import re
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from vlp3d.config import ExperimentConfig, redact_userinfo
+from vlp3d import logs
+from vlp3d.config import ExperimentConfig
+from vlp3d.platform.mlflow.server import check_server
 from vlp3d.platform.runtime import artifact_location, run_git_state, tracking_uri
+from vlp3d.redact import redact, scrub
 
 uri = tracking_uri
 RUN_NAME_TAG = "vlp3d.run_name"  # on a training run: its Ray Train run name
@@ -19,14 +21,17 @@ TASK_TAG = "vlp3d.task"  # on a fine-tuning run and its model version: segmentat
 
 
 def client(cfg_or_uri: ExperimentConfig | str) -> MlflowClient:
-    """A client for the config's store, also made MLflow's current one (its fluent API logs models).
+    """A client for the config's store, also made MLflow's current one (its fluent API logs models);
+    a tracking server is checked first (`server.check_server`: TrackingServerError naming the host).
     MLflow also exports the URI as $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI, where the next
     config without `tracking.tracking_uri` would find it: the user's own values are put back."""
     target = cfg_or_uri if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
-    if redact_userinfo(target) != target:
+    logs.redact_handlers("mlflow")  # MLflow's handler exists once mlflow is imported, maybe after logs.configure
+    if redact(target) != target:
         # MLflow prints "View run ... at: <URL>" when a run ends, the URL built from the tracking
         # URI with its user:password: not on a terminal or into a Ray job's log
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    check_server(target)  # unreachable or refusing: one line now, not minutes of retries later
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(target)
     mlflow.set_registry_uri(target)
@@ -64,19 +69,6 @@ def find_run(cfg: ExperimentConfig, tag: str, value: str):
     found = client(cfg).search_runs([experiment_id(cfg)], filter_string=f"tags.`{tag}` = '{value}'",
                                     order_by=["attributes.start_time DESC"], max_results=1)
     return found[0] if found else None
-
-
-_PATH = re.compile(r"(?<![\w:/.\\])(?:[A-Za-z]:)?[/\\][^\s'\",;()\[\]]+")  # an absolute path, not a URL
-
-
-def scrub(text: str, *known: object) -> str:
-    """`text` without file paths (the `known` ones, e.g. a row's path and volume name, and anything
-    absolute) and without URI user-info: what a failure reason may say in MLflow."""
-    text = redact_userinfo(str(text))
-    for value in known:
-        if value not in (None, "", "None"):
-            text = text.replace(str(value), "<file>")
-    return _PATH.sub("<path>", text)
 
 
 def public_manifest(manifest: dict) -> dict:

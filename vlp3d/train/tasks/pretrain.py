@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vlp3d import storage
-from vlp3d.config import ExperimentConfig
+from vlp3d.config import ConfigError, ExperimentConfig
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files, spec_from_config
 from vlp3d.encoders.export import count_parameters
 from vlp3d.errors import InputError
@@ -43,8 +43,14 @@ class Pretrainer(nn.Module):
         super().__init__()
         self.model, self.objective = model, objective
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.objective(self.model, batch)
+    def forward(self, batch: Mapping[str, torch.Tensor], part: str = "all") -> dict[str, torch.Tensor]:
+        """The objective's terms of `batch`, or one part of them for gradient caching (`Objective.embed`,
+        `batch_terms` of embeddings, `sample_terms`; vlp3d.train.step): every part goes through this
+        forward, so through the DDP wrapper."""
+        if part == "all":
+            return self.objective(self.model, batch)
+        return getattr(self.objective, {"embed": "embed", "batch": "batch_terms", "sample": "sample_terms"}[part])(
+            self.model, batch)
 
     def after_step(self, step: int) -> None:
         if hasattr(self.objective, "after_step"):
@@ -111,9 +117,33 @@ def preflight(cfg: ExperimentConfig) -> tuple[Path | str, dict]:
         raise InputError(f"train.global_batch={cfg.train.global_batch} must be divisible by "
                          f"cluster.num_workers={cfg.cluster.num_workers}.")
     objective_class(cfg.objective.name).check_shards(cfg, manifest["spec"], shard_dir)
+    check_micro_batch(cfg)
     check_encoder_input(cfg)
     term_weights(cfg)
     return shard_dir, manifest
+
+
+def check_micro_batch(cfg: ExperimentConfig) -> None:
+    """train.micro_batch: divides the per-worker batch, and the method can cache its gradients."""
+    micro = cfg.train.micro_batch
+    if micro < 0:
+        raise ConfigError(f"train.micro_batch = {micro} must be >= 0 (0: the whole per-worker batch at once).")
+    local = cfg.train.global_batch // max(1, cfg.cluster.num_workers)
+    if not micro or micro >= local:
+        return
+    if local % micro:
+        raise ConfigError(f"train.micro_batch = {micro} must divide the per-worker batch, train.global_batch / "
+                          f"cluster.num_workers = {cfg.train.global_batch} / {cfg.cluster.num_workers} = {local} "
+                          f"(e.g. {max(d for d in range(1, micro + 1) if local % d == 0)}).")
+    objective = objective_class(cfg.objective.name)
+    if objective.micro_batch_refusal is not None:
+        raise ConfigError(f"train.micro_batch = {micro}: objective '{cfg.objective.name}' cannot split its step "
+                          f"into micro-batches: {objective.micro_batch_refusal}. Set train.micro_batch = 0 and lower "
+                          "train.global_batch, or add workers (cluster.num_workers).")
+    if cfg.train.grad_share_every and len(term_weights(cfg)) > 1:
+        raise ConfigError(f"train.micro_batch = {micro}: the per-term gradient shares (train.grad_share_every = "
+                          f"{cfg.train.grad_share_every}) are not measured on cached gradients; set "
+                          "train.grad_share_every = 0.")
 
 
 def dataset_columns(cfg: ExperimentConfig, modality: str = "ct", held_out: bool = False) -> list[str]:
@@ -171,6 +201,7 @@ class PretrainTask(Task):
 
     def __init__(self, cfg: ExperimentConfig, meta: Mapping, shuffle_rows: int = 0):
         super().__init__(cfg, meta)
+        self.micro_batch = cfg.train.micro_batch
         self.shuffle_rows = shuffle_rows
         self.spec = dict(meta["spec"])
 
