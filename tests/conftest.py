@@ -150,3 +150,16 @@ def tiny_demo(ray_session, tmp_path_factory):
     plant_in_corpus(workdir / "corpus")
     assert main(["demo", "--workdir", str(workdir), *TINY_DEMO]) == 0
     return workdir
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_unchanged():
+    """A test leaves autograd on, as it found it: a global torch.set_grad_enabled(False) left behind (an
+    in-process MONAI bundle run did) breaks every later test's backward far from its cause."""
+    import sys
+
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left torch's grad mode disabled (torch.set_grad_enabled(False) without restoring it)")

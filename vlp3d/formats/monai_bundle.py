@@ -105,10 +105,10 @@ def inference_config(model: FineTuned) -> dict:
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
              "output_dtype": "$numpy.uint8", "separate_folder": False, "resample": False, "print_log": False}]},
         "checkpoint": "$torch.load(@bundle_root + '/models/model.pt', map_location=@device, weights_only=True)",
-        "initialize": ["$torch.set_grad_enabled(False)", "$@network.load_state_dict(@checkpoint)",
-                       "$@network.eval()"],
-        "run": ["$[@postprocessing({**item, 'pred': @inferer(item['image'][None].to(@device), @network)[0]})"
-                " for item in @dataset]"],
+        "initialize": ["$@network.load_state_dict(@checkpoint)", "$@network.eval()"],
+        # no_grad around the loop only: a global set_grad_enabled(False) would outlive an in-process run
+        "run": ["$torch.no_grad()(lambda: [@postprocessing({**item, 'pred': @inferer(item['image'][None].to(@device), "
+                "@network)[0]}) for item in @dataset])()"],
     }
 
 
