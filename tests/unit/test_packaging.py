@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # runtime imports that only an extra installs (the code imports them where the feature is used)
-OPTIONAL = {"pydicom": "dicom", "optuna": "optuna"}
+OPTIONAL = {"pydicom": "dicom", "optuna": "optuna", "onnxruntime": "onnx"}
 
 
 def _name(requirement: str) -> str:
@@ -74,5 +74,5 @@ def test_test_and_benchmark_imports_are_declared_with_the_dev_extra():
 
 def test_test_tools_are_not_runtime_dependencies():
     runtime, extras = _declared()
-    assert not {"pytest", "ruff", "moto", "requests"} & runtime
+    assert not {"pytest", "ruff", "moto"} & runtime
     assert {"pytest", "ruff"} <= extras["dev"]
