@@ -94,6 +94,8 @@ def parse(command: DocCommand, substitute: dict[str, str] | None = None):
     config = getattr(args, "config", None)
     if config and config.startswith("vlp3d-runs/") and not substitute:
         return args, None  # written by `vlp3d demo`: resolved by the integration test
+    if args.command == "sweep" and config == "report":
+        return args, None  # `vlp3d sweep report NAME`: the config the sweep stored
     if config and re.fullmatch(r"[A-Z_]+", config):
         return args, None  # a placeholder (`vlp3d prepare CONFIG --corpus ...`)
     if hasattr(args, "overrides"):

@@ -22,6 +22,7 @@ from vlp3d.config import (
     key_annotation,
     replace,
 )
+from vlp3d.data.splits import parse_split
 
 VARIANT = "variant"  # the trial-config key of the tune.variants axis
 SAMPLED = ("uniform", "loguniform", "randint")
@@ -190,3 +191,34 @@ def trial_label(params: dict[str, Any]) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
     return " ".join(f"{k}={fmt(v)}" for k, v in params.items())
+
+
+# keys whose variation a scaling fit pools over (vlp3d.evaluation.scaling): their points must each run to
+# their budget, so an early-stopping scheduler must not cut them short
+FIT_KEYS = ("data.fraction", "model.size", "train.max_steps", "train.global_batch")
+
+
+def check_selection(cfg: ExperimentConfig, space: SearchSpace) -> None:
+    """How a sweep selects and reports: an early-stopping scheduler (tune.scheduler) only where no axis of
+    tune.space feeds a scaling fit; selection (data.eval_split: tune.metric, the best trial, early stopping,
+    the validation loss) and reporting (tune.report_split) on splits that do not overlap."""
+    if cfg.tune.scheduler != "none":
+        pooled = [d.key for d in space.dimensions if d.key in FIT_KEYS and (not d.enumerable or len(d.values) > 1)]
+        if pooled:
+            raise ConfigError(
+                f"tune.scheduler = {cfg.tune.scheduler!r} with tune.space varying {', '.join(pooled)}: early stopping "
+                "cuts short exactly the small-budget trials a scaling fit needs, each run to its own budget. Set "
+                "tune.scheduler = 'none' for a scaling sweep; keep early stopping for loss-weight and hyperparameter "
+                "searches (or set such keys per tune.variants entry: variants are never pooled into one fit).")
+    select, report = parse_split(cfg.data.eval_split), parse_split(cfg.tune.report_split)
+    if select.split == report.split and select.low < report.high and report.low < select.high:  # they overlap
+        raise ConfigError(f"data.eval_split = {cfg.data.eval_split!r} and tune.report_split = "
+                          f"{cfg.tune.report_split!r}: the sweep would report its figures on the split it selects on "
+                          "(best trial, early stopping, tune.metric). Use another tune.report_split (e.g. 'test', "
+                          "carved from data.eval_split's patients when the shards have none).")
+    if report.split == cfg.data.train_split:
+        raise ConfigError(f"tune.report_split = {cfg.tune.report_split!r} is data.train_split: report on held-out "
+                          "patients (e.g. 'test').")
+    if not 0 < cfg.tune.report_share < 1:
+        raise ConfigError(f"tune.report_share = {cfg.tune.report_share} must be in (0, 1): the share of "
+                          "data.eval_split's patients carved out for reporting, the rest selects.")

@@ -3,10 +3,13 @@
 One sweep does the expensive part once: three trials run one at a time (a: lr 1e-3 on half the
 data, b: lr 1e-2, stopped by ASHA at its first rung, c: lr 1e-3 on all the data). a and b run their
 loop in the trial process (one worker each, tune.trial_runtime 'auto'). Its driver is a separate process, killed with SIGKILL while c trains; the sweep is then resumed in
-this process. A fine-tuning sweep runs its trial on a Ray Train worker group (Tune over Train).
+this process; its report is re-fitted by `vlp3d sweep report`. Random and Optuna searches each complete a
+one-trial sweep with intermediate reports. A fine-tuning sweep runs its trial on a Ray Train worker group
+(Tune over Train).
 """
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -133,8 +136,9 @@ def test_one_parent_run_and_one_child_run_per_trial(resumed_sweep, tiny_demo):
     runtimes = {v: r.data.tags["vlp3d.runtime"] for v, r in by_variant.items()}
     assert runtimes == {"a": "local", "b": "local", "c": "local"}
     logged = [m.source_run_id for m in client.search_logged_models(experiment_ids=[parent.info.experiment_id])]
-    for run in children:
-        assert "eval/valid/macro_auroc" in run.data.metrics and run.data.params["train.max_steps"] == "4"
+    for run in children:  # evaluated on both halves of the held-out patients: selection and report
+        assert {"eval/valid_0-0.5/macro_auroc", "eval/valid_0.5-1/macro_auroc"} <= set(run.data.metrics)
+        assert run.data.params["train.max_steps"] == "4"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")][0] == 2
         assert logged.count(run.info.run_id) == 1  # one model per trial, the stopped one's from its checkpoint
     steps = [m.step for m in client.get_metric_history(by_variant["a"].info.run_id, "train/loss")]
@@ -142,8 +146,8 @@ def test_one_parent_run_and_one_child_run_per_trial(resumed_sweep, tiny_demo):
     resumed = client.get_run(by_variant["c"].info.run_id)
     assert "resume-2.txt" in {a.path for a in client.list_artifacts(resumed.info.run_id)}  # from its checkpoint
     artifacts = {a.path for folder in ("sweep", "plots") for a in client.list_artifacts(parent.info.run_id, folder)}
-    assert {"sweep/trials.csv", "sweep/trials.parquet", "sweep/fits.csv", "sweep/curves.csv",
-            "plots/scaling_data.png", "plots/trials_auroc.png"} <= artifacts
+    assert {"sweep/trials.csv", "sweep/trials.parquet", "sweep/fits.csv", "sweep/curves.csv", "sweep/report.txt",
+            "plots/trials_auroc.png"} <= artifacts
     assert parent.data.metrics["trials_finished"] == 2 and parent.data.metrics["trials_stopped"] == 1
 
 
@@ -155,22 +159,32 @@ def test_the_sweep_store_holds_no_patient_data_or_secret(resumed_sweep, tiny_dem
     assert assert_nothing_leaked(files, demo_needles(tiny_demo)) == len(files)
 
 
-def test_too_few_points_are_said_and_tables_and_plots_still_written(resumed_sweep):
+def test_the_report_says_what_it_selected_on_and_what_it_reports_on(resumed_sweep, tiny_demo, capsys):
+    """Variants are never pooled into a law (so ASHA may stop trials here): no law, said in words; the report is
+    on the test half of the held-out patients, selection on the other half; `vlp3d sweep report` re-fits it
+    from what the sweep stored, without a trial."""
+    from vlp3d.cli import main
     from vlp3d.jobs.sweep import render
 
     result, *_ = resumed_sweep
+    assert (result.select_split, result.report_split) == ("valid[0:0.5]", "valid[0.5:1]")
     summary = render(result)
-    fits = pd.read_csv(result.folder / "fits.csv")
-    data = fits[fits["axis"] == "data"]
-    assert set(data["metric"]) == {"val_loss", "1-auroc"} and set(data["group"]) == {"train.lr=0.001"}
-    assert not data["ok"].any() and data["reason"].str.startswith("too few points for a fit: 2 point(s)").all()
-    assert "too few points" in summary and "best trial:" in summary and "a" in summary.split("variant")[1]
+    assert "scaling laws: none" in summary and "best trial (selected on 'valid[0:0.5]'):" in summary
+    assert "AUROC valid[0.5:1] [95% CI]" in summary
+    assert pd.read_csv(result.folder / "fits.csv").empty
     table = pd.read_parquet(result.folder / "trials.parquet")
-    assert {"trial_id", "status", "train.lr", "data.fraction", "n_train", "encoder_params", "flops_per_step",
-            "train_flops", "wall_s", "val_loss", "macro_auroc", "macro_auroc_ci_low", "v2r_r5",
+    assert {"trial_id", "status", "train.lr", "data.fraction", "n_train", "samples_seen", "epochs", "repeated",
+            "trainable_params", "flops_per_step", "train_flops", "wall_s", "val_loss", "macro_auroc",
+            "macro_auroc_ci_low", "select_macro_auroc", "macro_auroc_replicates", "v2r_r5",
             "mlflow_run_id"} <= set(table.columns)
-    for name in ("scaling_data", "trials_auroc"):
-        assert (result.folder / "plots" / f"{name}.png").stat().st_size > 10_000
+    finished = table[table["status"] == "finished"]
+    assert (finished["samples_seen"] == 16).all() and (finished["epochs"] > 0).all()
+    assert (finished["macro_auroc_replicates"].map(len) == 10).all()  # eval.bootstrap resamples of the report split
+    assert (result.folder / "plots" / "trials_auroc.png").stat().st_size > 10_000
+    assert main(["sweep", "report", NAME, f"tracking.workdir={tiny_demo}"]) == 0
+    out = capsys.readouterr().out
+    assert f"sweep {NAME}: trials (selected on 'valid[0:0.5]', reported on 'valid[0.5:1]'" in out
+    assert "selection on 'valid[0:0.5]'" in (result.folder / "report.txt").read_text()
 
 
 def test_stopped_and_finished_trials_release_their_workers(resumed_sweep, ray_session):
@@ -196,6 +210,14 @@ def test_bad_space_fails_before_any_trial(tiny_demo, ray_session, capsys):
     assert main(["sweep", config, "tune.asha_metric=\"val/auroc\"", 'tune.scheduler="asha"',
                  'tune.space={"train.seed" = [0, 1]}']) == 2
     assert "tune.asha_metric = 'val/auroc' is not a metric trials report" in capsys.readouterr().err
+    assert main(["sweep", config, 'tune.scheduler="asha"', "train.val_every=2",
+                 'tune.space={"train.max_steps" = [2, 4]}']) == 2
+    assert "tune.scheduler = 'asha' with tune.space varying train.max_steps" in capsys.readouterr().err
+    assert main(["sweep", config, 'tune.space={"train.max_steps" = [4, 8]}']) == 2  # the config warms up 20 steps
+    assert "its schedule cannot reach its budget: train.warmup_steps = 20 >= train.max_steps = 4" in \
+        capsys.readouterr().err
+    assert main(["sweep", config, 'tune.report_split="valid"', 'tune.space={"train.lr" = [0.001]}']) == 2
+    assert "data.eval_split = 'valid' and tune.report_split = 'valid'" in capsys.readouterr().err
 
 
 def test_optuna_samples_the_space_and_its_absence_is_a_clear_error(monkeypatch, tiny_demo):
@@ -212,6 +234,7 @@ def test_optuna_samples_the_space_and_its_absence_is_a_clear_error(monkeypatch, 
     suggestion = searcher.suggest("trial-1")
     assert suggestion["data.fraction"] in (0.5, 1.0) and 1e-4 <= suggestion["train.lr"] <= 1e-2
     assert suggestion["variant"] in ("a", "b")
+    searcher.on_trial_result("trial-1", {"step": 2, "val/loss": 2.0, "training_iteration": 1})  # no eval metric yet
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
     with pytest.raises(ConfigError, match=r"pip install 'vlp3d\[optuna\]'"):
         check_sweep(cfg)
@@ -236,7 +259,8 @@ def test_concurrency_fills_the_cluster_and_keeps_a_cpu_for_data(monkeypatch):
 
 
 def test_a_finetuning_sweep_runs_its_trials_on_ray_train(tiny_demo, ray_session):
-    from vlp3d.platform.sweep import run_sweep, table_column
+    from vlp3d.platform.sweep import run_sweep
+    from vlp3d.platform.sweep_results import table_column
 
     cfg = load_config(tiny_demo / "config.toml", [
         "name=ftsweep", 'tune.trial="finetune"', 'tune.metric="eval/mean_dice"', 'tune.trial_runtime="ray_train"',
@@ -253,3 +277,21 @@ def test_a_finetuning_sweep_runs_its_trials_on_ray_train(tiny_demo, ray_session)
     with pytest.raises(ConfigError, match="tune.trial_runtime = 'local' runs a trial's loop in one process"):
         run_sweep(load_config(tiny_demo / "config.toml", ['tune.trial_runtime="local"', "cluster.num_workers=2",
                                                          'tune.space={"train.lr" = [0.001]}']), name="never")
+
+
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_random_and_optuna_searches_complete_a_sweep_with_intermediate_reports(search, tiny_demo, ray_session):
+    """One tiny trial per searcher (the grid is the resumed sweep above): validations at steps 1 and 2 reach
+    Tune before the trial's evaluation, which Optuna used to fail on (a KeyError on eval/macro_auroc)."""
+    from vlp3d.platform.sweep import run_sweep
+
+    cfg = load_config(tiny_demo / "config.toml", [
+        f"name=search-{search}", f'tune.search="{search}"', "tune.num_samples=1", "train.max_steps=2",
+        "train.global_batch=4", "train.val_every=1", "train.checkpoint_every=2", "train.warmup_steps=1",
+        "eval.bootstrap=10", "cluster.num_workers=1", "cluster.cpus_per_worker=0.5", "tune.max_concurrent_trials=1",
+        "tune.fit_bootstrap=20", 'tune.space={"train.lr" = {loguniform = [1e-4, 1e-3]}}'])
+    result = run_sweep(cfg, name=f"search-{search}", progress=lambda *_: None)
+    [trial] = result.table.to_dict("records")
+    assert trial["status"] == "finished" and 1e-4 <= trial["train.lr"] <= 1e-3
+    results = [json.loads(line) for line in next(result.folder.glob("*/result.json")).read_text().splitlines()]
+    assert sum("val/loss" in r for r in results) >= 2 and sum("eval/macro_auroc" in r for r in results) == 1

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from vlp3d.data.shards import encode_image
-from vlp3d.platform.sweep import label_efficiency_table
+from vlp3d.platform.sweep_results import label_efficiency_table
 from vlp3d.train.tasks.finetune import class_lookup, collate_for, random_crop
 
 

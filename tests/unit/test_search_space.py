@@ -94,4 +94,38 @@ def test_shipped_sweep_configs_parse():
     for path in sorted(root.glob("*.toml")):
         cfg = load_config(path)
         sizes[path.stem] = parse_space(cfg.tune.space, cfg.tune.variants).grid_size() * cfg.tune.num_samples
-    assert sizes == {"demo": 8, "label_efficiency": 6, "mg3d_terms_demo": 10, "scaling": 8}
+    assert sizes == {"demo": 16, "label_efficiency": 6, "mg3d_terms_demo": 10, "scaling": 16}
+
+
+def test_early_stopping_is_refused_on_axes_a_fit_pools_over():
+    from vlp3d.search_space import check_selection
+
+    scaling = load_config(None, ['tune.scheduler="asha"', 'tune.space={"model.size" = ["tiny", "small"], '
+                                 '"train.max_steps" = [100, 200], "train.lr" = [0.001, 0.01]}'])
+    with pytest.raises(ConfigError) as err:
+        check_selection(scaling, parse_space(scaling.tune.space, scaling.tune.variants))
+    assert "tune.scheduler = 'asha' with tune.space varying model.size, train.max_steps: early stopping" in str(err.value)
+    median = load_config(None, ['tune.scheduler="median"', 'tune.space={"data.fraction" = [0.5, 1.0]}'])
+    with pytest.raises(ConfigError, match="tune.scheduler = 'median' with tune.space varying data.fraction"):
+        check_selection(median, parse_space(median.tune.space, median.tune.variants))
+    # a hyperparameter or loss-weight search may stop trials early; so may variants that set an axis key
+    # (variants are never pooled into one fit), and a one-value axis is a constant
+    for space, variants in (({"train.lr": [0.001, 0.01], "objective.align_weight": [0.5, 1.0]}, {}),
+                            ({"model.size": ["tiny"]}, {"a": {"data.fraction": 0.5}, "b": {"data.fraction": 1.0}})):
+        cfg = replace(load_config(None, ['tune.scheduler="asha"']), tune={"space": space, "variants": variants})
+        check_selection(cfg, parse_space(cfg.tune.space, cfg.tune.variants))
+
+
+def test_selecting_on_the_report_split_is_refused():
+    from vlp3d.search_space import check_selection
+
+    space = parse_space({"train.lr": [0.001]}, {})
+    check_selection(load_config(None), space)  # valid selects, test (carved from valid if need be) reports
+    for overrides, keys in ((['tune.report_split="valid"'], "data.eval_split = 'valid' and tune.report_split = 'valid'"),
+                            (['tune.report_split="valid[0.5:1]"'], "tune.report_split = 'valid[0.5:1]'"),
+                            (['data.eval_split="test"', 'tune.report_split="test"'], "data.eval_split = 'test'"),
+                            (['tune.report_split="train"'], "tune.report_split = 'train' is data.train_split")):
+        with pytest.raises(ConfigError) as err:
+            check_selection(load_config(None, overrides), space)
+        assert keys in str(err.value)
+    check_selection(load_config(None, ['data.eval_split="valid[0:0.5]"', 'tune.report_split="valid[0.5:1]"']), space)

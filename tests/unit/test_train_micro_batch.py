@@ -117,3 +117,17 @@ def test_what_cannot_be_micro_batched_is_refused_with_the_reason():
         check("objective.name=mg3d", *TINY, "train.micro_batch=4")
     with pytest.raises(ConfigError, match=r"objective 'unimedi' cannot split its step into micro-batches: .+"):
         check("objective.name=unimedi", "train.micro_batch=4")
+
+
+def test_model_flops_counted_on_micro_batches_equal_the_whole_batch():
+    """The step's model FLOPs are the same counted on the parts gradient caching runs (the contrastive
+    loss on all the embeddings at once) as on the whole batch."""
+    from vlp3d.train.flops import model_flops
+
+    cfg = load_config(None, [*CLIP, *TINY])
+    torch.manual_seed(0)
+    module, _ = build_pretrainer(cfg, text_dim=TEXT_DIM)
+    batch = _batch(torch.float32)
+    whole = model_flops(module, batch)
+    assert whole["flops_per_step"] > 0
+    assert model_flops(module, batch, micro_batch=2) == whole

@@ -25,6 +25,7 @@ from pathlib import Path
 from vlp3d import storage
 from vlp3d.data.files import create_secret_file
 from vlp3d.data.shards import MODALITIES, read_manifest, shard_files
+from vlp3d.data.splits import parse_split
 from vlp3d.redact import redact
 
 KEY_FILE = "_patient_key"  # in the folder `prepare --out` names, beside each preprocessing hash's folder
@@ -149,10 +150,20 @@ def split_patients(shard_dir: str | Path) -> dict[str, set[str]]:
     return out
 
 
+def part_patients(shard_dir: str | Path, split: str) -> set[str]:
+    """Patient ids of a split or of a part of one ('valid[0.5:1]', vlp3d.data.splits)."""
+    part = parse_split(split)
+    if part.whole:
+        return split_patients(shard_dir).get(split, set())
+    return {str(p) for p in split_patients(shard_dir).get(part.split, set()) if part.contains(p)}
+
+
 def split_hash(shard_dir: str | Path, split: str) -> str:
     """Which CT volumes a split holds and how they were preprocessed: two evaluations with the same
     hash scored the same volumes the same way."""
-    names = sorted(str(n) for s, n in _columns(shard_dir, ["ct"], ["split", "volume_name"]) if s == split)
+    part = parse_split(split)
+    names = sorted(str(n) for s, n, p in _columns(shard_dir, ["ct"], ["split", "volume_name", "patient_id"])
+                   if s == part.split and part.contains(p))
     spec_hash = read_manifest(shard_dir).get("spec_hash", "")
     return hashlib.sha256("\n".join([spec_hash, *names]).encode()).hexdigest()[:12]
 

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vlp3d import storage
+from vlp3d.data.splits import parse_split
 
 TENSOR_EXTENSIONS = ("ray.data.arrow_tensor_v2", "ray.data.arrow_tensor")
 Block = dict[str, np.ndarray]
@@ -64,14 +65,19 @@ def read_blocks(files: Sequence[str], columns: Sequence[str], split: str | None 
     label map) when given, at most `limit` of them (0: all), one block per file, in file order; only
     `columns` are returned."""
     fs, paths = storage.for_reading(list(files))
-    wanted = list(dict.fromkeys([*columns, *(["split"] if split is not None else []),
-                                 *(["fraction_rank"] if fraction < 1.0 else []), *([nonempty] if nonempty else [])]))
+    part = parse_split(split) if split is not None else None
+    by_patient = part is not None and not part.whole
+    wanted = list(dict.fromkeys([*columns, *(["split"] if split is not None else []), *(["patient_id"] if by_patient
+                                 else []), *(["fraction_rank"] if fraction < 1.0 else []), *([nonempty] if nonempty else [])]))
     left = limit or None
     for path in paths:
         table = pq.read_table(path, columns=wanted, filesystem=fs)
         keep = None
-        if split is not None:
-            keep = pc.equal(table.column("split"), split)
+        if part is not None:
+            keep = pc.equal(table.column("split"), part.split)
+            if by_patient:  # a part of a stored split (vlp3d.data.splits)
+                inside = pa.array([part.contains(p) for p in table.column("patient_id").to_pylist()], pa.bool_())
+                keep = pc.and_(keep, inside)
         if fraction < 1.0:
             inside = pc.less(table.column("fraction_rank"), fraction)
             keep = inside if keep is None else pc.and_(keep, inside)

@@ -44,6 +44,7 @@ from vlp3d.data.corpus import LABEL_MAP_COLUMN, metadata_scaling, metadata_spaci
 from vlp3d.data.hounsfield import require_ct
 from vlp3d.data.radiograph import load_radiograph, resize_2d
 from vlp3d.data.report import report_text
+from vlp3d.data.splits import parse_split
 from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_volume, quantise
 from vlp3d.errors import InputError
 from vlp3d.redact import redact
@@ -151,10 +152,11 @@ def count_rows(shard_dir: str | Path, split: str, fraction: float = 1.0, modalit
     total = 0
     fs, paths = storage.for_reading(shard_files(shard_dir, modality))
     for path in paths:
-        table = pq.read_table(path, columns=["split", "fraction_rank"], filesystem=fs)
+        table = pq.read_table(path, columns=["split", "fraction_rank", "patient_id"], filesystem=fs)
         splits = np.asarray(table.column("split").to_pylist())
         ranks = table.column("fraction_rank").to_numpy()
-        total += int(((splits == split) & (ranks < fraction if fraction < 1.0 else True)).sum())
+        patients = np.asarray(table.column("patient_id").to_pylist())
+        total += int((parse_split(split).mask(splits, patients) & (ranks < fraction if fraction < 1.0 else True)).sum())
     return total
 
 

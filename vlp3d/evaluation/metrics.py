@@ -174,3 +174,12 @@ def paired_bootstrap(metric, labels: np.ndarray | None, champion: np.ndarray, ch
     low, high = np.percentile(differences, [tail, 100 - tail]) if differences else (np.nan, np.nan)
     return PairedDifference(champion_value, challenger_value, challenger_value - champion_value,
                             float(low), float(high), len(differences), level)
+
+
+def macro_auroc_replicates(labels: np.ndarray, scores: np.ndarray, patients: np.ndarray, n_boot: int,
+                           seed: int = 0) -> np.ndarray:
+    """Macro AUROC on `n_boot` resamples of the patients (`patient_resamples` with `seed`). Models scored
+    on the same rows in the same order (a sweep's trials, rows sorted by volume name) get the same
+    resamples: replicate r of every model saw the same examples, which is what lets a scaling fit's
+    bootstrap redraw the evaluation set for all trials at once."""
+    return np.array([macro_auroc(labels[idx], scores[idx]) for idx in patient_resamples(patients, n_boot, seed)])

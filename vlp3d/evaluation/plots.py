@@ -1,4 +1,4 @@
-"""Figures of a sweep (scaling laws, the compute frontier, each configuration's zero-shot AUROC)
+"""Figures of a sweep (scaling laws with their bands, each configuration's zero-shot AUROC)
 and of one model (ROC curves, reliability of zero-shot probabilities, linear-probe label
 efficiency). Each function returns a matplotlib Figure (no pyplot state,
 no display needed); the caller saves or logs it."""
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlp3d.evaluation.scaling import AXES, METRICS, ScalingSeries
+from vlp3d.evaluation.scaling import AXES, METRIC, ScalingResult
+from vlp3d.evaluation.scaling_fit import Design, LawFit
 
 _MARKERS = "osD^v<>ph*"
 
@@ -27,30 +28,43 @@ def _colours(count: int):
     return [cmap(i % 10) for i in range(count)]
 
 
-def _fit_label(series: ScalingSeries) -> str:
-    fit = series.fit
+def _fit_label(result: ScalingResult) -> str:
+    fit = result.fit
     if not fit.ok:
-        return f"{series.group}: no fit ({fit.n} pts)"
-    return (f"{series.group}: $\\alpha$={fit.alpha:.2f} [{fit.alpha_ci[0]:.2f}, {fit.alpha_ci[1]:.2f}], "
-            f"c={fit.c:.3g}, $R^2$={fit.r2:.2f}")
+        return f"{result.group}: no fit ({fit.reason.split(':')[0]})"
+    exponents = ", ".join(f"$\\alpha_{{{a}}}$={_short(fit.params[f'alpha_{a}'])}" for a in fit.axes)
+    return f"{result.group}: {exponents}"
 
 
-def _draw_series(ax, series: ScalingSeries, colour, marker: str, jitter: bool = True) -> None:
-    x = series.x.astype(float)
-    if jitter and len(x) > len(np.unique(x)):  # replicates (seeds) side by side, not on top of each other
+def _short(estimate) -> str:
+    if not estimate.identified:
+        return "not identified"
+    return f"{estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}]"
+
+
+def _draw_law(ax, result: ScalingResult, colour, marker: str, fixed: dict[int, float] | None = None,
+              label: str | None = None) -> None:
+    """Points of one law (replicates side by side), its fitted curve and 95% band over the first axis; `fixed`
+    holds the other axes of a joint law at one value (only the points at that value are drawn)."""
+    design, fit = result.design, result.fit
+    rows = np.ones(len(design.y), dtype=bool)
+    for j, value in (fixed or {}).items():
+        rows &= design.x[:, j] == value
+    x, y = design.x[rows, 0].astype(float), design.y[rows]
+    if len(x) > len(np.unique(x)):  # seeds side by side, not on top of each other
         x = x * (1 + 0.03 * (np.arange(len(x)) % 3 - 1))
-    has_bars = np.isfinite(series.y_low) & np.isfinite(series.y_high)
-    ax.scatter(x, series.y, color=colour, marker=marker, s=28, zorder=3,
-               label=None if series.fit.ok else _fit_label(series))  # no curve: the markers carry the legend
-    if has_bars.any():
-        lower = np.clip(series.y[has_bars] - series.y_low[has_bars], 0, None)
-        upper = np.clip(series.y_high[has_bars] - series.y[has_bars], 0, None)
-        ax.errorbar(x[has_bars], series.y[has_bars], yerr=[lower, upper], fmt="none", ecolor=colour,
-                    alpha=0.6, capsize=2, zorder=2)
-    if series.fit.ok:
-        grid = np.geomspace(series.x.min(), series.x.max(), 100)
-        ax.plot(grid, series.fit.predict(grid), "--", color=colour, marker=marker, markevery=[0], lw=1.4,
-                label=_fit_label(series))
+    label = label or _fit_label(result)
+    ax.scatter(x, y, color=colour, marker=marker, s=28, zorder=3, label=None if fit.ok else label)
+    if fit.ok and len(x):
+        grid = np.geomspace(x.min() / 1.2, x.max() * 1.2, 80)
+        points = np.zeros((len(grid), len(fit.axes)))
+        points[:, 0] = grid
+        for j, value in (fixed or {}).items():
+            points[:, j] = value
+        ax.plot(grid, fit.predict(points), "--", color=colour, lw=1.4, label=label)
+        low, high = fit.band(points)
+        if np.isfinite(low).all():
+            ax.fill_between(grid, low, high, color=colour, alpha=0.15, lw=0)
 
 
 def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
@@ -68,41 +82,40 @@ def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.legend(fontsize=7, loc="best")
 
 
-def scaling_figure(series: list[ScalingSeries], axis: str):
-    """Each metric (one panel each) over `axis` ('data' or 'params'): points with their intervals,
-    one dashed power-law fit per group, exponent and its 95% interval in the legend."""
-    _, xlabel, _ = AXES[axis]
-    figure, axes = _figure(len(METRICS))
-    for ax, (metric, ylabel) in zip(axes, METRICS.items(), strict=True):
-        chosen = [s for s in series if s.axis == axis and s.metric == metric]
-        for i, (one, colour) in enumerate(zip(chosen, _colours(len(chosen)), strict=True)):
-            _draw_series(ax, one, colour, _MARKERS[i % len(_MARKERS)])
-        _finish(ax, xlabel, ylabel, f"{ylabel} vs {xlabel}: y = a x^-alpha + c")
-    return figure
+def scaling_figures(results: list[ScalingResult], split: str = "test") -> dict:
+    """One figure per law of a sweep (`scaling_N`, `scaling_D`, `scaling_C`, `scaling_N_D`): the trials'
+    points, each fitted curve (dashed) and its 95% bootstrap band, exponents with intervals in the legend;
+    the joint L(N, D) over D with one curve per N."""
+    figures = {}
+    for law in dict.fromkeys(r.law for r in results):
+        chosen = [r for r in results if r.law == law]
+        figure, axes = _figure(1, width=6.4, height=4.6)
+        ax = axes[0]
+        if law == "L(N, D)":
+            for result in chosen:  # drawn over D, one curve per N: the law with its axes swapped
+                swapped = ScalingResult(law, result.group, Design(("D", "N"), result.design.x[:, ::-1],
+                                                                  result.design.y), _swap(result.fit))
+                levels = np.unique(result.design.x[:, 0])
+                for i, (level, colour) in enumerate(zip(levels, _colours(len(levels)), strict=True)):
+                    _draw_law(ax, swapped, colour, _MARKERS[i % len(_MARKERS)], {1: level},
+                              label=f"N={level:.3g}" + (f"; {_fit_label(result)}" if i == 0 else ""))
+            xlabel = AXES["D"][1]
+        else:
+            for i, (result, colour) in enumerate(zip(chosen, _colours(len(chosen)), strict=True)):
+                _draw_law(ax, result, colour, _MARKERS[i % len(_MARKERS)])
+            xlabel = AXES[chosen[0].design.axes[0]][1]
+        _finish(ax, xlabel, f"{METRIC} on {split}", f"{law}: points, fit (dashed), 95% bootstrap band")
+        figures["scaling_" + "_".join(law[2:-1].split(", "))] = figure
+    return figures
 
 
-def frontier_figure(series: list[ScalingSeries]):
-    """Left: every trial's validation-loss curve over cumulative FLOPs (one colour per model) and
-    the compute-optimal frontier with its fit. Right: final 1 - AUROC over total FLOPs."""
-    figure, axes = _figure(2)
-    loss_series = [s for s in series if s.axis == "compute" and s.metric == "val_loss"]
-    auroc_series = [s for s in series if s.axis == "compute" and s.metric == "1-auroc"]
-    ax = axes[0]
-    for one in loss_series:
-        curves = one.curves
-        models = sorted(curves["model"].unique())
-        colours = dict(zip(models, _colours(len(models)), strict=True))
-        for model in models:
-            ax.plot([], [], color=colours[model], lw=1, label=model)
-        for _, curve in curves.groupby("trial_id"):
-            curve = curve.sort_values("flops")
-            ax.plot(curve["flops"], curve["val_loss"], color=colours[curve["model"].iloc[0]], lw=0.8, alpha=0.55)
-        _draw_series(ax, one, "black", "o", jitter=False)
-    _finish(ax, "training FLOPs (cumulative)", METRICS["val_loss"], "validation curves and compute-optimal frontier")
-    for i, (one, colour) in enumerate(zip(auroc_series, _colours(len(auroc_series)), strict=True)):
-        _draw_series(axes[1], one, colour, _MARKERS[i % len(_MARKERS)], jitter=False)
-    _finish(axes[1], "training FLOPs (total)", METRICS["1-auroc"], "final 1 - AUROC frontier")
-    return figure
+def _swap(fit: LawFit) -> LawFit:
+    """A two-axis law with its axes in the other order (to draw it over its second axis)."""
+    if not fit.ok:
+        return fit
+    order = [0, 3, 4, 1, 2]
+    return LawFit(axes=fit.axes[::-1], n=fit.n, ok=True, params=fit.params, theta=fit.theta[order],
+                  samples=None if fit.samples is None else fit.samples[:, order])
 
 
 def _labelled_intervals(ax, labels: list[str], centre, low, high, colours, chance: float | None) -> None:
@@ -115,8 +128,8 @@ def _labelled_intervals(ax, labels: list[str], centre, low, high, colours, chanc
         ax.axvline(chance, color="grey", ls=":", lw=1)
 
 
-def configurations_figure(table, label_column: str = "label"):
-    """Zero-shot macro AUROC with its 95% interval for every evaluated trial, best at the top
+def configurations_figure(table, label_column: str = "label", split: str = ""):
+    """Zero-shot macro AUROC (on `split`) with its 95% interval for every evaluated trial, best at the top
     (hollow grey: trials stopped early, evaluated at their last checkpoint)."""
     rows = table[np.isfinite(table["macro_auroc"].to_numpy(dtype=float))].sort_values("macro_auroc")
     figure, axes = _figure(1, width=8.0, height=max(2.5, 0.32 * len(rows) + 1.2))
@@ -125,7 +138,7 @@ def configurations_figure(table, label_column: str = "label"):
     _labelled_intervals(ax, [f"{t} {lbl}" for t, lbl in zip(rows["trial_id"], rows[label_column], strict=True)],
                         rows["macro_auroc"].to_numpy(dtype=float), rows["macro_auroc_ci_low"].to_numpy(dtype=float),
                         rows["macro_auroc_ci_high"].to_numpy(dtype=float), colours, chance=0.5)
-    ax.set_xlabel("zero-shot macro AUROC (95% CI); dotted: chance")
+    ax.set_xlabel(f"zero-shot macro AUROC{f' on {split}' if split else ''} (95% CI); dotted: chance")
     ax.set_title("every trial", fontsize=10)
     ax.grid(True, axis="x", alpha=0.25)
     return figure

@@ -1,15 +1,20 @@
-"""Scaling laws: fit `y = a * x^(-alpha) + c` with bootstrap 95% intervals, and the compute frontier.
+"""A sweep's trial table -> the scaling laws it supports: which trials enter which fit, on which axes,
+and the fits themselves (vlp3d.evaluation.scaling_fit) with their extrapolation check and the
+compute-optimal allocation, as table rows and as text.
 
-Pure numpy. For a fixed exponent the model is linear in (a, c), so the fit profiles the exponent:
-for every candidate alpha the best (a, c >= 0) is a closed-form least-squares solution, a
-log-spaced grid finds the basin and a golden-section search refines it. That is fast and has
-no starting-point trouble, which matters because intervals come from refitting hundreds of
-bootstrap resamples.
+The axes (one column of the trial table each):
 
-Intervals: residual bootstrap (resample the fit's leverage-adjusted residuals onto the fitted
-curve; refit; 2.5th and 97.5th percentiles). Case resampling is not used: with a handful of sweep
-points most resamples would lose a design point. With as few as 5-6 points the intervals still
-cover somewhat less often than 95% (tests/unit/test_evaluation/test_scaling.py measures it).
+- N: trained parameters (`trainable_params`), moved by `model.size`;
+- D: training volumes seen, `steps x global_batch` (Chinchilla's D), moved by `train.max_steps` and
+  `train.global_batch`; a trial that saw its unique volumes more than 4 times (`epochs > 4`) saw repeated
+  data, worth less than new data (Muennighoff et al. 2023): flagged, and left out of the fits unless
+  `tune.fit_repeated_data`. `data.fraction` sets the unique volumes (how often the data repeats), not D;
+- C: the trial's model FLOPs (`train_flops`); every trial is a full schedule of its own budget, so each is
+  a point of L(C); L(C) is fitted to the lower envelope (the best trial per compute).
+
+The metric is 1 - zero-shot macro AUROC on the sweep's report split, with the evaluation's bootstrap
+replicates (`macro_auroc_replicates`) so that the fit's intervals carry the evaluation noise. Only trials
+that finished their schedule enter a fit (a stopped trial is a point inside a schedule, not of the law).
 """
 
 from __future__ import annotations
@@ -19,151 +24,114 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MIN_POINTS = 4  # three parameters need at least one residual degree of freedom
-MIN_DISTINCT_X = 3
-ALPHA_RANGE = (1e-3, 4.0)
-_GRID = np.geomspace(*ALPHA_RANGE, 241)
-_GOLDEN = (math.sqrt(5) - 1) / 2
+from vlp3d.evaluation.scaling_fit import (
+    Design,
+    Estimate,
+    Extrapolation,
+    LawFit,
+    allocation,
+    extrapolation_check,
+    fit_law,
+    optimal_split,
+)
+
+AXES = {
+    "N": ("trainable_params", "trained parameters"),
+    "D": ("samples_seen", "training volumes seen (steps x global batch)"),
+    "C": ("train_flops", "training FLOPs (model FLOPs)"),
+}
+AXIS_KEYS = {"N": ("model.size",), "D": ("train.max_steps", "train.global_batch")}
+REPLICATE_KEYS = ("train.seed",)  # trials that differ only here are repeats of one design point
+REPEATED_EPOCHS = 4.0
+METRIC = "1 - macro AUROC"
+REPLICATES_COLUMN = "macro_auroc_replicates"
+
+
+def add_data_columns(table):
+    """`samples_seen` (steps x global batch), `epochs` (over the trial's unique volumes `n_train`) and
+    `repeated` (epochs > 4) for every trial of a table with `steps`, `global_batch`, `n_train`."""
+    table = table.copy()
+    table["samples_seen"] = table["steps"].astype(float) * table["global_batch"].astype(float)
+    table["epochs"] = table["samples_seen"] / table["n_train"].astype(float).where(table["n_train"] > 0)
+    table["repeated"] = table["epochs"] > REPEATED_EPOCHS
+    return table
 
 
 @dataclass
-class PowerLawFit:
-    """`y = a * x^(-alpha) + c`; `ok` is False (with `reason`) when there were too few points."""
+class ScalingResult:
+    """One fitted law over one group of trials (the trials equal in every other varied key)."""
 
-    n: int
-    distinct_x: int
-    ok: bool
-    reason: str = ""
-    a: float = math.nan
-    alpha: float = math.nan
-    c: float = math.nan
-    r2: float = math.nan
-    alpha_ci: tuple[float, float] = (math.nan, math.nan)
-    c_ci: tuple[float, float] = (math.nan, math.nan)
-    x_range: tuple[float, float] = (math.nan, math.nan)
-    n_boot: int = 0
-    extra: dict = field(default_factory=dict)
+    law: str  # "L(N)", "L(D)", "L(C)", "L(N, D)"
+    group: str
+    design: Design
+    fit: LawFit
+    trial_ids: list[str] = field(default_factory=list)
+    extrapolation: Extrapolation | None = None
+    allocation: dict[str, Estimate] = field(default_factory=dict)
+    optimal: dict[str, Estimate] = field(default_factory=dict)  # N_opt, D_opt at `compute`
+    compute: float = math.nan
+    left_out: str = ""  # trials kept out of this fit, and why
 
-    def predict(self, x) -> np.ndarray:
-        return self.a * np.asarray(x, dtype=float) ** (-self.alpha) + self.c
+    def rows(self) -> list[dict]:
+        """fits.csv: one row per parameter (and derived quantity) with its interval or why it has none."""
+        base = {"law": self.law, "group": self.group, "metric": METRIC, "points": self.fit.n, "ok": self.fit.ok,
+                "reason": self.fit.reason, "huber_delta": self.fit.delta, "n_boot": self.fit.n_boot,
+                "left_out": self.left_out}
+        if not self.fit.ok:
+            return [{**base, "parameter": "", "value": math.nan, "low": math.nan, "high": math.nan,
+                     "identified": False, "note": ""}]
+        named = {**self.fit.params, **self.allocation,
+                 **{f"{k} at C={self.compute:.3g}": v for k, v in self.optimal.items()}}
+        rows = [{**base, "parameter": name, "value": e.value, "low": e.low, "high": e.high,
+                 "identified": e.identified, "note": e.reason} for name, e in named.items()]
+        if self.extrapolation is not None:
+            check = self.extrapolation
+            rows.append({**base, "parameter": f"extrapolation to {check.axis}={check.x:.4g}",
+                         "value": check.predicted, "low": check.low, "high": check.high, "identified": check.ok,
+                         "note": check.describe(), "measured": check.measured, "inside": check.inside})
+        return rows
 
-    def as_row(self) -> dict:
-        """Flat columns for a fits table."""
-        return {"n": self.n, "distinct_x": self.distinct_x, "ok": self.ok, "reason": self.reason,
-                "a": self.a, "alpha": self.alpha, "alpha_low": self.alpha_ci[0], "alpha_high": self.alpha_ci[1],
-                "c": self.c, "c_low": self.c_ci[0], "c_high": self.c_ci[1], "r2": self.r2,
-                "x_min": self.x_range[0], "x_max": self.x_range[1], "n_boot": self.n_boot, "note": self.note,
-                **self.extra}
-
-    @property
-    def note(self) -> str:
-        """What a reader should know about a fit that worked: an exponent at the edge of its range
-        means the points do not pin it down (flat, rising, or saturated within the sampled x)."""
-        if not self.ok:
-            return ""
-        if self.alpha >= ALPHA_RANGE[1] * 0.999 or self.alpha <= ALPHA_RANGE[0] * 1.001:
-            return f"alpha at the edge of [{ALPHA_RANGE[0]:g}, {ALPHA_RANGE[1]:g}]: not determined by these points"
-        if self.a < 0:
-            return "the metric grows with x (a < 0)"
-        return ""
-
-    def describe(self) -> str:
-        if not self.ok:
-            return self.reason
-        return (f"alpha {self.alpha:.3f} [{self.alpha_ci[0]:.3f}, {self.alpha_ci[1]:.3f}], "
-                f"c {self.c:.4g} [{self.c_ci[0]:.4g}, {self.c_ci[1]:.4g}], R2 {self.r2:.3f} (n={self.n})")
-
-
-def _least_squares(u: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Least-squares (a, c) of y ~ a*u + c with c >= 0 (refit through the origin where the free
-    optimum has c < 0), and the residual sum of squares. `u`, `y` broadcast; the last axis holds
-    the n points; a, c and rss have the broadcast shape without it."""
-    u, y = np.broadcast_arrays(u, y)
-    u_mean, y_mean = u.mean(axis=-1), y.mean(axis=-1)
-    du = u - u_mean[..., None]
-    var = (du**2).sum(axis=-1)
-    a = (du * (y - y_mean[..., None])).sum(axis=-1) / np.where(var > 0, var, 1.0)
-    c = y_mean - a * u_mean
-    through_origin = c < 0
-    uu = (u**2).sum(axis=-1)
-    a = np.where(through_origin, (u * y).sum(axis=-1) / np.where(uu > 0, uu, 1.0), a)
-    c = np.where(through_origin, 0.0, c)
-    rss = ((a[..., None] * u + c[..., None] - y) ** 2).sum(axis=-1)
-    return a, c, rss
+    def lines(self) -> list[str]:
+        """What `vlp3d sweep report` prints for this law."""
+        title = f"{self.law}, {self.group}: {METRIC} = E + " + " + ".join(
+            f"A_{a}/{a}^alpha_{a}" for a in self.fit.axes)
+        if not self.fit.ok:
+            return [title, f"  no fit: {self.fit.reason}"] + ([f"  {self.left_out}"] if self.left_out else [])
+        out = [title + f"  ({self.fit.n} trials; Huber delta {self.fit.delta:.3g} on log residuals; "
+                       f"{self.fit.n_boot} bootstrap refits)"]
+        out += [f"  {name}: {e.describe()}" for name, e in self.fit.params.items()]
+        if self.allocation:
+            out.append("  compute-optimal allocation (C = 6 N D): N_opt ~ C^a, D_opt ~ C^b")
+            out += [f"    {name}: {e.describe()}" for name, e in self.allocation.items()]
+            out += [f"    {name} at C = {self.compute:.3g} FLOPs: {e.describe()}" for name, e in self.optimal.items()]
+        if self.extrapolation is not None:
+            out.append(f"  extrapolation: {self.extrapolation.describe()}")
+        out += [f"  {note}" for note in self.fit.notes] + ([f"  {self.left_out}"] if self.left_out else [])
+        return out
 
 
-def _fit_scaled(log_x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(a', alpha, c) of y = a' * exp(-alpha * log_x) + c for each row of y [B, n] (x scaled to ~1)."""
-    u_grid = np.exp(-_GRID[:, None] * log_x[None])  # [K, n]
-    rss = _least_squares(u_grid[None], y[:, None])[2]  # [B, K]
-    best = rss.argmin(axis=1)
-    lo = np.log(_GRID[np.maximum(best - 1, 0)])
-    hi = np.log(_GRID[np.minimum(best + 1, len(_GRID) - 1)])
-
-    def rss_at(log_alpha: np.ndarray) -> np.ndarray:
-        return _least_squares(np.exp(-np.exp(log_alpha)[:, None] * log_x[None]), y)[2]
-
-    # golden-section search on log(alpha) inside each row's bracketing grid cells
-    p, q = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-    fp, fq = rss_at(p), rss_at(q)
-    for _ in range(40):
-        left = fp < fq
-        hi, lo = np.where(left, q, hi), np.where(left, lo, p)
-        p_new, q_new = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-        p, q = np.where(left, p_new, q), np.where(left, p, q_new)
-        fp, fq = np.where(left, rss_at(p), fq), np.where(left, fp, rss_at(q))
-    alpha = np.exp((lo + hi) / 2)
-    a, c, _ = _least_squares(np.exp(-alpha[:, None] * log_x[None]), y)
-    return a, alpha, c
+def _groups(rows, keys: list[str]):
+    """(label, rows) per combination of `keys` ('all trials' when none varies)."""
+    if not keys:
+        yield "all trials", rows
+        return
+    for values, group in rows.groupby(keys, sort=True, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        yield " ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)), group
 
 
-def _modified_residuals(residuals: np.ndarray, a: float, alpha: float, log_x: np.ndarray) -> np.ndarray:
-    """Residuals divided by sqrt(1 - leverage) (leverage from the fit's Jacobian), centred: raw
-    residuals of a 3-parameter fit to a few points are too small, and the intervals too narrow."""
-    u = np.exp(-alpha * log_x)
-    jacobian = np.stack([u, -a * u * log_x, np.ones_like(u)], axis=1)
-    leverage = np.einsum("ij,jk,ik->i", jacobian, np.linalg.pinv(jacobian.T @ jacobian), jacobian)
-    modified = residuals / np.sqrt(np.clip(1 - leverage, 1e-3, None))
-    return modified - modified.mean()
+def _design(rows, axes: tuple[str, ...]) -> Design:
+    x = np.column_stack([rows[AXES[a][0]].to_numpy(dtype=float) for a in axes])
+    y = 1.0 - rows["macro_auroc"].to_numpy(dtype=float)
+    replicates = None
+    if len(rows) and REPLICATES_COLUMN in rows and rows[REPLICATES_COLUMN].map(_length).gt(0).all():
+        width = min(rows[REPLICATES_COLUMN].map(_length))
+        replicates = 1.0 - np.array([np.asarray(r, dtype=float)[:width] for r in rows[REPLICATES_COLUMN]])
+    return Design(axes, x, y, replicates)
 
 
-def fit_power_law(x, y, n_boot: int = 1000, seed: int = 0) -> PowerLawFit:
-    """Fit `y = a * x^(-alpha) + c` (a real, alpha in [0.001, 4], c >= 0) with bootstrap 95% intervals.
-
-    Needs at least 4 finite points over at least 3 distinct x; otherwise returns `ok=False` with
-    the reason (the caller still tabulates and plots the points).
-    """
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
-    x, y = x[keep], y[keep]
-    n, distinct = len(x), len(np.unique(x))
-    if n < MIN_POINTS or distinct < MIN_DISTINCT_X:
-        return PowerLawFit(n=n, distinct_x=distinct, ok=False,
-                           reason=f"too few points for a fit: {n} point(s) over {distinct} distinct x "
-                                  f"(need >= {MIN_POINTS} points over >= {MIN_DISTINCT_X} values)")
-    x_ref = float(np.exp(np.log(x).mean()))  # scale x to ~1 so x^-alpha stays well conditioned
-    log_x = np.log(x / x_ref)
-    a_scaled, alpha, c = (float(v[0]) for v in _fit_scaled(log_x, y[None]))
-    fitted = a_scaled * np.exp(-alpha * log_x) + c
-    residuals = y - fitted
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float((residuals**2).sum()) / ss_tot if ss_tot > 0 else math.nan
-    alphas = cs = np.empty(0)
-    if n_boot > 0:
-        rng = np.random.default_rng(seed)
-        centred = _modified_residuals(residuals, a_scaled, alpha, log_x)
-        resampled = fitted + centred[rng.integers(0, n, size=(n_boot, n))]
-        _, alphas, cs = _fit_scaled(log_x, resampled)
-
-    def interval(values: np.ndarray) -> tuple[float, float]:
-        if not len(values):
-            return (math.nan, math.nan)
-        return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
-
-    return PowerLawFit(n=n, distinct_x=distinct, ok=True, a=a_scaled * x_ref**alpha, alpha=alpha, c=c, r2=r2,
-                       alpha_ci=interval(alphas), c_ci=interval(cs), x_range=(float(x.min()), float(x.max())),
-                       n_boot=n_boot)
+def _length(value) -> int:
+    return len(value) if isinstance(value, list | tuple | np.ndarray) else 0
 
 
 def compute_frontier(compute, metric) -> np.ndarray:
@@ -180,93 +148,57 @@ def compute_frontier(compute, metric) -> np.ndarray:
     return np.asarray(frontier, dtype=int)
 
 
-# --- a sweep's trial table -> fitted series -------------------------------------------------------
-
-METRICS = {"val_loss": "validation loss", "1-auroc": "1 - zero-shot macro AUROC"}
-# axis -> (table column of x, axis label, config keys whose variation moves along the axis)
-AXES = {
-    "data": ("n_train", "training volumes", ("data.fraction",)),
-    "params": ("encoder_params", "image-encoder parameters", ("model.size",)),
-    "compute": ("train_flops", "training FLOPs", ("data.fraction", "model.size")),
-}
-REPLICATE_KEYS = ("train.seed",)  # trials that differ only here are repeats of one point
-
-
-@dataclass
-class ScalingSeries:
-    """One fitted series: `metric` over one axis for one group of otherwise equal trials.
-    `y_low`/`y_high`: error-bar ends per point (the AUROC interval; NaN for the loss)."""
-
-    metric: str
-    axis: str
-    group: str
-    x: np.ndarray
-    y: np.ndarray
-    y_low: np.ndarray
-    y_high: np.ndarray
-    fit: PowerLawFit
-    curves: object = None  # compute axis: every trial's (flops, val_loss) curve, for the plot
-
-    def as_row(self) -> dict:
-        return {"metric": self.metric, "axis": self.axis, "group": self.group, **self.fit.as_row()}
-
-
-def metric_values(rows, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(y, error-bar low, error-bar high) of `metric` for table rows."""
-    if metric == "val_loss":
-        y = rows["val_loss"].to_numpy(dtype=float)
-        return y, np.full_like(y, np.nan), np.full_like(y, np.nan)
-    return (1 - rows["macro_auroc"].to_numpy(dtype=float), 1 - rows["macro_auroc_ci_high"].to_numpy(dtype=float),
-            1 - rows["macro_auroc_ci_low"].to_numpy(dtype=float))
-
-
-def _groups(rows, keys: list[str]):
-    """(label, rows) per combination of `keys` ('all' when no key varies)."""
-    if not keys:
-        yield "all", rows
-        return
-    for values, group in rows.groupby(keys, sort=True, dropna=False):
-        values = values if isinstance(values, tuple) else (values,)
-        yield " ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)), group
-
-
-def scaling_series(table, curves, varied: list[str], n_boot: int = 1000, seed: int = 0) -> list[ScalingSeries]:
-    """Power-law fits over a sweep's finished trials.
-
-    - data: each metric over training volumes, one fit per combination of the other varied keys
-      (replicates, i.e. `train.seed`, are pooled as repeated points);
-    - params: each metric over image-encoder parameters, per combination of the others;
-    - compute: the validation loss's compute-optimal frontier (lower envelope of every trial's
-      validation curve over cumulative training FLOPs) and the final 1 - AUROC frontier over each
-      trial's total FLOPs, per combination of the keys other than data and model size.
-
-    `table`: one row per trial (status, n_train, encoder_params, train_flops, val_loss, macro_auroc
-    with its CI, and a column per varied key); `curves`: one row per validation (trial_id, flops,
-    val_loss). An axis whose keys do not vary is skipped.
-    """
-    finished = table[table["status"] == "finished"]
-    out: list[ScalingSeries] = []
-    for axis, (column, _, axis_keys) in AXES.items():
-        if not any(k in varied for k in axis_keys):
-            continue
-        group_keys = [k for k in varied if k not in axis_keys and k not in REPLICATE_KEYS]
-        for label, rows in _groups(finished, group_keys):
-            if axis == "compute":
-                trial_curves = curves[curves["trial_id"].isin(rows["trial_id"])]
-                keep = compute_frontier(trial_curves["flops"], trial_curves["val_loss"])
-                x = trial_curves["flops"].to_numpy(dtype=float)[keep]
-                y = trial_curves["val_loss"].to_numpy(dtype=float)[keep]
-                nan = np.full_like(y, np.nan)
-                out.append(ScalingSeries("val_loss", axis, label, x, y, nan, nan,
-                                         fit_power_law(x, y, n_boot, seed), curves=trial_curves))
-                y, low, high = metric_values(rows, "1-auroc")
-                keep = compute_frontier(rows[column], y)
-                x = rows[column].to_numpy(dtype=float)[keep]
-                out.append(ScalingSeries("1-auroc", axis, label, x, y[keep], low[keep], high[keep],
-                                         fit_power_law(x, y[keep], n_boot, seed)))
-                continue
-            x = rows[column].to_numpy(dtype=float)
-            for metric in METRICS:
-                y, low, high = metric_values(rows, metric)
-                out.append(ScalingSeries(metric, axis, label, x, y, low, high, fit_power_law(x, y, n_boot, seed)))
+def scaling_results(table, varied: list[str], n_boot: int = 1000, seed: int = 0,
+                    fit_repeated_data: bool = False) -> list[ScalingResult]:
+    """Every law the sweep's design supports, fitted over its finished trials: L(N) per group of the
+    other varied keys when model.size varies, L(D) when train.max_steps or train.global_batch does, L(C)
+    over the compute frontier and the joint L(N, D) with the allocation when both do. `varied`: the
+    config keys that differ between trials (a `variant` column groups like any of them)."""
+    if not len(table) or "macro_auroc" not in table:
+        return []
+    moving = {axis: [k for k in keys if k in varied] for axis, keys in AXIS_KEYS.items()}
+    laws = [(f"L({axis})", (axis,)) for axis in ("N", "D") if moving[axis]]
+    if laws:
+        laws.append(("L(C)", ("C",)))
+    if moving["N"] and moving["D"]:
+        laws.append(("L(N, D)", ("N", "D")))
+    finished = table[(table["status"] == "finished") & np.isfinite(table["macro_auroc"].to_numpy(dtype=float))]
+    groupers = [*varied, *(["variant"] if "variant" in table and table["variant"].nunique() > 1 else [])]
+    out = []
+    for law, axes in laws:
+        on_axis = {k for a in (("N", "D") if axes == ("C",) else axes) for k in moving[a]}
+        keys = [k for k in groupers if k not in on_axis and k not in REPLICATE_KEYS and k in table]
+        for label, rows in _groups(finished, keys):
+            left_out = ""
+            if not fit_repeated_data and "repeated" in rows and rows["repeated"].any():
+                count = int(rows["repeated"].sum())
+                left_out = (f"{count} trial(s) beyond {REPEATED_EPOCHS:g} epochs over their unique volumes left out "
+                            "(repeated data; tune.fit_repeated_data = true keeps them)")
+                rows = rows[~rows["repeated"].astype(bool)]
+            if axes == ("C",):
+                rows = rows.iloc[compute_frontier(rows[AXES["C"][0]], 1.0 - rows["macro_auroc"])]
+            design = _design(rows, axes)
+            fit = fit_law(design, n_boot=n_boot, seed=seed)
+            result = ScalingResult(law, label, design, fit, [str(t) for t in rows["trial_id"]], left_out=left_out)
+            if fit.ok:
+                extrapolate = "D" if "D" in axes else axes[0]
+                result.extrapolation = extrapolation_check(design, extrapolate, n_boot=n_boot, seed=seed)
+                if axes == ("N", "D"):
+                    result.allocation = allocation(fit)
+                    result.compute = float(np.nanmax(rows[AXES["C"][0]].to_numpy(dtype=float)))
+                    result.optimal = optimal_split(fit, result.compute)
+            out.append(result)
     return out
+
+
+FITS_COLUMNS = ["law", "group", "metric", "parameter", "value", "low", "high", "identified", "note", "points", "ok",
+                "reason", "huber_delta", "n_boot", "left_out"]
+
+
+def fits_table(results: list[ScalingResult]):
+    """fits.csv: one row per parameter of every law (its columns even when no law was fitted)."""
+    import pandas as pd
+
+    rows = [row for result in results for row in result.rows()]
+    extra = [c for row in rows for c in row if c not in FITS_COLUMNS]
+    return pd.DataFrame(rows, columns=[*FITS_COLUMNS, *dict.fromkeys(extra)])

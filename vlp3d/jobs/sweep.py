@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from vlp3d.errors import InputError
 from vlp3d.jobs.common import (
     add_config_arguments,
     config_keys_epilog,
+    resolve_config,
     resolve_config_with_sources,
     run_main,
     run_store,
@@ -24,10 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "tune.variants named groups of keys set together. Each trial pretrains on Ray Train (cluster.* "
         "workers), reports its validation loss every train.val_every steps (tune.scheduler = 'asha' stops "
         "poor trials on it) and is evaluated on data.eval_split like `vlp3d evaluate`. MLflow: one parent "
-        "run per sweep (search space, trial table, fits, plots), one child run per trial. At the end, "
-        "y = a * x^-alpha + c is fitted (bootstrap 95% intervals) for the validation loss and 1 - AUROC "
-        "over training volumes, encoder parameters and the compute frontier. Output: "
-        "<tracking.workdir>/sweeps/NAME/ (trials.csv/.parquet, fits.csv, plots/*.png)."
+        "run per sweep (search space, trial table, fits, plots), one child run per trial. Trials are selected on "
+        "data.eval_split and every reported figure is on tune.report_split ('test'; carved from data.eval_split's "
+        "patients when the shards have none). At the end, 1 - AUROC = E + A/x^alpha is fitted in log space (Huber "
+        "loss; 95% bootstrap intervals over trials and evaluation examples) over trained parameters N, volumes seen "
+        "D and FLOPs C, jointly over N and D with the compute-optimal allocation, each with an extrapolation check. "
+        "Output: <tracking.workdir>/sweeps/NAME/ (report.txt, trials.csv/.parquet, fits.csv, plots/*.png). "
+        "`vlp3d sweep report NAME` re-fits a finished sweep from what it stored, without running a trial."
     )
     parser.epilog = config_keys_epilog()
     add_config_arguments(parser, config_required=False)
@@ -49,39 +54,32 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def render(result) -> str:
-    """The summary a user reads at the end of `vlp3d sweep`: trials, fits, where everything is."""
+    """The summary a user reads at the end of `vlp3d sweep` (and `vlp3d sweep report`): the sweep's report
+    (trials, laws with intervals, extrapolation, allocation), then where everything is."""
     table = result.table
     keys = [k for k in result.display_keys if k in table]
-    lines = []
-    rows = []
     if "finetune.init" in table:  # a label-efficiency sweep (tune.trial = 'finetune')
         return render_finetune(result, keys)
+    rows = []
     for record in table.to_dict("records"):
         auroc = record.get("macro_auroc", math.nan)
         interval = (f"{_fmt(auroc)} [{_fmt(record.get('macro_auroc_ci_low'))}, "
                     f"{_fmt(record.get('macro_auroc_ci_high'))}]")
+        epochs = record.get("epochs", math.nan)
         rows.append([record["trial_id"], record["status"], *(record[k] for k in keys), record["n_train"],
-                     _fmt(record["encoder_params"] / 1e6, 2), f"{record['train_flops']:.2e}",
-                     _fmt(record["val_loss"], 4), interval, _fmt(record.get("v2r_r5")), f"{record['wall_s']:.0f} s"])
-    lines.append(format_table(rows, ["trial", "status", *keys, "volumes", "params M", "FLOPs", "val loss",
-                                     "AUROC [95% CI]", "v->r R@5", "wall"],
-                              title=f"sweep {result.name}: trials (held-out AUROC; pool "
-                                    f"{_pool(table)})"))
-    if len(result.fits):
-        fit_rows = []
-        for fit in result.fits.itertuples(index=False):
-            if fit.ok:
-                fit_rows.append([fit.metric, fit.axis, fit.group, f"{fit.alpha:.3f} [{fit.alpha_low:.3f}, "
-                                 f"{fit.alpha_high:.3f}]", f"{fit.c:.4g} [{fit.c_low:.4g}, {fit.c_high:.4g}]",
-                                 _fmt(fit.r2), fit.n, fit.note if isinstance(fit.note, str) else ""])
-            else:
-                fit_rows.append([fit.metric, fit.axis, fit.group, "-", "-", "-", fit.n, fit.reason])
-        lines.append(format_table(fit_rows, ["metric", "over", "group", "alpha [95% CI]", "c [95% CI]", "R2", "points",
-                                             "note"],
-                                  title="scaling fits: y = a * x^-alpha + c (x: training volumes, encoder "
-                                        "parameters, or training FLOPs on the compute frontier)"))
-    else:
-        lines.append("scaling fits: none (neither data.fraction nor model.size varies)")
+                     f"{_fmt(epochs, 1)}{' (repeated)' if record.get('repeated') else ''}",
+                     _fmt(record.get("trainable_params", math.nan) / 1e6, 2), f"{record['train_flops']:.2e}",
+                     _fmt(record.get("select_macro_auroc")), interval, _fmt(record.get("v2r_r5")),
+                     f"{record['wall_s']:.0f} s"])
+    lines = [format_table(rows, ["trial", "status", *keys, "unique vols", "epochs", "trained M", "FLOPs",
+                                 f"AUROC {result.select_split}", f"AUROC {result.report_split} [95% CI]",
+                                 "v->r R@5", "wall"],
+                          title=f"sweep {result.name}: trials (selected on '{result.select_split}', reported on "
+                                f"'{result.report_split}'; retrieval pool {_pool(table)})")]
+    laws = [line for law in result.laws for line in law.lines()]
+    lines.append("\n".join([f"scaling laws of 1 - macro AUROC on '{result.report_split}' (95% bootstrap intervals):",
+                             *laws]) if laws else
+                 "scaling laws: none (tune.space varies neither model.size nor train.max_steps / train.global_batch)")
     return "\n\n".join(lines + _footer(result, table))
 
 
@@ -107,7 +105,8 @@ def _footer(result, table) -> list[str]:
         lines.append(format_table(failed[["trial_id", "label", "error"]].values.tolist(), ["trial", "config", "error"],
                                   title="failed trials (their Ray logs are in the sweep folder's trial folders)"))
     if result.best_trial:
-        lines.append(f"best trial: {result.best_trial}")
+        where = f" (selected on '{result.select_split}')" if getattr(result, "select_split", "") else ""
+        lines.append(f"best trial{where}: {result.best_trial}")
     lines.append(f"{len(table)} trials in {result.elapsed_s:.0f} s; folder {result.folder}")
     lines.append("plots:   " + ", ".join(str(p.name) for p in result.figures) + f" (in {result.folder / 'plots'})")
     lines.append(f"mlflow:  parent run {result.parent_run_id}; mlflow ui --backend-store-uri {result.tracking_uri}")
@@ -119,7 +118,23 @@ def _pool(table) -> str:
     return ", ".join(map(str, pools)) or "-"
 
 
+REPORT = "report"  # `vlp3d sweep report NAME [overrides]`: re-fit a finished sweep from what it stored
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.config == REPORT and not os.path.exists(REPORT):
+        from vlp3d.platform.sweep import report_sweep, stored_config
+
+        if not args.overrides or "=" in args.overrides[0]:
+            raise InputError("vlp3d sweep report NAME: give the sweep's name (or its folder, "
+                             "<tracking.workdir>/sweeps/NAME), e.g. vlp3d sweep report scaling-demo "
+                             "tracking.workdir=vlp3d-runs/demo")
+        name, overrides = args.overrides[0], args.overrides[1:]
+        workdir = resolve_config(argparse.Namespace(config=None, overrides=overrides)).tracking.workdir
+        cfg, name = stored_config(workdir, name)
+        result = report_sweep(cfg, name)
+        print("\n" + render(result))
+        return 0
     cfg, sources = resolve_config_with_sources(args)
     if args.dry_run and not args.resume:
         return dry_run(args, cfg, sources)

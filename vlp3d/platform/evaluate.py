@@ -14,12 +14,14 @@ from vlp3d.config import ExperimentConfig
 from vlp3d.data.patients import (
     PatientKeyError,
     leaked_patients,
+    part_patients,
     patient_key,
     split_hash,
     split_patients,
     unkeyed_fingerprint,
 )
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files
+from vlp3d.data.splits import parse_split
 from vlp3d.errors import InputError
 from vlp3d.evaluation.metrics import paired_bootstrap
 from vlp3d.evaluation.probe import DEFAULT_FRACTIONS, ProbeSplit, compare_probes, linear_probe
@@ -32,6 +34,7 @@ from vlp3d.evaluation.zeroshot import (
     per_volume_metric,
 )
 from vlp3d.platform.mlflow import models, registry, runs, store
+from vlp3d.platform.ray_data import filter_split
 from vlp3d.platform.runtime import init_ray
 
 logger = logging.getLogger(__name__)
@@ -45,20 +48,20 @@ class EvaluateReport:
     run_id: str | None
     split: str
     shard_dir: Path | str  # a URI when the shards are on one
+    patients: np.ndarray | None = None  # per evaluated row (in memory only: resampling by patient, never logged)
 
 
 def read_split(shard_dir: Path | str, split: str, batch_size: int = 64, columns: list[str] | None = None):
     """Yield numpy batches of one split's evaluation columns (or `columns`) via Ray Data."""
     import ray
-    from ray.data.expressions import col
 
     columns = columns or EVAL_COLUMNS
     files = shard_files(shard_dir, "ct")  # not the folder: read_parquet would recurse into xray/
     if not files:
         raise InputError(f"{shard_dir}: no CT shard files (*.parquet)")
     fs, paths = storage.for_reading(files)  # shards on a URI: read through its pyarrow filesystem
-    ds = ray.data.read_parquet(paths, columns=columns + ["split"], filesystem=fs)
-    ds = ds.filter(expr=col("split") == split)
+    ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys([*columns, "split", "patient_id"])), filesystem=fs)
+    ds = filter_split(ds, split)
     yield from ds.select_columns(columns).iter_batches(batch_size=batch_size, batch_format="numpy")
 
 
@@ -118,7 +121,7 @@ def check_leakage(tracking_uri: str, run_id: str | None, embedder, shard_dir: Pa
     of its pretraining patients (runs.log_pretraining_patients), compared under the same patient key
     (a record of another key is refused: the check could not see anything); for a run without that
     record, the shards' own pretraining split counts when they hold the model's data (same data hash)."""
-    evaluated = split_patients(shard_dir).get(split, set())
+    evaluated = part_patients(shard_dir, split)
     record = runs.pretraining_patients(tracking_uri, run_id) if run_id else None
     train_split = embedder.cfg.data.train_split
     if record is not None:
@@ -185,28 +188,29 @@ def evaluate(model_uri: str, shards: str, tracking_uri: str, split: str = "valid
     if log and run_id:
         from vlp3d.evaluation.plots import reliability_figure, roc_figure
 
-        prefix = f"eval/{split}/"
+        name = parse_split(split).key  # 'valid', or 'valid_0.5-1' for a part of a split (vlp3d.data.splits)
+        prefix = f"eval/{name}/"
         figures = {}
         # plots belong to a model card: a registered version's run (not every sweep trial's)
         if result.label_names and registry.registered_versions(tracking_uri, run_id):
-            figures = {f"{split}_roc": roc_figure(result.targets, result.probabilities, result.label_names,
+            figures = {f"{name}_roc": roc_figure(result.targets, result.probabilities, result.label_names,
                                                   f"zero-shot ROC per finding, split '{split}' (n={result.n})"),
-                       f"{split}_reliability": reliability_figure(
+                       f"{name}_reliability": reliability_figure(
                            result.targets, result.probabilities, result.label_names,
                            title=f"reliability of zero-shot probabilities, split '{split}'")}
         runs.log_evaluation(
             run_id, tracking_uri, {prefix + k: v for k, v in result.metrics.items()},
-            {f"{split}_zero_shot": result.per_label, f"{split}_retrieval": result.retrieval,
-             f"{split}_prompt_sets": result.prompt_sets}, figures,
-            tags={f"vlp3d.eval.{split}.split_hash": split_hash(shard_dir, split)},
+            {f"{name}_zero_shot": result.per_label, f"{name}_retrieval": result.retrieval,
+             f"{name}_prompt_sets": result.prompt_sets}, figures,
+            tags={f"vlp3d.eval.{name}.split_hash": split_hash(shard_dir, split)},
         )
-    return EvaluateReport(result, run_id, split, shard_dir)
+    return EvaluateReport(result, run_id, split, shard_dir, data.patients)
 
 
-def evaluate_as_configured(cfg: ExperimentConfig, model_uri: str) -> EvaluateReport:
-    """`evaluate` on `cfg`'s shards and held-out split with its `eval.*` settings, logged to its
-    MLflow store: what the demo and every sweep trial run after training."""
-    return evaluate(model_uri, cfg.data.shards, store.uri(cfg), split=cfg.data.eval_split,
+def evaluate_as_configured(cfg: ExperimentConfig, model_uri: str, split: str = "") -> EvaluateReport:
+    """`evaluate` on `cfg`'s shards and held-out split (or `split`) with its `eval.*` settings, logged to
+    its MLflow store: what the demo and every sweep trial run after training."""
+    return evaluate(model_uri, cfg.data.shards, store.uri(cfg), split=split or cfg.data.eval_split,
                     batch_size=cfg.eval.batch_size, n_boot=cfg.eval.bootstrap, labels=cfg.eval.labels,
                     prompts=cfg.eval.prompts, prompt_ensemble=cfg.eval.prompt_ensemble)
 

@@ -5,16 +5,33 @@ one process (`preserve_order`)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from vlp3d import storage
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.shards import LABEL_MAP, shard_files
+from vlp3d.data.splits import parse_split
 from vlp3d.errors import InputError
 from vlp3d.objectives import objective_class
 from vlp3d.train.tasks import finetune as finetune_task
 from vlp3d.train.tasks import pretrain as pretrain_task
+
+
+def filter_split(ds, split: str):
+    """Rows of a split, or of a part of one ('valid[0:0.5]': by patient, vlp3d.data.splits); a part needs
+    the `patient_id` column. The part's filter asks for a small CPU share: while a trial trains, its
+    workers hold the CPUs (a sweep trial keeps only tune.trial_cpus)."""
+    from ray.data.expressions import col
+
+    part = parse_split(split)
+    ds = ds.filter(expr=col("split") == part.split)
+    if not part.whole:
+        with warnings.catch_warnings():  # "use 'expr' instead of 'fn'": no expression hashes a patient id
+            warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'", category=UserWarning)
+            ds = ds.filter(lambda row: part.contains(row["patient_id"]), num_cpus=0.1)
+    return ds
 
 
 def shard_dataset(cfg: ExperimentConfig, files: Sequence[str], columns: Sequence[str], split: str,
@@ -27,8 +44,9 @@ def shard_dataset(cfg: ExperimentConfig, files: Sequence[str], columns: Sequence
 
     columns = list(columns)
     fs, paths = storage.for_reading(list(files))
-    ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys([*columns, "split", "fraction_rank"])), filesystem=fs)
-    ds = ds.filter(expr=col("split") == split)
+    ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys([*columns, "split", "fraction_rank", "patient_id"])),
+                               filesystem=fs)
+    ds = filter_split(ds, split)
     if fraction < 1.0:
         ds = ds.filter(expr=col("fraction_rank") < fraction)
     if limit:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -35,6 +36,13 @@ class RowSource(Protocol):
     def blocks(self) -> Iterator[Block]: ...
 
 
+# splits held by this process for the next run in it: the trials of a sweep that Tune runs one after another
+# in one reused actor (one-worker trials, tune.trial_runtime 'auto'/'local') read the same shards once. Keyed by
+# what was read (files and their sizes, columns, split, fraction, limit); the last few kept.
+_HELD: OrderedDict[tuple, list[Block]] = OrderedDict()
+HELD_SPLITS = 3
+
+
 class LocalRows:
     """A split of shard files read in this process (no Ray): `columns` of the rows in `split` inside the
     nested `fraction` subset (with a non-empty `nonempty` column when given), at most `limit` rows;
@@ -45,9 +53,10 @@ class LocalRows:
                  fraction: float = 1.0, limit: int = 0, materialize: str = "auto", nonempty: str = ""):
         self.files, self.columns, self.split, self.fraction, self.limit = list(files), list(columns), split, fraction, limit
         self.nonempty = nonempty
-        size = sum(storage.file_sizes(self.files)) if self.files else 0
-        self.keep = materialize == "always" or (materialize == "auto" and 2 * size <= MEMORY_SHARE * _memory_bytes())
-        self._held: list[Block] | None = None
+        sizes = storage.file_sizes(self.files) if self.files else []
+        self.keep = materialize == "always" or (materialize == "auto" and 2 * sum(sizes) <= MEMORY_SHARE * _memory_bytes())
+        self._key = (tuple(self.files), tuple(sizes), tuple(self.columns), split, fraction, limit, nonempty)
+        self._held: list[Block] | None = _HELD.get(self._key) if self.keep else None
 
     def blocks(self) -> Iterator[Block]:
         if self._held is not None:
@@ -59,7 +68,10 @@ class LocalRows:
                 held.append(block)
             yield block
         if self.keep:
-            self._held = held
+            self._held = _HELD[self._key] = held
+            _HELD.move_to_end(self._key)
+            while len(_HELD) > HELD_SPLITS:
+                _HELD.popitem(last=False)
 
     def rows(self) -> int:
         return sum(block_rows(b) for b in self.blocks())

@@ -9,7 +9,6 @@ compile step and the fault drills. It reads top to bottom:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -22,12 +21,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from vlp3d.config import ExperimentConfig
 from vlp3d.errors import InputError
 from vlp3d.train import checkpoint as checkpoints
 from vlp3d.train.feed import DeviceBatches
+from vlp3d.train.flops import model_flops
 from vlp3d.train.runtime import Runtime, checkpoint_folder
 from vlp3d.train.step import TermBalancer, compile_errors, grad_scaler, train_step
 
@@ -283,20 +282,21 @@ def run(task: Task, runtime: Runtime, cfg: ExperimentConfig, options: LoopOption
         if any(mode == "nan" and rank == target and step + 1 >= at for at, target, mode in faults):
             _poison(batch, task.image_keys)
         module.train()
-        # FLOPs of one step (forward + backward, matmuls/convs/attention), counted by torch on rank 0
-        # (not on the compiling step: a first call under FlopCounterMode would leave the module eager)
-        counter = FlopCounterMode(display=False) if rank == 0 and not compute["flops_per_step"] and not compiling else None
+        # model FLOPs of one step (vlp3d.train.flops: forward x3 for what trains, x1 for what is frozen, never
+        # recomputation), on every rank (a loss may gather in its forward), not on the compiling step (a first
+        # call under FlopCounterMode would leave the module eager)
+        if not compute["flops_per_step"] and not compiling:
+            counted = model_flops(task.module, batch, cfg.train.precision, task.micro_batch)
+            compute.update(counted, flops_per_step=counted["flops_per_step"] * world_size)
+            if tracker is not None and not resumed_from:  # MLflow params are write-once
+                tracker.log_params({f"compute/{k}": v for k, v in compute.items()})
         effective = balancer.effective()  # the weights of this step (balancing moves them after it)
-        with counter or contextlib.nullcontext(), compile_errors():
+        with compile_errors():
             metrics = train_step(module, effective, batch, task.optimizer, task.scheduler, cfg.train.precision,
                                  scaler, after_step=lambda s=step + 1: task.after_step(s),
                                  measure_params=measured if measured and balancer.due(step + 1) else None,
                                  lr_group=task.lr_group, micro_batch=task.micro_batch)
         term_norms = metrics.pop("term_norms", None)
-        if counter is not None:
-            compute["flops_per_step"] = counter.get_total_flops() * world_size
-            if tracker is not None and not resumed_from:  # MLflow params are write-once
-                tracker.log_params({f"compute/{k}": v for k, v in compute.items()})
         step += 1
         if compiling:
             if device.type == "cuda":

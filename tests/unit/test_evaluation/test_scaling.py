@@ -1,61 +1,74 @@
-"""Scaling-law fits: known exponents recovered, bootstrap intervals that cover, the compute frontier."""
-
-import math
+"""A sweep's trial table -> its scaling laws: which trials enter which fit (finished ones, repeated data
+left out), the laws its design supports, the allocation of a joint fit, the compute frontier."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from vlp3d.evaluation.scaling import compute_frontier, fit_power_law, scaling_series
+from vlp3d.evaluation.scaling import add_data_columns, compute_frontier, fits_table, scaling_results
 
-SIZES = np.array([50, 100, 200, 400, 800, 1600], dtype=float)
-
-
-@pytest.mark.parametrize(("a", "alpha", "c"), [(20.0, 0.45, 1.2), (3.0, 0.3, 0.3), (500.0, 1.1, 2.5), (8.0, 0.7, 0.0)])
-def test_fit_recovers_known_exponent_from_noisy_data(a, alpha, c):
-    rng = np.random.default_rng(7)
-    x = np.repeat(SIZES, 2)  # two seeds per data size, as a sweep with train.seed = [0, 1]
-    clean = a * x**-alpha + c
-    y = clean * (1 + 0.005 * rng.standard_normal(len(x)))
-    fit = fit_power_law(x, y, n_boot=200)
-    assert fit.ok and fit.n == 12 and fit.distinct_x == 6
-    assert fit.alpha == pytest.approx(alpha, rel=0.05)
-    assert abs(fit.c - c) <= 0.1 * (clean.max() - c)  # within a tenth of the reducible part
-    assert fit.alpha_ci[0] <= fit.alpha <= fit.alpha_ci[1]
-    assert fit.r2 > 0.99
-    assert np.allclose(fit.predict(x), clean, rtol=0.02)
+SIZES = {"tiny": 0.9e6, "small": 3.4e6, "base": 7.3e6, "large": 29e6}
+STEPS = (25, 50, 100, 200)
 
 
-def test_exact_power_law_is_recovered_exactly():
-    y = 20.0 * SIZES**-0.45 + 1.2
-    fit = fit_power_law(SIZES, y, n_boot=0)
-    assert (fit.a, fit.alpha, fit.c) == pytest.approx((20.0, 0.45, 1.2), rel=1e-4)
-    assert fit.r2 == pytest.approx(1.0)
-    assert math.isnan(fit.alpha_ci[0])  # no bootstrap asked for
+def sweep_table(rng, fraction=1.0, n_train=404, batch=8):
+    rows = []
+    for size, params in SIZES.items():
+        for steps in STEPS:
+            samples = steps * batch
+            law = 0.10 + 9.2 * params**-0.3 + 2.83 * samples**-0.5
+            y = law * np.exp(0.01 * rng.standard_normal())
+            replicates = y * np.exp(0.01 * rng.standard_normal(50))
+            rows.append({"trial_id": f"{size}-{steps}", "status": "finished", "model.size": size,
+                         "train.max_steps": steps, "data.fraction": fraction, "steps": steps, "global_batch": batch,
+                         "n_train": n_train, "trainable_params": params, "train_flops": 6 * params * samples,
+                         "macro_auroc": 1 - y, "macro_auroc_replicates": list(1 - replicates)})
+    return add_data_columns(pd.DataFrame(rows))
 
 
-def test_bootstrap_intervals_cover_the_true_exponent_at_about_the_nominal_rate():
-    """200 noisy sweeps of 6 sizes x 2 seeds: the 95% intervals of alpha and c each cover the true
-    value in 88-99% of them (measured 0.92 and 0.94; small samples under-cover a little)."""
-    rng = np.random.default_rng(1)
-    x = np.repeat(SIZES, 2)
-    a, alpha, c = 20.0, 0.45, 1.2
-    covered_alpha = covered_c = 0
-    replicates = 200
-    for seed in range(replicates):
-        y = a * x**-alpha + c + 0.02 * rng.standard_normal(len(x))
-        fit = fit_power_law(x, y, n_boot=200, seed=seed)
-        covered_alpha += fit.alpha_ci[0] <= alpha <= fit.alpha_ci[1]
-        covered_c += fit.c_ci[0] <= c <= fit.c_ci[1]
-    assert 0.88 <= covered_alpha / replicates <= 0.99
-    assert 0.88 <= covered_c / replicates <= 0.99
+def test_a_size_by_budget_sweep_gives_every_law_and_the_allocation():
+    table = sweep_table(np.random.default_rng(0))
+    table.loc[len(table)] = {**table.iloc[0].to_dict(), "trial_id": "stopped", "status": "stopped", "macro_auroc": 0.9}
+    results = scaling_results(table, ["model.size", "train.max_steps"], n_boot=200, fit_repeated_data=True)
+    laws = [(r.law, r.group) for r in results]
+    assert laws[:4] == [("L(N)", f"train.max_steps={s}") for s in STEPS]
+    assert [law for law, _ in laws].count("L(D)") == 4 and laws[-2:] == [("L(C)", "all trials"),
+                                                                          ("L(N, D)", "all trials")]
+    joint = results[-1]
+    assert joint.fit.ok and joint.fit.n == 16  # the stopped trial is not a point of the law
+    assert joint.design.replicates.shape == (16, 50)
+    assert joint.fit.params["alpha_N"].covers(0.3) and joint.fit.params["alpha_D"].covers(0.5)
+    assert joint.allocation["a"].covers(0.5 / 0.8) and joint.allocation["b"].covers(0.3 / 0.8)
+    assert joint.extrapolation is not None and joint.extrapolation.x == 1600
+    frontier = next(r for r in results if r.law == "L(C)")
+    assert np.all(np.diff(frontier.design.x[:, 0]) > 0) and np.all(np.diff(frontier.design.y) < 0)
+    rows = fits_table(results)
+    assert {"alpha_N", "alpha_D", "a", "b", "E"} <= set(rows.loc[rows["law"] == "L(N, D)", "parameter"])
+    assert any(p.startswith("extrapolation to D=1600") for p in rows["parameter"])
+    text = "\n".join(line for r in results for line in r.lines())
+    assert "compute-optimal allocation (C = 6 N D)" in text and "extrapolation: fitted without D = 1600" in text
 
 
-def test_too_few_points_says_so():
-    fit = fit_power_law([100, 200, 400], [3.0, 2.5, 2.2])
-    assert not fit.ok and "too few points" in fit.reason and "3 point(s) over 3 distinct x" in fit.reason
-    assert not fit_power_law([100, 100, 200, 200], [3, 3, 2, 2]).ok  # 4 points but 2 sizes
-    assert "too few" in fit.describe() and fit.as_row()["ok"] is False
+def test_repeated_data_is_flagged_and_left_out_unless_asked():
+    table = sweep_table(np.random.default_rng(1), n_train=200)  # 200 volumes: 1600 samples = 8 epochs
+    assert table["epochs"].max() == pytest.approx(8.0) and table["repeated"].sum() == 4
+    joint = scaling_results(table, ["model.size", "train.max_steps"], n_boot=50)[-1]
+    assert joint.fit.n == 12 and joint.left_out.startswith("4 trial(s) beyond 4 epochs")
+    assert scaling_results(table, ["model.size", "train.max_steps"], n_boot=50, fit_repeated_data=True)[-1].fit.n == 16
+
+
+def test_a_design_that_identifies_nothing_says_why():
+    table = sweep_table(np.random.default_rng(2))
+    two_sizes = table[table["model.size"].isin(["tiny", "small"]) & (table["train.max_steps"] == 100)]
+    [by_size, by_compute] = scaling_results(two_sizes, ["model.size"], n_boot=50)
+    assert by_size.law == "L(N)" and not by_size.fit.ok
+    assert by_size.fit.reason == ("too few distinct points: N has 2 (a power law with an offset needs >= 3 per axis)")
+    assert "no fit: too few distinct points" in "\n".join(by_size.lines())
+    # without a bootstrap (tune.fit_bootstrap = 0): estimates without intervals, said so, no traceback
+    text = "\n".join(line for r in scaling_results(table, ["model.size", "train.max_steps"], n_boot=0) for line in r.lines())
+    assert "(no interval: no bootstrap)" in text and "no extrapolation check: no bootstrap refits" in text
+    # data.fraction at fixed steps moves the unique volumes, not the volumes seen: no law to fit
+    assert scaling_results(table.assign(**{"data.fraction": 0.5}), ["data.fraction"]) == []
 
 
 def test_compute_frontier_keeps_points_better_than_all_cheaper_ones():
@@ -65,27 +78,13 @@ def test_compute_frontier_keeps_points_better_than_all_cheaper_ones():
     assert compute_frontier(compute, loss).tolist() == [0, 1, 6, 4]
 
 
-def test_sweep_series_group_by_the_other_keys_and_pool_seeds():
-    rows, curves = [], []
-    for size, params in (("tiny", 1e6), ("small", 4e6)):
-        for fraction, n_train in ((0.125, 50), (0.25, 100), (0.5, 200), (1.0, 400)):
-            for seed in (0, 1):
-                trial = f"{size}-{fraction}-{seed}"
-                loss = 2.0 + 30 * n_train**-0.5 + (0.5 if size == "tiny" else 0.0)
-                rows.append({"trial_id": trial, "status": "finished", "data.fraction": fraction, "model.size": size,
-                             "train.seed": seed, "n_train": n_train, "encoder_params": params,
-                             "train_flops": params * 1e6, "val_loss": loss, "macro_auroc": 0.9 - 0.5 * n_train**-0.4,
-                             "macro_auroc_ci_low": 0.8, "macro_auroc_ci_high": 0.95})
-                curves += [{"trial_id": trial, "flops": params * step, "val_loss": loss + 100 / step}
-                           for step in (10, 20, 40)]
-    rows.append({**rows[0], "trial_id": "stopped", "status": "stopped", "val_loss": 99.0})
-    series = scaling_series(pd.DataFrame(rows), pd.DataFrame(curves), ["data.fraction", "model.size", "train.seed"],
-                            n_boot=50)
-    data = {(s.metric, s.group): s for s in series if s.axis == "data"}
-    assert set(data) == {(m, f"model.size={size}") for m in ("val_loss", "1-auroc") for size in ("small", "tiny")}
-    small = data[("val_loss", "model.size=small")]
-    assert small.fit.n == 8 and small.fit.alpha == pytest.approx(0.5, rel=1e-3)  # seeds pooled, stopped left out
-    params = [s for s in series if s.axis == "params"]
-    assert len(params) == 8 and not any(s.fit.ok for s in params)  # two sizes: too few points for a fit
-    frontier = next(s for s in series if s.axis == "compute" and s.metric == "val_loss")
-    assert frontier.group == "all" and np.all(np.diff(frontier.y) < 0) and np.all(np.diff(frontier.x) > 0)
+def test_every_law_is_drawn_with_its_band():
+    from vlp3d.evaluation.plots import scaling_figures
+
+    table = sweep_table(np.random.default_rng(3))
+    results = scaling_results(table, ["model.size", "train.max_steps"], n_boot=50, fit_repeated_data=True)
+    figures = scaling_figures(results)
+    assert set(figures) == {"scaling_N", "scaling_D", "scaling_C", "scaling_N_D"}
+    joint = figures["scaling_N_D"].axes[0]
+    assert len(joint.collections) >= 8  # per model size: its points and its fitted curve's 95% band
+    assert "N=9e+05" in [t.get_text().split(";")[0] for t in joint.get_legend().get_texts()]

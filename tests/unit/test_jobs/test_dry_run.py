@@ -53,7 +53,13 @@ def test_dry_run_prints_config_and_plan_and_changes_nothing(name, tmp_path):
         assert 'image_encoder = "resnet3d"  # config file' in out
         assert "align_weight = 0.1  # mg3d default" in out
     if name == "sweep":
-        assert "trials" in out and "8 (grid search" in out and "space: data.fraction" in out
+        from vlp3d.config import load_config
+        from vlp3d.search_space import parse_space, planned_trials
+
+        cfg = load_config(ROOT / "configs" / "sweeps" / "demo.toml")
+        trials = planned_trials(cfg, parse_space(cfg.tune.space, cfg.tune.variants))
+        assert f"trials  {trials} (grid search" in out or f"  {trials} (grid search" in out
+        assert "space: " in out
     if name == "finetune":
         assert 'init = "random"  # override' in out and "from models:/vlp3d-clip@champion" in out
     if name == "pretrain --local":

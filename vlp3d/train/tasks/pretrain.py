@@ -14,6 +14,7 @@ from torch import nn
 from vlp3d import storage
 from vlp3d.config import ConfigError, ExperimentConfig
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files, spec_from_config
+from vlp3d.data.splits import expected_rows
 from vlp3d.encoders.export import count_parameters
 from vlp3d.errors import InputError
 from vlp3d.objectives import objective_class
@@ -160,7 +161,7 @@ def dataset_columns(cfg: ExperimentConfig, modality: str = "ct", held_out: bool 
 
 def has_validation(cfg: ExperimentConfig, manifest: dict, workers: int) -> bool:
     """Whether the held-out split gives every rank at least two volumes (a negative for InfoNCE)."""
-    return manifest["counts"]["by_split"].get(cfg.data.eval_split, 0) >= MIN_VALID_PER_RANK * workers
+    return expected_rows(manifest["counts"]["by_split"], cfg.data.eval_split) >= MIN_VALID_PER_RANK * workers
 
 
 def local_datasets(cfg: ExperimentConfig, shard_dir: Path | str, manifest: dict) -> dict[str, RowSource]:
