@@ -9,6 +9,8 @@ import vlp3d
 from vlp3d.config import to_toml
 from vlp3d.jobs import commands
 from vlp3d.jobs.common import (
+    EXIT_CODES_HELP,
+    Parser,
     add_config_arguments,
     add_logging_arguments,
     config_keys_epilog,
@@ -20,25 +22,19 @@ from vlp3d.jobs.common import (
 JOBS = {name: (importlib.import_module(module), text) for name, (module, text) in commands.JOBS.items()}
 
 
-EPILOG = """Start with `vlp3d demo`. Each command has --help.
+EPILOG = f"""Start with `vlp3d demo`. Each command has --help.
 
-exit codes:
-  0  ok
-  1  failure: training stopped on non-finite losses or weights, no sweep trial finished,
-     `promote`/`register` left the alias where it was, or an unexpected error (with its traceback)
-  2  bad input: config, files, corpus, model URI, or a shard folder in use or holding other shards
-  130, 143  stopped by SIGINT (Ctrl-C) or SIGTERM (`ray job stop`); training runs end KILLED with a
-     final checkpoint"""
+{EXIT_CODES_HELP}"""
 
 
 def _config_show(args: argparse.Namespace) -> int:
     cfg, sources = resolve_config_with_sources(args)
-    print(to_toml(cfg, {key: f"{method} default" for key, method in sources.items()}), end="")
+    print(to_toml(cfg, sources), end="")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vlp3d", formatter_class=formatter(),
         description="Pretrain 3D medical vision-language models (CT + reports) on Ray, tracked in MLflow.",
         epilog=EPILOG,
@@ -49,15 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (job, text) in JOBS.items():
         sub = commands.add_parser(name, help=text, formatter_class=formatter())
         job.add_arguments(sub)
+        sub.epilog = "\n\n".join(filter(None, [sub.epilog, getattr(job, "EXIT_CODES", EXIT_CODES_HELP)]))
         add_logging_arguments(sub, top_level=False)
         sub.set_defaults(run=job.run)
     config = commands.add_parser("config", help="show the resolved config", formatter_class=formatter())
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     show = config_commands.add_parser("show", help="print the resolved config as TOML", formatter_class=formatter(),
-                                      description="Print defaults < CONFIG < overrides as TOML. Values the chosen method set "
-                                                  "(objective.name's defaults) are marked '# <method> default'.",
-                                      epilog=config_keys_epilog())
+                                      description="Print defaults < CONFIG < overrides as TOML. Each value that is not a plain "
+                                                  "default says where it came from: '# config file', '# override', "
+                                                  "'# <method> default' (objective.name's defaults) or "
+                                                  "'# $VLP3D_WORKDIR'.",
+                                      epilog=f"{config_keys_epilog()}\n\n{EXIT_CODES_HELP}")
     add_config_arguments(show)
+    add_logging_arguments(show, top_level=False)
     show.set_defaults(run=_config_show)
     return parser
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlp3d.errors import InputError
+
 SEGMENTATION, CLASSIFICATION = "segmentation", "classification"
 UNETR_FEATURE_SIZE = 16  # the decoder width of UNETR around a vit3d encoder
 SEGMENTATION_ENCODERS = {"swin3d": "MONAI SwinUNETR", "vit3d": "MONAI UNETR", "resnet3d": "ResNetUNet (ours)"}
@@ -93,7 +95,7 @@ class Classifier(nn.Module):
         elif head == "mlp":
             self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out_channels))
         else:
-            raise ValueError(f"finetune.head must be 'linear' or 'mlp', got {head!r}")
+            raise InputError(f"finetune.head must be 'linear' or 'mlp', got {head!r}")
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.encoder(volume)
@@ -122,16 +124,16 @@ def build_network(spec: NetworkSpec, encoder_state: dict[str, torch.Tensor] | No
         try:
             result = encoder.load_state_dict(encoder_state, strict=False)
         except RuntimeError as err:  # a shape mismatch
-            raise ValueError(f"the pretrained weights do not fit {spec.encoder}/{spec.size}: "
+            raise InputError(f"the pretrained weights do not fit {spec.encoder}/{spec.size}: "
                              f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
         if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"the pretrained {spec.encoder}/{spec.size} weights do not fit the encoder: missing "
+            raise InputError(f"the pretrained {spec.encoder}/{spec.size} weights do not fit the encoder: missing "
                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     if spec.task == CLASSIFICATION:
         net = Classifier(encoder, spec.out_channels, spec.head)
         return net, _encoder_load(net, "encoder.", encoder, encoder_state is not None)
     if spec.task != SEGMENTATION:
-        raise ValueError(f"finetune.task must be '{SEGMENTATION}' or '{CLASSIFICATION}', got {spec.task!r}")
+        raise InputError(f"finetune.task must be '{SEGMENTATION}' or '{CLASSIFICATION}', got {spec.task!r}")
     if spec.encoder == "resnet3d":
         net = ResNetUNet(encoder, spec.out_channels)
         return net, _encoder_load(net, "encoder.", encoder, encoder_state is not None)
@@ -142,7 +144,7 @@ def build_network(spec: NetworkSpec, encoder_state: dict[str, torch.Tensor] | No
 
         encoder.check_input(spec.img_size)
         if int(np.prod(spec.img_size)) // 32**3 < 2:
-            raise ValueError(f"SwinUNETR needs a crop (finetune.roi_size) of at least 2 voxels at 1/32 resolution "
+            raise InputError(f"SwinUNETR needs a crop (finetune.roi_size) of at least 2 voxels at 1/32 resolution "
                              f"(its bottleneck normalises over them), e.g. (64, 32, 32); got {list(spec.img_size)}")
         net = SwinUNETR(out_channels=spec.out_channels, **swinunetr_kwargs(encoder))
         return net, _load_export(net, swinunetr_state_dict(encoder) if encoder_state is not None else None, "swinViT.")
@@ -153,7 +155,7 @@ def build_network(spec: NetworkSpec, encoder_state: dict[str, torch.Tensor] | No
 
         net = UNETR(out_channels=spec.out_channels, feature_size=UNETR_FEATURE_SIZE, **unetr_kwargs(encoder))
         return net, _load_export(net, unetr_state_dict(encoder) if encoder_state is not None else None, "vit.")
-    raise ValueError(f"finetune.task = 'segmentation' has no decoder for model.image_encoder = {spec.encoder!r}: "
+    raise InputError(f"finetune.task = 'segmentation' has no decoder for model.image_encoder = {spec.encoder!r}: "
                      f"use a model pretrained with one of {sorted(SEGMENTATION_ENCODERS)} "
                      f"({', '.join(f'{k}: {v}' for k, v in SEGMENTATION_ENCODERS.items())}), or "
                      "finetune.task = 'classification'.")
@@ -171,7 +173,7 @@ def _load_export(net: nn.Module, exported: dict | None, prefix: str) -> EncoderL
     result = net.load_state_dict(exported, strict=False)
     missing = [k for k in result.missing_keys if k.startswith(prefix)]
     if result.unexpected_keys or missing:
-        raise ValueError(f"exporting the encoder into {type(net).__name__} left {len(missing)} encoder weights "
+        raise InputError(f"exporting the encoder into {type(net).__name__} left {len(missing)} encoder weights "
                          f"missing ({missing[:5]}) and {len(result.unexpected_keys)} unexpected "
                          f"({result.unexpected_keys[:5]})")
     return EncoderLoad(loaded=sorted(exported), missing=[])

@@ -23,6 +23,7 @@ from vlp3d.data.volume import (
     resampled_voxels,
 )
 from vlp3d.encoders.text import TextEncoder, embed_reports
+from vlp3d.errors import InputError
 from vlp3d.objectives import objective_class
 from vlp3d.objectives.model import VisionLanguageModel, build_model
 from vlp3d.train import checkpoint as checkpoints
@@ -66,19 +67,19 @@ def array_affine(item: VolumeInput, shape: tuple[int, ...]) -> np.ndarray:
     must agree on the voxel sizes."""
     spacing = None if item.spacing_mm is None else np.asarray(item.spacing_mm, dtype=np.float64).reshape(-1)
     if spacing is not None and (spacing.shape != (3,) or not np.all(spacing > 0)):
-        raise ValueError(f"{item.where}: spacing must be 3 positive millimetre values, got {spacing.tolist()}")
+        raise InputError(f"{item.where}: spacing must be 3 positive millimetre values, got {spacing.tolist()}")
     if item.affine is None:
         if spacing is None:
-            raise ValueError(f"{item.where}: an image array needs its `affine` (4 x 4, voxel indices -> RAS+ mm) or "
+            raise InputError(f"{item.where}: an image array needs its `affine` (4 x 4, voxel indices -> RAS+ mm) or "
                              "its `spacing` (3 values in mm, array axes along R, A, S)")
         return np.diag([*spacing, 1.0])
     affine = np.asarray([np.asarray(row, dtype=np.float64) for row in item.affine], dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise ValueError(f"{item.where}: affine must be an invertible 4 x 4 matrix of finite numbers "
+        raise InputError(f"{item.where}: affine must be an invertible 4 x 4 matrix of finite numbers "
                          f"(got shape {list(affine.shape)})")
     sizes = np.sqrt((affine[:3, :3] ** 2).sum(0))
     if spacing is not None and not np.allclose(sizes, spacing, rtol=1e-3):
-        raise ValueError(f"{item.where}: spacing {spacing.tolist()} differs from the affine's voxel sizes "
+        raise InputError(f"{item.where}: spacing {spacing.tolist()} differs from the affine's voxel sizes "
                          f"{np.round(sizes, 4).tolist()}; give one of them")
     return affine
 
@@ -121,17 +122,17 @@ def load_ct(item: VolumeInput, assume_hu: bool = False,
         try:
             raw = _stack(item.array, limits)
         except ValueError as err:
-            raise ValueError(f"{item.where}: image array is not a regular 3D array ({err})") from None
+            raise InputError(f"{item.where}: image array is not a regular 3D array ({err})") from None
         if raw.ndim != 3:
-            raise ValueError(f"{item.where}: image array has {raw.ndim} dimensions, expected 3 (x, y, z)")
+            raise InputError(f"{item.where}: image array has {raw.ndim} dimensions, expected 3 (x, y, z)")
         if limits is not None:
             try:
                 limits.check(raw.shape, 4)
             except ValueError as err:
-                raise ValueError(f"{item.where}: {err}") from None
+                raise InputError(f"{item.where}: {err}") from None
         affine = array_affine(item, raw.shape)
         if not np.isfinite(raw).all():
-            raise ValueError(f"{item.where}: image array contains NaN or infinite values")
+            raise InputError(f"{item.where}: image array contains NaN or infinite values")
         hu, decision = to_hounsfield(raw, (None, None), item.metadata_scaling)
     else:
         if not Path(str(item.path)).exists():
@@ -168,7 +169,7 @@ def preprocess_input(item: VolumeInput, spec: PreprocessSpec, assume_hu: bool = 
         try:
             limits.check(hu.shape, 4, resampled_voxels(hu.shape, affine, spec))
         except ValueError as err:
-            raise ValueError(f"{item.where}: {err}") from None
+            raise InputError(f"{item.where}: {err}") from None
     return preprocess_hu(hu, affine, spec)
 
 

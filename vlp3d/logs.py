@@ -19,6 +19,7 @@ import os
 import sys
 import warnings
 
+from vlp3d.errors import InputError
 from vlp3d.redact import redact
 
 LEVEL_ENV = "VLP3D_LOG_LEVEL"
@@ -41,7 +42,7 @@ def configure(level: str | None = None) -> logging.Logger:
     handler; remember the level in $VLP3D_LOG_LEVEL for child processes. Idempotent."""
     if level is not None:
         if level.lower() not in LEVELS:
-            raise ValueError(f"--log-level {level!r}: choose one of {', '.join(LEVELS)}.")
+            raise InputError(f"--log-level {level!r}: choose one of {', '.join(LEVELS)}.")
         os.environ[LEVEL_ENV] = level.lower()
     name = level_name()
     debug = name == "debug"

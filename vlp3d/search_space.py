@@ -166,6 +166,11 @@ def parse_space(space: dict[str, Any], variants: dict[str, Any]) -> SearchSpace:
     return SearchSpace(tuple(dimensions), parsed_variants)
 
 
+def planned_trials(cfg: ExperimentConfig, space: SearchSpace) -> int:
+    """Trials a sweep runs: every grid point tune.num_samples times ('grid'), else tune.num_samples."""
+    return space.grid_size() * cfg.tune.num_samples if cfg.tune.search == "grid" else cfg.tune.num_samples
+
+
 def apply_params(cfg: ExperimentConfig, params: dict[str, Any], space: SearchSpace) -> ExperimentConfig:
     """The config of one trial: its variant's keys, then its space values (checked like overrides)."""
     updates: dict[str, Any] = {}

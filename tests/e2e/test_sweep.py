@@ -206,7 +206,7 @@ def test_bad_space_fails_before_any_trial(tiny_demo, ray_session, capsys):
     assert "data.shape = (48, 48, 48)" in message and "multiples of 32" in message
     assert not (tiny_demo / "sweeps" / "never-started").exists()
     assert main(["sweep", config, 'tune.space={"data.fraction" = [0.5, 2.0]}']) == 2
-    assert "data.fraction = 2.0 must be in (0, 1]" in capsys.readouterr().err
+    assert "data.fraction = 2.0 is out of range: must be in (0, 1]" in capsys.readouterr().err
     assert main(["sweep", config, "tune.asha_metric=\"val/auroc\"", 'tune.scheduler="asha"',
                  'tune.space={"train.seed" = [0, 1]}']) == 2
     assert "tune.asha_metric = 'val/auroc' is not a metric trials report" in capsys.readouterr().err

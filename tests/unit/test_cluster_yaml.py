@@ -45,3 +45,16 @@ def test_the_token_is_made_on_the_head_and_synced_to_workers_not_written_in_the_
     text = (ROOT / "cluster.yaml").read_text()
     assert "RAY_AUTH_TOKEN=" not in text
     assert not re.search(r"\b[0-9a-f]{32,}\b", text), "a token-like literal in cluster.yaml"
+
+
+def test_file_mounts_ship_what_submit_uploads_and_exclude_its_deny_list():
+    """cluster.yaml syncs the allow-list of `vlp3d submit` (vlp3d/platform/upload.py), not the checkout,
+    and rsync leaves out every name the upload's deny-list refuses."""
+    from vlp3d.platform.upload import ALLOWED, DENIED
+
+    config = _config()
+    mounts = config["file_mounts"]
+    assert sorted(mounts.values()) == sorted(f"./{name}" for name in ALLOWED)
+    assert all(remote == f"/home/ubuntu/vlp3d/{local[2:]}" for remote, local in mounts.items())
+    assert set(DENIED) <= set(config["rsync_exclude"])
+    assert "." not in mounts.values()

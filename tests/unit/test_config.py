@@ -143,7 +143,7 @@ def test_method_defaults_apply_from_file_override_and_replace_and_are_marked(tmp
 
     assert main(["config", "show", "objective.name=mg3d", "model.size=small"]) == 0
     out = capsys.readouterr().out
-    assert 'image_encoder = "swin3d"  # mg3d default' in out and 'size = "small"\n' in out
+    assert 'image_encoder = "swin3d"  # mg3d default' in out and 'size = "small"  # override\n' in out
     assert "align_weight = 0.1  # mg3d default" in out
     path = tmp_path / "shown.toml"
     path.write_text(out)

@@ -34,6 +34,7 @@ from vlp3d.config import (
     to_toml,
     unregister_method,
 )
+from vlp3d.errors import InputError
 from vlp3d.objectives import REGISTRY, objective_class
 from vlp3d.objectives.base import Objective
 
@@ -74,7 +75,7 @@ def toy():
     assert tuple(OBJECTIVES) == BUILT_IN and "toy" not in REGISTRY
     assert "toy" not in ObjectiveConfig.__dataclass_fields__ and not hasattr(ExperimentConfig().objective, "toy")
     assert not any(key.startswith("objective.toy.") for key, _default, _help in describe())
-    with pytest.raises(KeyError):
+    with pytest.raises(InputError):
         objective_class("toy")
     with pytest.raises(ConfigError, match="is not one of 'clip', 'mg3d', 't3d', 'unimedi'"):
         load_config(None, ["objective.name=toy"])
@@ -140,7 +141,7 @@ def test_choosing_the_toy_method_applies_its_defaults_and_config_show_marks_them
     assert main(["config", "show", "objective.name=toy", "model.size=tiny"]) == 0
     out = capsys.readouterr().out
     assert "lr = 0.0123  # toy default" in out and "temperature = 0.5  # toy default" in out
-    assert 'size = "tiny"\n' in out and "\n[objective.toy]\n" in out
+    assert 'size = "tiny"  # override\n' in out and "\n[objective.toy]\n" in out
     path = tmp_path / "shown.toml"
     path.write_text(out)
     assert load_config(path) == cfg

@@ -64,5 +64,44 @@ def test_version(capsys):
 
 def test_help_lists_exit_codes():
     epilog = build_parser().epilog
-    for code in ("0  ok", "1  failure", "2  bad input"):
+    for code in ("0  success", "1  the work failed", "2  bad input", "3  an internal error"):
         assert code in epilog
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to hyphens,
+    a repeated heading suffixed -1, -2, ..."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", _FENCE.sub("", page.read_text()), re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_anchor_exists(page):
+    """Every `file.md#anchor` and `#anchor` link of the docs names a heading of its page."""
+    for target in links(page):
+        path, _, anchor = target.partition("#")
+        if not anchor or re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):
+            continue
+        linked = (page.parent / path).resolve() if path else page
+        if linked.suffix != ".md":
+            continue
+        assert anchor in _anchors(linked), f"{page.name}: {target}: no heading '#{anchor}' in {linked.name}"
+
+
+def test_readme_figures_come_from_benchmarks():
+    """README.md's measured figures are benchmarks/README.md's (benchmarks/readme_figures.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_figures", ROOT / "benchmarks" / "readme_figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    readme, source = (ROOT / "README.md").read_text(), (ROOT / "benchmarks" / "README.md").read_text()
+    assert set(figures.blocks(readme)) == {"demo", "probe", "promotion"}
+    assert figures.render(readme, source) == readme, "README.md is stale: run python benchmarks/readme_figures.py"
+    assert "0.853 [95% CI" not in readme and "225–248 s" not in readme  # the figures it used to carry

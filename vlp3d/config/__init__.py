@@ -13,18 +13,18 @@ One concern per module; this package re-exports the names the rest of vlp3d impo
 - `experiment`  ExperimentConfig and SECTIONS, `to_dict`, `config_hash`
 - `schema`      walking the sections, the annotation of a dotted key, coercion, unknown-key messages,
   `describe()`
-- `checks`      value ranges and keys that must be local folders
+- `checks`      value ranges (declared with each key) and keys that must be local folders
 - `loading`     TOML files, overrides, `from_dict`, `replace`, stored-config migration
 - `public`      `flatten`, the MLflow params (`logged_params`), `public_config`
 - `toml`        `to_toml`
 """
 
-from vlp3d.config.checks import LOCAL_ONLY, RANGES, check_ranges, check_value_range
+from vlp3d.config.checks import LOCAL_ONLY, check_ranges, check_value_range, key_ranges
 from vlp3d.config.cluster import ClusterConfig
 from vlp3d.config.data import DataConfig
 from vlp3d.config.eval import EvalConfig
 from vlp3d.config.experiment import SECTIONS, ExperimentConfig, config_hash, to_dict
-from vlp3d.config.fields import URI_SCHEME, ConfigError, did_you_mean, is_uri, setting
+from vlp3d.config.fields import URI_SCHEME, ConfigError, Range, did_you_mean, is_uri, setting
 from vlp3d.config.finetune import FinetuneConfig
 from vlp3d.config.loading import (
     chosen_method,
@@ -73,9 +73,9 @@ from vlp3d.config.tune import TuneConfig
 
 __all__ = [
     "LOCAL_ONLY", "LOGGED_SECTIONS", "METHOD_DEFAULTS", "METHOD_SECTIONS", "MOVED_OBJECTIVE_KEYS", "OBJECTIVES",
-    "RANGES", "SECTIONS", "URI_SCHEME", "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig",
+    "SECTIONS", "URI_SCHEME", "ClusterConfig", "ConfigError", "DataConfig", "EvalConfig",
     "ExperimentConfig", "FinetuneConfig", "Method", "ModelConfig", "ObjectiveConfig", "TrackingConfig",
-    "TrainConfig", "TuneConfig", "check_ranges", "check_value_range",
+    "Range", "TrainConfig", "TuneConfig", "check_ranges", "check_value_range", "key_ranges",
     "chosen_method", "coerce_value", "config_hash", "describe", "did_you_mean", "flatten", "from_dict",
     "get_key", "is_uri", "key_annotation", "leaf_fields", "load_config", "load_config_with_sources",
     "load_stored_config", "logged_params", "method_defaults_applied", "migrate_stored", "moved_key_message",

@@ -1,39 +1,46 @@
-"""Checks of a built config beyond each key's type: value ranges (`RANGES`, also applied to sweep
-values), keys that must be local folders, and keys that need each other."""
+"""Checks of a built config beyond each key's type: value ranges (declared with each key, also
+applied to sweep values), keys that must be local folders, and keys that need each other."""
 
 from __future__ import annotations
 
-from vlp3d.config.experiment import ExperimentConfig
-from vlp3d.config.fields import ConfigError, is_uri
-from vlp3d.config.schema import get_key
+import math
+from typing import Any
+
+from vlp3d.config.experiment import SECTIONS, ExperimentConfig
+from vlp3d.config.fields import ConfigError, Range, is_uri
+from vlp3d.config.methods import method_sections
+from vlp3d.config.schema import get_key, leaf_fields
 from vlp3d.redact import redact
 
-# (low, high, low included) per key whose type alone does not bound it
-RANGES: dict[str, tuple[float, float, bool, str]] = {
-    "data.fraction": (0.0, 1.0, False, "the share of training patients used (nested subsets)"),
-    "tune.report_share": (0.0, 1.0, False, "the share of held-out patients carved out as the report split"),
-    "data.valid_fraction": (0.0, 1.0, True, "the share of patients held out when a manifest has no split"),
-    "train.max_skipped_steps": (1, 1e9, True, "consecutive non-finite steps tolerated"),
-    "train.grad_share_every": (0, 1e9, True, "steps between per-term gradient measurements, 0 = never"),
-    "train.prefetch_batches": (1, 1e6, True, "batches prepared ahead per worker"),
-    "train.sentence_dropout": (0.0, 1.0, True, "the share of sentences left out of a training report embedding"),
-    "finetune.label_fraction": (0.0, 1.0, False, "the share of training patients whose labels fine-tuning uses"),
-    "finetune.max_steps": (1, 1e9, True, "fine-tuning steps"),
-    "finetune.global_batch": (1, 1e9, True, "volumes per fine-tuning step"),
-    "finetune.sw_overlap": (0.0, 0.95, True, "the overlap of sliding windows"),
-    "finetune.encoder_lr_mult": (0.0, 1e3, True, "the encoder's learning-rate multiplier"),
-}
+_RANGES: dict[tuple, dict[str, Range]] = {}
 
 
-def check_value_range(key: str, value: float) -> None:
-    """Raise ConfigError unless `value` lies in the range RANGES gives `key` (if any)."""
-    if key not in RANGES:
+def key_ranges() -> dict[str, Range]:
+    """{dotted key: its Range} of every key that declares one (`setting(..., ge=, gt=, le=, lt=)`),
+    the registered methods' tables included."""
+    sections = tuple(method_sections().items())
+    if sections not in _RANGES:  # walked again only when a method (un)registers
+        _RANGES.clear()
+        _RANGES[sections] = {key: f.metadata["range"] for name, cls in SECTIONS.items()
+                             for key, f in leaf_fields(cls, f"{name}.") if "range" in f.metadata}
+    return _RANGES[sections]
+
+
+def check_value_range(key: str, value: Any) -> None:
+    """Raise ConfigError, in one line naming the key and its range, unless `value` (each number of a
+    tuple) lies in the range `key` declares (if any)."""
+    bounds = key_ranges().get(key)
+    if bounds is None:
         return
-    low, high, low_included, meaning = RANGES[key]
-    if not (low <= value <= high if low_included else low < value <= high):
-        bracket = "[" if low_included else "("
-        raise ConfigError(f"{key} = {value!r} must be in {bracket}{low:g}, {high:g}] ({meaning}).")
+    numbers = value if isinstance(value, tuple | list) else (value,)
+    if any(number not in bounds for number in numbers):
+        each = "each value " if isinstance(value, tuple | list) else ""
+        finite = "" if all(math.isfinite(n) for n in numbers) else "a finite number "
+        raise ConfigError(f"{key} = {_show(value)} is out of range: {each}must be {finite}{bounds}.")
 
+
+def _show(value: Any) -> str:
+    return f"[{', '.join(map(repr, value))}]" if isinstance(value, tuple | list) else repr(value)
 
 
 # keys that must name a local (or mounted) path: what reads or writes them needs a POSIX folder
@@ -54,6 +61,10 @@ def check_ranges(cfg: ExperimentConfig) -> None:
     if cfg.train.balance_terms and not cfg.train.grad_share_every:
         raise ConfigError("train.balance_terms = true needs train.grad_share_every > 0 (the steps at which the "
                           "terms' gradient shares are measured and the multipliers move), e.g. 50.")
-    for key in RANGES:
+    for key in key_ranges():
         check_value_range(key, get_key(cfg, key))
+    low, high = cfg.data.hu_window
+    if low >= high:
+        raise ConfigError(f"data.hu_window = [{low:g}, {high:g}]: the low end must be below the high end, "
+                          "e.g. [-1000, 1000].")
 

@@ -27,18 +27,20 @@ class FinetuneConfig:
     label_fraction: float = _f(
         1.0, "Share of the training patients whose labels are used, stratified; nested like data.fraction "
         "(0.1 within 0.25 within 1.0) and the same patients for every model and init.",
+        gt=0, le=1,
     )
-    max_steps: int = _f(200, "Optimizer steps of fine-tuning.")
-    global_batch: int = _f(4, "Volumes (segmentation: crops) per step, summed over cluster.num_workers workers.")
-    lr: float = _f(1e-3, "Peak learning rate (AdamW) of the decoder/head.")
-    encoder_lr_mult: float = _f(1.0, "Encoder learning rate = finetune.lr x this (0: the encoder stays frozen).")
-    weight_decay: float = _f(1e-5, "AdamW weight decay.")
-    warmup_steps: int = _f(10, "Linear warm-up steps before cosine decay.")
+    max_steps: int = _f(200, "Optimizer steps of fine-tuning.", ge=1)
+    global_batch: int = _f(4, "Volumes (segmentation: crops) per step, summed over cluster.num_workers workers.", ge=1)
+    lr: float = _f(1e-3, "Peak learning rate (AdamW) of the decoder/head.", gt=0)
+    encoder_lr_mult: float = _f(1.0, "Encoder learning rate = finetune.lr x this (0: the encoder stays frozen).", ge=0, le=1e3)
+    weight_decay: float = _f(1e-5, "AdamW weight decay.", ge=0)
+    warmup_steps: int = _f(10, "Linear warm-up steps before cosine decay.", ge=0)
     roi_size: tuple[int, ...] = _f(
         (), "Crop (x, y, z) the network sees: random crops in training, the window of sliding-window inference "
         "(segmentation) or the centre crop/pad (classification). Empty: the pretrained encoder's input shape.",
+        ge=1,
     )
-    sw_overlap: float = _f(0.25, "Overlap of neighbouring windows in sliding-window inference.")
+    sw_overlap: float = _f(0.25, "Overlap of neighbouring windows in sliding-window inference.", ge=0, le=0.95)
     classes: tuple[str, ...] = _f(
         (), "Segmentation: label-map classes to segment (names from the shards' manifest, e.g. [\"lung\", "
         "\"heart\"]); voxels of other classes count as background. Empty: every class.",

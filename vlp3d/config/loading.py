@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
-from vlp3d.config.checks import check_ranges
+from vlp3d.config.checks import check_ranges, check_value_range
 from vlp3d.config.experiment import SECTIONS, ExperimentConfig, to_dict
 from vlp3d.config.fields import ConfigError, did_you_mean
 from vlp3d.config.methods import (
@@ -25,6 +26,8 @@ from vlp3d.config.schema import (
     assign_raw,
     coerce_value,
     find_raw,
+    key_annotation,
+    leaf_fields,
     sub_tables,
     unknown_key_message,
 )
@@ -47,36 +50,102 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return load_config_with_sources(path, overrides)[0]
 
 
+WORKDIR_ENV = "VLP3D_WORKDIR"  # tracking.workdir when neither the config file nor an override sets it
+# where a key's value came from (`load_config_with_sources`, `vlp3d config show`, `--dry-run`)
+FROM_FILE, FROM_OVERRIDE, FROM_ENV = "config file", "override", f"${WORKDIR_ENV}"
+
+
 def load_config_with_sources(path: str | Path | None = None, overrides: typing.Sequence[str] = ()
                              ) -> tuple[ExperimentConfig, dict[str, str]]:
-    """`load_config`, and {dotted key: method} of the keys taken from the method's defaults."""
+    """`load_config`, and where each key that is not at its plain default came from: {dotted key:
+    'config file' | 'override' | '<method> default' | '$VLP3D_WORKDIR'}.
+
+    An override is checked on its own first (its key, type and range), so its error names the
+    command-line override, not the file; `$VLP3D_WORKDIR` gives tracking.workdir when neither sets it."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         raw = read_toml(path, f"config file '{path}' not found (see configs/ for examples).")
         raw.setdefault("name", path.stem)
+    file_raw = json.loads(json.dumps(raw))
+    given: dict[str, Any] = {}
     for text in overrides:
         keys, value = parse_override(text)
         if len(keys) == 1 and keys[0] == "name":
-            raw["name"] = value
+            raw["name"] = given["name"] = value
             continue
-        if len(keys) < 2:
-            raise ConfigError(f"override '{text}': use section.key=value, e.g. train.lr=1e-3 "
-                              "(objective.mg3d.mim_weight=0 for a method's table).")
-        section = keys[0]
-        if section not in SECTIONS:
-            raise ConfigError(f"override '{text}': unknown section '{section}'.{did_you_mean(section, SECTIONS)}")
+        _check_override(text, keys, value)
         table = raw
         for depth, name in enumerate(keys[:-1]):
             table = table.setdefault(name, {})
             if not isinstance(table, dict):
-                raise ConfigError(f"override '{text}': '{'.'.join(keys[:depth + 1])}' is not a table.")
+                raise ConfigError(f"command-line override '{text}': '{'.'.join(keys[:depth + 1])}' is not a table.")
         table[keys[-1]] = value
+        assign_raw(given, ".".join(keys), value)
+    env_workdir = os.environ.get(WORKDIR_ENV, "")
+    if env_workdir and not find_raw(raw, "tracking.workdir")[0]:
+        assign_raw(raw, "tracking.workdir", env_workdir)
     try:
-        return from_dict(raw), method_defaults_applied(raw)
+        cfg = from_dict(raw)
     except ConfigError as err:
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}{err}") from None
+        raise ConfigError(f"{_blame(path, file_raw, given)}{err}") from None
+    methods = method_defaults_applied(raw)
+    sources = {}
+    for section, cls in SECTIONS.items():
+        for key, _ in leaf_fields(cls, f"{section}."):
+            if find_raw(given, key)[0]:
+                sources[key] = FROM_OVERRIDE
+            elif find_raw(file_raw, key)[0]:
+                sources[key] = FROM_FILE
+            elif key in methods:
+                sources[key] = f"{methods[key]} default"
+            elif key == "tracking.workdir" and env_workdir:
+                sources[key] = FROM_ENV
+    return cfg, sources
+
+
+def _check_override(text: str, keys: list[str], value: Any) -> None:
+    """A ConfigError naming the command-line override unless its key exists and its value has the
+    key's type and range (keys inside a table-valued key, tune.space.*, are checked with the config)."""
+    key = ".".join(keys)
+    where = f"command-line override '{text}'"
+    if len(keys) < 2:
+        raise ConfigError(f"{where}: use section.key=value, e.g. train.lr=1e-3 "
+                          "(objective.mg3d.mim_weight=0 for a method's table).")
+    if keys[0] not in SECTIONS:
+        raise ConfigError(f"{where}: unknown section '{keys[0]}'.{did_you_mean(keys[0], SECTIONS)}")
+    cls = SECTIONS[keys[0]]
+    for depth, name in enumerate(keys[1:], start=2):
+        hint = typing.get_type_hints(cls).get(name)
+        if dataclasses.is_dataclass(hint):
+            if depth == len(keys):
+                return  # a whole table (objective.mg3d={...}): checked with the config
+            cls = hint
+        elif typing.get_origin(hint) is dict and depth < len(keys):
+            return  # a key inside a table-valued key (tune.space.*): checked with the config
+        else:
+            break
+    try:
+        if key == "objective.name":
+            check_method_name(value, key)
+            return
+        annotation = key_annotation(key)
+        check_value_range(key, coerce_value(value, annotation, key))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _blame(path: Path | None, file_raw: dict[str, Any], given: dict[str, Any]) -> str:
+    """The prefix of an error of the whole config: the file when it fails alone, else the overrides."""
+    if path is None:
+        return "command-line overrides: " if given else ""
+    if not given:
+        return f"{path}: "
+    try:
+        from_dict(file_raw)
+    except ConfigError:
+        return f"{path}: "
+    return f"{path} with the command-line overrides: "
 
 
 def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:

@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 
 from vlp3d.config.fields import ConfigError
 from vlp3d.config.objective import general_keys, rebuild
+from vlp3d.errors import InputError
 
 T = TypeVar("T", bound=type)
 
@@ -93,7 +94,7 @@ def register_method(section: type | None = None, defaults: Mapping[str, Any] | N
         _check_section(name, section)
         old = _METHODS.get(name)
         if old is not None and _where(old.objective) != _where(objective):
-            raise ValueError(f"method {name!r} is already registered by {_where(old.objective)}; "
+            raise InputError(f"method {name!r} is already registered by {_where(old.objective)}; "
                              f"{_where(objective)} needs another name")
         method = Method(name, objective, section, MappingProxyType(dict(defaults or {})))
         _METHODS[name] = method
@@ -168,7 +169,7 @@ def _check_section(name: str, section: type | None) -> None:
     """A method's table: a frozen dataclass whose keys have help texts and do not shadow the
     shared `[objective]` keys (a flat `objective.<key>` of a table is read as a moved key)."""
     if name in general_keys():
-        raise ValueError(f"method name {name!r} is a key of [objective]; choose another name")
+        raise InputError(f"method name {name!r} is a key of [objective]; choose another name")
     if section is None:
         return
     params = getattr(section, "__dataclass_params__", None)
@@ -180,7 +181,7 @@ def _check_section(name: str, section: type | None) -> None:
             raise TypeError(f"method {name!r}: {section.__qualname__}.{f.name} has no help text; declare it "
                             "with vlp3d.config.setting(default, help)")
         if f.name in general_keys():
-            raise ValueError(f"method {name!r}: {section.__qualname__}.{f.name} shadows objective.{f.name}, "
+            raise InputError(f"method {name!r}: {section.__qualname__}.{f.name} shadows objective.{f.name}, "
                              "a key every method shares; give it another name")
 
 

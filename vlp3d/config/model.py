@@ -30,7 +30,7 @@ class ModelConfig:
         "train/compile_s and left out of throughput and step times. Needs a C++ compiler on CPU, Triton on CUDA.",
     )
     text_encoder: str = _f("minilm", "'minilm' (offline package) or a Hugging Face model path or hub name.")
-    embed_dim: int = _f(384, "Dimension of the shared embedding space ('locked'/'residual' text heads: the text encoder's width).")
+    embed_dim: int = _f(384, "Dimension of the shared embedding space ('locked'/'residual' text heads: the text encoder's width).", ge=1)
     text_head: Literal["locked", "residual", "linear"] = _f(
         "locked",
         "Text side of the shared space: 'locked' = frozen report embedding as is (LiT-style; zero-shot "

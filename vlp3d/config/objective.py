@@ -29,13 +29,13 @@ class ObjectiveConfig:
     """
 
     name: str = _f("clip", "Pretraining method: a registered one (vlp3d.config.methods).")
-    temperature: float = _f(0.07, "Initial softmax temperature tau of the volume-report InfoNCE logits.")
+    temperature: float = _f(0.07, "Initial softmax temperature tau of the volume-report InfoNCE logits.", gt=0)
     learnable_temperature: bool = _f(True, "Learn log(1/tau), clamped at 100 (false: tau stays fixed).")
     gather_with_grad: bool = _f(True, "All-gather embeddings with gradients so negatives are the global batch.")
     local_loss: bool = _f(False, "Compute only the local rows (B x G) of the global logits.")
-    head_lr_mult: float = _f(1.0, "Learning rate of every non-encoder parameter = train.lr x this (MG-3D: 5).")
+    head_lr_mult: float = _f(1.0, "Learning rate of every non-encoder parameter = train.lr x this (MG-3D: 5).", ge=0)
     # clip / mg3d
-    align_weight: float = _f(1.0, "Weight of `align`, the volume-report InfoNCE (MG-3D: 0.1).")
+    align_weight: float = _f(1.0, "Weight of `align`, the volume-report InfoNCE (MG-3D: 0.1).", ge=0)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ObjectiveConfig:
         # the registered methods complete this class's fields: discover them before any instance

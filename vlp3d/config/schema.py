@@ -156,10 +156,13 @@ def key_annotation(key: str) -> Any:
 
 def describe() -> list[tuple[str, str, str]]:
     """(key, default, help) for every config key (`objective.mg3d.mim_weight`: a method's table), for
-    `--help` texts."""
+    `--help` texts; a numeric key's help ends with its allowed range."""
     rows = []
     for section, cls in SECTIONS.items():
         for key, f in leaf_fields(cls, f"{section}."):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            rows.append((key, repr(default), f.metadata.get("help", "")))
+            text = f.metadata.get("help", "")
+            if "range" in f.metadata:
+                text += f" Allowed: {'each ' if isinstance(default, tuple) else ''}{f.metadata['range']}."
+            rows.append((key, repr(default), text))
     return rows

@@ -24,6 +24,7 @@ import numpy as np
 
 from vlp3d.data.hounsfield import HUDecision, to_hounsfield
 from vlp3d.data.limits import VolumeLimits
+from vlp3d.errors import InputError
 
 INSTALL_HINT = 'pip install "vlp3d[dicom]"'
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -79,11 +80,11 @@ class _Frame:
         except Exception as err:  # noqa: BLE001 - pydicom raises several types for undecodable data
             syntax = getattr(getattr(self.dataset, "file_meta", None), "TransferSyntaxUID", None)
             name = getattr(syntax, "name", syntax)
-            raise ValueError(f"{self.source}: cannot decode pixel data (transfer syntax {name}): {err}") from err
+            raise InputError(f"{self.source}: cannot decode pixel data (transfer syntax {name}): {err}") from err
         if self.frame is not None and array.ndim == 3:
             array = array[self.frame]
         if array.shape != self.shape:
-            raise ValueError(f"{self.source}: pixel array shape {array.shape} is not Rows x Columns {self.shape}")
+            raise InputError(f"{self.source}: pixel array shape {array.shape} is not Rows x Columns {self.shape}")
         return array
 
 
@@ -112,13 +113,13 @@ def _geometry(ds, source: str, groups: list) -> dict:
     origin = find("PlanePositionSequence", "ImagePositionPatient")
     spacing = find("PixelMeasuresSequence", "PixelSpacing")
     if orientation is None or origin is None:
-        raise ValueError(
+        raise InputError(
             f"{source}: no ImageOrientationPatient/ImagePositionPatient, so the slices cannot be placed in space"
         )
     if spacing is None:
         spacing = getattr(ds, "ImagerPixelSpacing", None)
     if spacing is None:
-        raise ValueError(f"{source}: no PixelSpacing")
+        raise InputError(f"{source}: no PixelSpacing")
     return {
         "orientation": np.asarray([float(v) for v in orientation], dtype=np.float64),
         "origin": np.asarray([float(v) for v in origin], dtype=np.float64),
@@ -132,9 +133,9 @@ def _geometry(ds, source: str, groups: list) -> dict:
 
 def _check_pixels(ds, source: str) -> None:
     if int(getattr(ds, "SamplesPerPixel", 1)) != 1:
-        raise ValueError(f"{source}: {ds.SamplesPerPixel} samples per pixel (colour image), expected greyscale CT")
+        raise InputError(f"{source}: {ds.SamplesPerPixel} samples per pixel (colour image), expected greyscale CT")
     if "ModalityLUTSequence" in ds:
-        raise ValueError(f"{source}: Modality LUT Sequence is not supported (only RescaleSlope/Intercept)")
+        raise InputError(f"{source}: Modality LUT Sequence is not supported (only RescaleSlope/Intercept)")
 
 
 def _frames_of(ds, source: str) -> list[_Frame]:
@@ -145,10 +146,10 @@ def _frames_of(ds, source: str) -> list[_Frame]:
     shared = getattr(ds, "SharedFunctionalGroupsSequence", None)
     if per_frame is None and shared is None:
         if n_frames != 1:
-            raise ValueError(f"{source}: {n_frames} frames without functional groups (no per-frame geometry)")
+            raise InputError(f"{source}: {n_frames} frames without functional groups (no per-frame geometry)")
         return [_Frame(shape=shape, source=source, dataset=ds, frame=None, **_geometry(ds, source, []))]
     if per_frame is not None and len(per_frame) != n_frames:
-        raise ValueError(f"{source}: {len(per_frame)} per-frame groups for {n_frames} frames")
+        raise InputError(f"{source}: {len(per_frame)} per-frame groups for {n_frames} frames")
     frames = []
     for index in range(n_frames):
         groups = ([per_frame[index]] if per_frame is not None else []) + ([shared[0]] if shared else [])
@@ -163,7 +164,7 @@ def _read_folder(folder: Path, pydicom, limits: VolumeLimits | None = None) -> l
     if limits is not None:  # every file is read whole: its bytes count before any is read
         total = sum(p.stat().st_size for p in paths)
         if total > limits.max_bytes:
-            raise ValueError(f"{folder}: {len(paths)} files of {total / 2**30:.1f} GiB exceed the cap of "
+            raise InputError(f"{folder}: {len(paths)} files of {total / 2**30:.1f} GiB exceed the cap of "
                              f"{limits.max_bytes / 2**30:.1f} GiB (max_bytes)")
     for path in paths:
         try:
@@ -176,13 +177,13 @@ def _read_folder(folder: Path, pydicom, limits: VolumeLimits | None = None) -> l
             continue
         datasets.append((path, ds))
     if not datasets:
-        raise ValueError(f"{folder}: no DICOM images in this folder ({skipped} other files)")
+        raise InputError(f"{folder}: no DICOM images in this folder ({skipped} other files)")
     series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in datasets})
     if len(series) > 1:
-        raise ValueError(f"{folder}: holds {len(series)} series ({', '.join(series)}); put one series per folder")
+        raise InputError(f"{folder}: holds {len(series)} series ({', '.join(series)}); put one series per folder")
     multi = [path.name for path, ds in datasets if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1]
     if multi and len(datasets) > 1:
-        raise ValueError(f"{folder}: multi-frame files {multi} mixed with other images; give the file itself")
+        raise InputError(f"{folder}: multi-frame files {multi} mixed with other images; give the file itself")
     frames: list[_Frame] = []
     for path, ds in datasets:
         frames.extend(_frames_of(ds, str(path)))
@@ -194,13 +195,13 @@ def _assemble(frames: list[_Frame], where: str) -> tuple[list[_Frame], np.ndarra
     first = frames[0]
     for frame in frames[1:]:
         if not np.allclose(frame.orientation, first.orientation, atol=ORIENTATION_ATOL):
-            raise ValueError(f"{where}: slices have different orientations (localizer or multi-planar series?)")
+            raise InputError(f"{where}: slices have different orientations (localizer or multi-planar series?)")
         if frame.shape != first.shape or not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=1e-4):
-            raise ValueError(f"{where}: slices differ in size or pixel spacing")
+            raise InputError(f"{where}: slices differ in size or pixel spacing")
     row_cos, col_cos = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row_cos, col_cos)
     if not math.isclose(np.linalg.norm(normal), 1.0, abs_tol=1e-3):
-        raise ValueError(f"{where}: ImageOrientationPatient {first.orientation.tolist()} is not two unit vectors")
+        raise InputError(f"{where}: ImageOrientationPatient {first.orientation.tolist()} is not two unit vectors")
     frames = sorted(frames, key=lambda f: float(f.origin @ normal))
     first = frames[0]
     positions = np.array([float(f.origin @ normal) for f in frames])
@@ -208,11 +209,11 @@ def _assemble(frames: list[_Frame], where: str) -> tuple[list[_Frame], np.ndarra
     if len(frames) > 1:
         gaps = np.diff(positions)
         if gaps.min() < SLICE_GAP_ATOL_MM:
-            raise ValueError(f"{where}: {int((gaps < SLICE_GAP_ATOL_MM).sum())} slices share a position "
+            raise InputError(f"{where}: {int((gaps < SLICE_GAP_ATOL_MM).sum())} slices share a position "
                              "(several phases, echoes or stacks in one series?)")
         median = float(np.median(gaps))
         if np.abs(gaps - median).max() > max(SLICE_GAP_ATOL_MM, SLICE_GAP_RTOL * median):
-            raise ValueError(f"{where}: uneven slice spacing (gaps {gaps.min():.3f}-{gaps.max():.3f} mm, "
+            raise InputError(f"{where}: uneven slice spacing (gaps {gaps.min():.3f}-{gaps.max():.3f} mm, "
                              "missing slices?)")
         step = (frames[-1].origin - frames[0].origin) / (len(frames) - 1)
         angle = math.degrees(math.acos(min(1.0, abs(float(step @ normal)) / float(np.linalg.norm(step)))))
@@ -261,20 +262,20 @@ def load_dicom_hu(path: str | Path, metadata_scaling: tuple = (None, None),
         frames = _read_folder(path, pydicom, limits)
     else:
         if limits is not None and path.stat().st_size > limits.max_bytes:
-            raise ValueError(f"{path}: a file of {path.stat().st_size / 2**30:.1f} GiB exceeds the cap of "
+            raise InputError(f"{path}: a file of {path.stat().st_size / 2**30:.1f} GiB exceeds the cap of "
                              f"{limits.max_bytes / 2**30:.1f} GiB (max_bytes)")
         try:
             ds = pydicom.dcmread(path)
         except pydicom.errors.InvalidDicomError as err:
-            raise ValueError(f"{path}: not a DICOM file ({err})") from err
+            raise InputError(f"{path}: not a DICOM file ({err})") from err
         if "PixelData" not in ds:
-            raise ValueError(f"{path}: DICOM file without pixel data")
+            raise InputError(f"{path}: DICOM file without pixel data")
         frames = _frames_of(ds, str(path))
     if limits is not None:
         try:
             limits.check((*frames[0].shape[::-1], len(frames)), int(getattr(frames[0].dataset, "BitsAllocated", 16)) // 8)
         except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise InputError(f"{path}: {err}") from None
     frames, affine_lps, geometry_warnings = _assemble(frames, str(path))
     # (slice, row, column) -> (column, row, slice)
     raw = np.stack([frame.pixels() for frame in frames]).transpose(2, 1, 0)
@@ -285,5 +286,5 @@ def load_dicom_hu(path: str | Path, metadata_scaling: tuple = (None, None),
         decision.warnings.append(f"modality {modality}: values are not Hounsfield units")
     decision.warnings.extend(geometry_warnings)
     if not np.isfinite(hu).all():
-        raise ValueError(f"{path}: volume contains NaN or infinite values")
+        raise InputError(f"{path}: volume contains NaN or infinite values")
     return np.ascontiguousarray(hu), LPS_TO_RAS @ affine_lps, decision

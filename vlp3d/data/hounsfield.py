@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vlp3d.errors import InputError
+
 # Stored CT values that contain air below this are already HU (shifted storage has min >= 0).
 ALREADY_HU_MIN = -200.0
 PLAUSIBLE_HU = (-1100.0, 4100.0)
@@ -120,7 +122,7 @@ RAW_OFFSET = "stored values look like raw CT values offset from HU"  # how it st
 _MASK_SAMPLE = 65536
 
 
-class NotCTError(ValueError):
+class NotCTError(InputError):
     """The volume is not a CT image in Hounsfield units (`not_ct_reason`). `uncertain_hu`: the one
     case a rescale would fix, stored values all >= 0 and no slope/intercept in the file or given
     (CT-RATE's raw files without their metadata CSV row)."""

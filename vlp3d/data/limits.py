@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vlp3d.errors import InputError
+
 
 @dataclass(frozen=True)
 class VolumeLimits:
@@ -23,11 +25,11 @@ class VolumeLimits:
         voxels = math.prod(int(n) for n in shape)
         for what, count in (("stored", voxels), ("after resampling", resampled)):
             if count > self.max_voxels:
-                raise ValueError(f"volume too large: {count:,} voxels {what} (shape {list(shape)}) exceed the cap of "
+                raise InputError(f"volume too large: {count:,} voxels {what} (shape {list(shape)}) exceed the cap of "
                                  f"{self.max_voxels:,} (max_voxels); check its size and voxel spacing")
         needed = volume_bytes(voxels, itemsize, resampled)
         if needed > self.max_bytes:
-            raise ValueError(f"volume too large: about {needed / 2**30:.1f} GiB to load and resample (shape "
+            raise InputError(f"volume too large: about {needed / 2**30:.1f} GiB to load and resample (shape "
                              f"{list(shape)}) exceed the cap of {self.max_bytes / 2**30:.1f} GiB (max_bytes)")
 
 

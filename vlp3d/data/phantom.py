@@ -35,6 +35,7 @@ from vlp3d.data.corpus import (
     label_map_name,
 )
 from vlp3d.data.labels import CTRATE_LABELS, PHANTOM_FINDINGS
+from vlp3d.errors import InputError
 
 # Storage variants exercised by the corpus, each a trap real corpora set:
 #   header   - slope/intercept in the NIfTI header (nibabel applies them on read)
@@ -348,7 +349,7 @@ def png_bytes(image01: np.ndarray, bits: int = 16) -> bytes:
     elif bits == 8:
         pil = Image.fromarray(np.round(image01 * 255).astype(np.uint8), mode="L")
     else:
-        raise ValueError(f"bits must be 8 or 16, got {bits}")
+        raise InputError(f"bits must be 8 or 16, got {bits}")
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -409,7 +410,7 @@ def synthesize(out: str | Path, n: int, seed: int = 0, valid_fraction: float = 0
     """
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     if n < 2:
-        raise ValueError(f"--n must be at least 2 (one train and one valid volume), got {n}")
+        raise InputError(f"--n must be at least 2 (one train and one valid volume), got {n}")
     out = Path(out)
     rng = np.random.default_rng(seed)
     cases: list[Case] = []

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlp3d.errors import InputError
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -57,7 +59,7 @@ def read_png(path: str | Path) -> tuple[np.ndarray, RadiographInfo]:
     with open(path, "rb") as handle:
         head = handle.read(8)
     if head != PNG_MAGIC:
-        raise ValueError(f"{path}: not a PNG image (file starts with {head!r}); radiographs must be PNG or DICOM")
+        raise InputError(f"{path}: not a PNG image (file starts with {head!r}); radiographs must be PNG or DICOM")
     try:
         with Image.open(path) as image:
             image.load()
@@ -71,9 +73,9 @@ def read_png(path: str | Path) -> tuple[np.ndarray, RadiographInfo]:
                 pixels = np.asarray(image)
                 maximum = 1.0 if mode == "1" else 255.0
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"{path}: PNG cannot be decoded ({err})") from err
+        raise InputError(f"{path}: PNG cannot be decoded ({err})") from err
     if pixels.ndim != 2 or min(pixels.shape) < 2:
-        raise ValueError(f"{path}: expected a 2D grayscale image, got shape {pixels.shape}")
+        raise InputError(f"{path}: expected a 2D grayscale image, got shape {pixels.shape}")
     scaled = np.clip(pixels.astype(np.float32) / maximum, 0.0, 1.0)
     return scaled, RadiographInfo(source="png")
 
@@ -89,7 +91,7 @@ def read_dicom_2d(path: str | Path) -> tuple[np.ndarray, RadiographInfo]:
     if pixels.ndim == 3 and getattr(dataset, "NumberOfFrames", 1) in (None, 1, "1"):
         pixels = pixels[..., 0] if pixels.shape[-1] in (3, 4) else pixels[0]
     if pixels.ndim != 2:
-        raise ValueError(f"{path}: expected a single-frame 2D radiograph, got pixel array shape {pixels.shape}")
+        raise InputError(f"{path}: expected a single-frame 2D radiograph, got pixel array shape {pixels.shape}")
     slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
     values = pixels * slope + intercept
@@ -120,10 +122,10 @@ def load_radiograph(path: str | Path) -> tuple[np.ndarray, RadiographInfo]:
     if not path.exists():
         raise FileNotFoundError(f"radiograph file not found: {path}")
     if path.is_dir():
-        raise ValueError(f"{path}: a radiograph must be one PNG or DICOM file, got a folder")
+        raise InputError(f"{path}: a radiograph must be one PNG or DICOM file, got a folder")
     image, info = read_dicom_2d(path) if is_dicom_file(path) else read_png(path)
     if not np.isfinite(image).all():
-        raise ValueError(f"{path}: image contains NaN or infinite values")
+        raise InputError(f"{path}: image contains NaN or infinite values")
     return image, info
 
 

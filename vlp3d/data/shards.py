@@ -46,6 +46,7 @@ from vlp3d.data.radiograph import load_radiograph, resize_2d
 from vlp3d.data.report import report_text
 from vlp3d.data.splits import parse_split
 from vlp3d.data.volume import PreprocessSpec, load_volume_hu, preprocess_volume, quantise
+from vlp3d.errors import InputError
 from vlp3d.redact import redact
 
 MANIFEST = "_manifest.json"
@@ -70,7 +71,7 @@ def normalise_modality(value) -> str:
         return "ct"
     modality = _MODALITY_ALIASES.get(str(value).strip().lower())
     if modality is None:
-        raise ValueError(f"modality {value!r} is not supported: prepare reads CT volumes ('ct') and 2D "
+        raise InputError(f"modality {value!r} is not supported: prepare reads CT volumes ('ct') and 2D "
                          f"radiographs ('xray', also {sorted(k for k in _MODALITY_ALIASES if k not in MODALITIES)})")
     return modality
 
@@ -81,7 +82,7 @@ def shard_files(shard_dir: str | Path, modality: str = "ct") -> list[str]:
     "ct": the top-level `*.parquet` only; "xray": `xray/*.parquet`.
     """
     if modality not in MODALITY_DIRS:
-        raise ValueError(f"unknown modality {modality!r}; use one of {list(MODALITIES)}")
+        raise InputError(f"unknown modality {modality!r}; use one of {list(MODALITIES)}")
     if storage.is_uri(shard_dir):
         return storage.files_with_suffix(storage.join(shard_dir, MODALITY_DIRS[modality]), ".parquet")
     folder = Path(shard_dir) / MODALITY_DIRS[modality]
@@ -106,11 +107,11 @@ def decode_image(value, shape, storage_dtype: str) -> np.ndarray:
     if hasattr(value, "numpy") and not isinstance(value, bytes | bytearray | memoryview):  # torch tensor
         return value.numpy()
     if target is None:
-        raise ValueError("decode_image: raw image bytes need their shape (the row's image_shape)")
+        raise InputError("decode_image: raw image bytes need their shape (the row's image_shape)")
     dtype = np.dtype(storage_dtype).newbyteorder("<")
     array = np.frombuffer(value, dtype=dtype)
     if array.size != int(np.prod(target)):
-        raise ValueError(f"image holds {array.size} values of {storage_dtype}, shape {list(target)} needs "
+        raise InputError(f"image holds {array.size} values of {storage_dtype}, shape {list(target)} needs "
                          f"{int(np.prod(target))}")
     return array.reshape(target)
 
@@ -164,7 +165,7 @@ def preprocess_row(row: dict, spec: PreprocessSpec, label_names: list[str]) -> d
     and with `NotCTError` on a CT row whose volume is not CT (`vlp3d.data.hounsfield.require_ct`)."""
     text, sentences = report_text(row, spec.report_sections)
     if not sentences:
-        raise ValueError(f"empty report (sections {list(spec.report_sections)} are all missing or blank)")
+        raise InputError(f"empty report (sections {list(spec.report_sections)} are all missing or blank)")
     modality = normalise_modality(row.get("modality"))
     if modality == "xray":
         out = _xray_row(row, spec, label_names, text, sentences)
@@ -198,7 +199,7 @@ def load_label_map(path, affine: np.ndarray, shape) -> np.ndarray:
         raise FileNotFoundError(f"label map file not found: {path} (manifest column '{LABEL_MAP_COLUMN}')")
     img = nib.load(str(path))
     if tuple(img.shape) != tuple(shape) or not np.allclose(img.affine, affine, atol=1e-3):
-        raise ValueError(f"label map {path} (shape {list(img.shape)}) is not on the grid of its CT (shape "
+        raise InputError(f"label map {path} (shape {list(img.shape)}) is not on the grid of its CT (shape "
                          f"{list(shape)}, affine {np.round(affine, 3).tolist()}); resample it onto the CT's grid first")
     return np.asarray(img.dataobj)
 

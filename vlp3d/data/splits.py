@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlp3d.errors import InputError
+
 _PART = re.compile(r"^(?P<split>[^\[\]]+)\[(?P<low>[0-9.]*):(?P<high>[0-9.]*)\]$")
 
 
@@ -60,7 +62,7 @@ def parse_split(name: str) -> SplitPart:
         return SplitPart(name)
     low, high = float(match["low"] or 0.0), float(match["high"] or 1.0)
     if not 0.0 <= low < high <= 1.0:
-        raise ValueError(f"split '{name}': a part [low:high] needs 0 <= low < high <= 1, e.g. 'valid[0:0.5]'")
+        raise InputError(f"split '{name}': a part [low:high] needs 0 <= low < high <= 1, e.g. 'valid[0:0.5]'")
     return SplitPart(match["split"], low, high)
 
 

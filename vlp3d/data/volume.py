@@ -29,6 +29,7 @@ from vlp3d.config import DataConfig, ModelConfig
 from vlp3d.data.dicom import is_dicom_path, load_dicom_hu
 from vlp3d.data.hounsfield import HUDecision, to_hounsfield
 from vlp3d.data.limits import VolumeLimits
+from vlp3d.errors import InputError
 
 if TYPE_CHECKING:  # MONAI is imported where a volume is transformed: importing it costs seconds, and a
     # training worker, which reads prepared shards, never needs it
@@ -77,9 +78,9 @@ class PreprocessSpec:
         elif self.storage_dtype == "float16":
             error = 2.0**-12 * width  # half ulp of float16 just below 1.0
         else:
-            raise ValueError(f"data.storage_dtype must be 'float16' or 'uint8', got {self.storage_dtype!r}")
+            raise InputError(f"data.storage_dtype must be 'float16' or 'uint8', got {self.storage_dtype!r}")
         if self.storage not in ("fixed", "highres"):
-            raise ValueError(f"data.storage must be 'fixed' or 'highres', got {self.storage!r}")
+            raise InputError(f"data.storage must be 'fixed' or 'highres', got {self.storage!r}")
         object.__setattr__(self, "quantisation_error_hu", round(error, 3))
 
     def to_dict(self) -> dict:
@@ -97,9 +98,9 @@ def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None),
     try:
         img = nib.load(path)
     except nib.filebasedimages.ImageFileError as err:  # not NIfTI, truncated, not gzip: bad input, said as such
-        raise ValueError(f"not a readable NIfTI file ({err})") from None
+        raise InputError(f"not a readable NIfTI file ({err})") from None
     if len(img.shape) != 3:
-        raise ValueError(f"expected a 3D volume, got shape {img.shape}")
+        raise InputError(f"expected a 3D volume, got shape {img.shape}")
     if limits is not None:
         limits.check(img.shape, img.get_data_dtype().itemsize)
     proxy = img.dataobj
@@ -110,7 +111,7 @@ def load_nifti_hu(path: str, metadata_scaling: tuple = (None, None),
         raw, header_scaling = np.asanyarray(proxy), (None, None)
     hu, decision = to_hounsfield(raw, header_scaling, metadata_scaling)
     if not np.isfinite(hu).all():
-        raise ValueError("volume contains NaN or infinite values")
+        raise InputError("volume contains NaN or infinite values")
     return hu, img.affine.astype(np.float64), decision
 
 
@@ -198,11 +199,11 @@ def preprocess_volume(hu: np.ndarray, affine: np.ndarray, spec: PreprocessSpec,
     if label_map is not None:
         label_map = np.asarray(label_map)
         if label_map.shape != hu.shape:
-            raise ValueError(f"label map shape {list(label_map.shape)} differs from the volume's {list(hu.shape)}: "
+            raise InputError(f"label map shape {list(label_map.shape)} differs from the volume's {list(hu.shape)}: "
                              "a label map must lie on the CT's voxel grid (same shape and affine)")
         if label_map.size and (label_map.min() < 0 or label_map.max() > 255 or
                                not np.array_equal(label_map, np.round(label_map))):
-            raise ValueError("label map values must be integer classes in 0..255 (0 = background); got values in "
+            raise InputError("label map values must be integer classes in 0..255 (0 = background); got values in "
                              f"[{label_map.min()}, {label_map.max()}]")
         data[LABEL] = MetaTensor(torch.from_numpy(np.ascontiguousarray(label_map, dtype=np.float32))[None],
                                  affine=torch.from_numpy(affine))

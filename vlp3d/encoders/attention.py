@@ -26,6 +26,8 @@ from monai.networks.nets.swin_unetr import WindowAttention
 from torch import nn
 from torch.nn import functional as F
 
+from vlp3d.errors import InputError
+
 ATTENTION_MODES = ("auto", "fused", "manual")
 ATTENTION_PATHS = ("fused", "manual")
 MEASURE_REPS = 3
@@ -85,7 +87,7 @@ def fuse_window_attention(module: nn.Module) -> list[FusedWindowAttention]:
 
 def check_mode(attention: str) -> str:
     if attention not in ATTENTION_MODES:
-        raise ValueError(f"model.attention = {attention!r}: choose one of {list(ATTENTION_MODES)}.")
+        raise InputError(f"model.attention = {attention!r}: choose one of {list(ATTENTION_MODES)}.")
     return attention
 
 
@@ -107,7 +109,7 @@ class AttentionPaths:
 
     def set_attention_path(self, path: str) -> None:
         if path not in ATTENTION_PATHS:
-            raise ValueError(f"attention path {path!r}: choose one of {list(ATTENTION_PATHS)}.")
+            raise InputError(f"attention path {path!r}: choose one of {list(ATTENTION_PATHS)}.")
         self.attention_path = path
         self._use_fused(path == "fused")
 

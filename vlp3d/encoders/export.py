@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlp3d.errors import InputError
+
 IMAGE_ENCODER_PREFIX = "image_encoder."
 # wrappers that prepend to every key: DDP ("module.") and torch.compile ("_orig_mod.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -30,7 +32,7 @@ def image_encoder_state_dict(
             out[_strip_wrappers(stripped[len(prefix) :])] = value
     if not out:
         heads = sorted({_strip_wrappers(key).split(".", 1)[0] for key in model_state})
-        raise KeyError(
+        raise InputError(
             f"no key starts with {prefix!r}; the state dict's top-level names are {heads}."
         )
     return out
@@ -88,7 +90,7 @@ def unetr_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
             f"unetr_state_dict needs a vit3d encoder (with .vit); got {type(encoder).__name__}."
         )
     if encoder.num_layers != UNETR_DEPTH or encoder.patch_size != UNETR_PATCH:
-        raise ValueError(
+        raise InputError(
             f"MONAI UNETR has {UNETR_DEPTH} blocks and patch {UNETR_PATCH}; this encoder has "
             f"{encoder.num_layers} blocks and patch {encoder.patch_size}."
         )

@@ -26,6 +26,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from vlp3d.errors import InputError
+
 # model.image_encoder -> the module that registers it (imported on first use)
 ENCODER_MODULES = {
     "resnet3d": "vlp3d.encoders.resnet",
@@ -90,7 +92,7 @@ def build_image_encoder(name: str, size: str = "tiny", **kwargs) -> nn.Module:
     positional embeddings) and `gradient_checkpointing`.
     """
     if name not in IMAGE_ENCODERS:
-        raise KeyError(
+        raise InputError(
             f"model.image_encoder = {name!r} is not registered; choose one of {sorted(IMAGE_ENCODERS)}."
         )
     builder = IMAGE_ENCODERS[name]
@@ -115,9 +117,9 @@ def accepted_options(name: str, options: dict) -> dict:
 
 
 def check_size(name: str, size: str, presets: Sequence[str]) -> None:
-    """Raise a KeyError naming `model.size` when `size` is not one of `presets`."""
+    """Raise an InputError naming `model.size` when `size` is not one of `presets`."""
     if size not in presets:
-        raise KeyError(f"model.size = {size!r}: {name} presets are {sorted(presets)}.")
+        raise InputError(f"model.size = {size!r}: {name} presets are {sorted(presets)}.")
 
 
 def require_einops(name: str) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from vlp3d.encoders.attention import AttentionPaths, fuse_window_attention
 from vlp3d.encoders.registry import check_size, register, require_einops
+from vlp3d.errors import InputError
 
 # feature_size per preset (METHODS.md: 48 is "Swin-B", 96 is "Swin-L"); SwinUNETR needs a multiple of 12
 SWIN_PRESETS: dict[str, int] = {"tiny": 12, "small": 24, "base": 48, "large": 96}
@@ -52,11 +53,11 @@ class SwinEncoder3d(AttentionPaths, nn.Module):
     ):
         super().__init__()
         if feature_size % 12 != 0:
-            raise ValueError(
+            raise InputError(
                 f"swin3d feature_size must be a multiple of 12 (SwinUNETR's rule), got {feature_size}."
             )
         if len(depths) != 4 or len(num_heads) != 4:
-            raise ValueError(
+            raise InputError(
                 f"swin3d has four stages; got depths={tuple(depths)}, num_heads={tuple(num_heads)}."
             )
         # same arguments, in the same order, as monai.networks.nets.SwinUNETR.__init__ (MONAI 1.6)
@@ -128,7 +129,7 @@ class SwinEncoder3d(AttentionPaths, nn.Module):
         """Raise ValueError unless every spatial size is divisible by patch_size**5 (32)."""
         factor = self.patch_size**5
         if len(spatial_shape) != 3 or any(int(s) % factor for s in spatial_shape):
-            raise ValueError(
+            raise InputError(
                 f"swin3d needs a 3D input whose sizes are divisible by {factor}; got spatial shape "
                 f"{tuple(int(s) for s in spatial_shape)}. Set data.shape (or the crop size) to multiples of "
                 f"{factor}, e.g. (128, 128, 96)."

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlp3d.errors import InputError
+
 DEFAULT_TEXT_ENCODER = "minilm"
 
 
@@ -42,14 +44,14 @@ def _load(auto_cls, name: str):
             "(offline?). Download it once (`huggingface-cli download NAME --local-dir DIR`) and set "
             "model.text_encoder = \"DIR\", or use the offline default model.text_encoder = \"minilm\"."
         )
-        raise OSError(f"cannot load text encoder model.text_encoder = {name!r}: {hint}") from err
+        raise InputError(f"cannot load text encoder model.text_encoder = {name!r}: {hint}") from err
 
 
 def _transformer_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks (the longest ModuleList: BERT's encoder.layer, GPT's h, ...)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise ValueError(f"cannot find transformer layers in {type(model).__name__}")
+        raise InputError(f"cannot find transformer layers in {type(model).__name__}")
     return max(lists, key=len)
 
 
@@ -78,7 +80,7 @@ class TextEncoder(nn.Module):
             if trainable_layers:
                 layers = _transformer_layers(self.model)
                 if trainable_layers > len(layers):
-                    raise ValueError(f"trainable_layers={trainable_layers} but {name!r} has {len(layers)} layers.")
+                    raise InputError(f"trainable_layers={trainable_layers} but {name!r} has {len(layers)} layers.")
                 for layer in layers[-trainable_layers:]:
                     layer.requires_grad_(True)
             else:

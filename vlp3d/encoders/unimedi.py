@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp3d.encoders.registry import check_size, recompute, register
+from vlp3d.errors import InputError
 
 # (hidden_size, depth, num_heads): ViT-Ti, ViT-S, ViT-B, ViT-L
 UNIMEDI_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -30,7 +31,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}.")
+            raise InputError(f"hidden size {dim} is not divisible by num_heads {num_heads}.")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -153,11 +154,11 @@ class UniMedIViT(nn.Module):
         elif len(spatial) == 3:
             patch, kind = self.tubelet_size, "3D volume"
         else:
-            raise ValueError(
+            raise InputError(
                 f"unimedi_vit takes [B, C, H, W] or [B, C, X, Y, Z]; got shape {tuple(input_shape)}."
             )
         if any(s % p or s < p for s, p in zip(spatial, patch, strict=True)):
-            raise ValueError(
+            raise InputError(
                 f"unimedi_vit: {kind} size {spatial} must be a positive multiple of the patch {patch}."
             )
         return tuple(s // p for s, p in zip(spatial, patch, strict=True))
@@ -202,7 +203,7 @@ class UniMedIViT(nn.Module):
         tokens = patches.flatten(2).transpose(1, 2)
         if token_mask is not None:
             if token_mask.shape != tokens.shape[:2] or token_mask.dtype != torch.bool:
-                raise ValueError(
+                raise InputError(
                     f"token_mask must be bool [B, N] = {tuple(tokens.shape[:2])}; got "
                     f"{token_mask.dtype} {tuple(token_mask.shape)}."
                 )
@@ -255,7 +256,7 @@ class UniMedIViT(nn.Module):
         """
         grid = self.token_grid(volume_shape)
         if len(grid) != 3:
-            raise ValueError(
+            raise InputError(
                 f"attention_by_slice needs a 3D volume shape [B, C, X, Y, Z]; got {tuple(volume_shape)}."
             )
         depth = self.tubelet_size[2]

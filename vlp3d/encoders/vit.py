@@ -10,6 +10,7 @@ from torch import nn
 
 from vlp3d.encoders.attention import AttentionPaths
 from vlp3d.encoders.registry import check_size, recompute, register, require_einops
+from vlp3d.errors import InputError
 
 # (hidden_size, mlp_dim, num_heads). MONAI UNETR hard-codes 12 transformer blocks and reads
 # blocks 3, 6 and 9 as skips, so every preset keeps depth 12 and scales width: tiny and small
@@ -57,7 +58,7 @@ class ViTEncoder3d(AttentionPaths, nn.Module):
         super().__init__()
         img_size = tuple(int(s) for s in img_size)
         if len(img_size) != 3 or any(s % patch_size or s < patch_size for s in img_size):
-            raise ValueError(
+            raise InputError(
                 f"vit3d needs img_size (data.shape) = three sizes divisible by patch_size {patch_size}; "
                 f"got {img_size}. Use e.g. (48, 48, 48) or (128, 128, 96)."
             )
@@ -107,7 +108,7 @@ class ViTEncoder3d(AttentionPaths, nn.Module):
     def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """volume [B, C_in, *img_size] -> (pooled [B, H], tokens [B, N, H]); same tokens as UNETR.vit(volume)[0]."""
         if tuple(volume.shape[2:]) != self.img_size:
-            raise ValueError(
+            raise InputError(
                 f"vit3d was built for img_size {self.img_size} (its positional embedding is fixed) but got "
                 f"input {tuple(volume.shape[2:])}; build it with img_size = data.shape (or the crop size)."
             )

@@ -89,7 +89,7 @@ def linear_probe(train: ProbeSplit, test: ProbeSplit, label_names: list[str],
             row = {"fraction": fraction, "label": name, "train_volumes": int(keep.sum()),
                    "train_patients": len(np.unique(patients)), "positives": int(y.sum()), "C": np.nan,
                    "auroc": np.nan, "auroc_ci_low": np.nan, "auroc_ci_high": np.nan, "skipped": ""}
-            if y.min(initial=1) == y.max(initial=0):
+            if len(y) == 0 or y.min() == y.max():  # (none at all: a small fraction of a small split)
                 row["skipped"] = (f"{int(y.sum())} positives in {len(y)} training volumes: the probe needs "
                                   "at least one of each class")
             elif test_y.min() == test_y.max():

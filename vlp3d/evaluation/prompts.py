@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from vlp3d.config import read_toml
 from vlp3d.data.labels import ARTICLE_FREE
+from vlp3d.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,14 @@ def load_prompt_sets(path: str | Path | None = None) -> dict[str, PromptSet]:
                       for label, v in entry.get("labels", {}).items()}
             positive, negative = _phrases(entry.get("positive", [])), _phrases(entry.get("negative", []))
         except (KeyError, TypeError) as err:
-            raise ValueError(f"{where}: every set and label needs 'positive' and 'negative' lists of strings "
+            raise InputError(f"{where}: every set and label needs 'positive' and 'negative' lists of strings "
                              f"({type(err).__name__}: {err}).") from None
         if bool(positive) != bool(negative) or not (positive or labels):
-            raise ValueError(f"{where}: give 'positive' and 'negative' templates, or phrasings per label under "
+            raise InputError(f"{where}: give 'positive' and 'negative' templates, or phrasings per label under "
                              f"[sets.{name}.labels.\"Label\"].")
         sets[name] = PromptSet(positive, negative, labels)
     if not raw.get("sets"):
-        raise ValueError(f"eval.prompts = '{path}': no [sets.NAME] table.")
+        raise InputError(f"eval.prompts = '{path}': no [sets.NAME] table.")
     return sets
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vlp3d.errors import InputError
+
 
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[N, X, Y, Z] integer classes -> [N, C, X, Y, Z] float one-hot."""
@@ -25,7 +27,7 @@ def dice_hd95(prediction, target, num_classes: int, spacing_mm: Sequence[float] 
 
     prediction, target = torch.as_tensor(np.array(prediction)), torch.as_tensor(np.array(target))
     if prediction.shape != target.shape or prediction.ndim != 4:
-        raise ValueError(f"prediction {list(prediction.shape)} and target {list(target.shape)} must both be "
+        raise InputError(f"prediction {list(prediction.shape)} and target {list(target.shape)} must both be "
                          "[N, X, Y, Z] label maps")
     pred, true = _one_hot(prediction, num_classes), _one_hot(target, num_classes)
     dice = compute_dice(pred, true, include_background=False, ignore_empty=True).numpy()

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vlp3d.errors import InputError
 from vlp3d.evaluation.metrics import (
     chance_recall,
     macro_auroc,
@@ -50,11 +51,11 @@ def evaluate_embeddings(image_emb: torch.Tensor, report_emb: torch.Tensor, label
     names = list(evaluate_labels) or label_names
     unknown = [n for n in names if n not in label_names]
     if unknown:
-        raise KeyError(f"eval.labels: {unknown} not in the shard labels {label_names}")
+        raise InputError(f"eval.labels: {unknown} not in the shard labels {label_names}")
     sets = prompt_sets or BUILTIN_SETS
     missing = [n for n in ensemble if n not in sets]
     if missing or not ensemble:
-        raise KeyError(f"eval.prompt_ensemble = {list(ensemble)}: {missing or 'empty'}; prompt sets are {sorted(sets)}.")
+        raise InputError(f"eval.prompt_ensemble = {list(ensemble)}: {missing or 'empty'}; prompt sets are {sorted(sets)}.")
     cols = [label_names.index(n) for n in names]
     positive, negative = ensemble_embeddings(names, [sets[n] for n in ensemble], embed_prompts)
     probabilities = zero_shot_probabilities(image_emb, positive, negative, logit_scale)
@@ -107,7 +108,7 @@ def paired_metric_name(metric: str) -> str:
     listing them if it is none of them."""
     name = metric.split("/", 2)[-1] if metric.startswith("eval/") else metric
     if name not in PAIRED_METRICS:
-        raise ValueError(f"--metric {metric}: models are compared on one of {', '.join(PAIRED_METRICS)}")
+        raise InputError(f"--metric {metric}: models are compared on one of {', '.join(PAIRED_METRICS)}")
     return name
 
 

@@ -24,6 +24,7 @@ from huggingface_hub.repocard_data import EvalResult
 from torch import nn
 
 from vlp3d.config import from_dict, migrate_stored, public_config, to_dict
+from vlp3d.errors import InputError
 from vlp3d.formats import new_output_dir
 from vlp3d.inference import Embedder, VolumeInput
 from vlp3d.objectives.model import build_model
@@ -116,14 +117,14 @@ def check_tokenizer(text_encoder: str, where: str) -> None:
     folder = Path(resolve_text_encoder(text_encoder))
     if folder.is_dir():
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            raise ValueError(f"{where}: its text encoder folder {folder} has no tokenizer (none of "
+            raise InputError(f"{where}: its text encoder folder {folder} has no tokenizer (none of "
                              f"{', '.join(TOKENIZER_FILES)}); save the tokenizer there "
                              "(tokenizer.save_pretrained(FOLDER)) and export again")
         return
     try:
         load_tokenizer(text_encoder)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{where}: cannot load the tokenizer of its text encoder {text_encoder!r} ({err})") from None
+        raise InputError(f"{where}: cannot load the tokenizer of its text encoder {text_encoder!r} ({err})") from None
 
 
 def save_text_encoder(text_encoder: str, out: Path) -> None:

@@ -23,6 +23,7 @@ from monai.transforms import MapTransform
 
 from vlp3d.data.volume import PreprocessSpec, dequantise, preprocess_volume
 from vlp3d.downstream import SEGMENTATION, UNETR_FEATURE_SIZE, FineTuned, NetworkSpec, build_network
+from vlp3d.errors import InputError
 from vlp3d.formats import new_output_dir
 from vlp3d.inference import VolumeInput, load_ct
 
@@ -184,7 +185,7 @@ def export_monai_bundle(model: FineTuned, out: str | Path, source: str) -> Path:
     """Write the fine-tuned segmentation `model` as a MONAI bundle into the new folder `out`; returns it. A
     classification model is refused (ValueError) before anything is written."""
     if model.task != SEGMENTATION:
-        raise ValueError(f"{source} is a fine-tuned {model.task} model; a MONAI bundle holds a segmentation "
+        raise InputError(f"{source} is a fine-tuned {model.task} model; a MONAI bundle holds a segmentation "
                          "model (vlp3d finetune with finetune.task = 'segmentation')")
     out = new_output_dir(out, "--out")
     for folder in ("configs", "models", "docs"):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vlp3d.config import ExperimentConfig, load_config, replace, to_toml
+from vlp3d.config.loading import WORKDIR_ENV
 from vlp3d.jobs.common import OVERRIDES_HELP, run_main
 from vlp3d.table import format_table
 
@@ -139,6 +140,14 @@ def demo_config(config: str | None, workdir: str | Path, overrides=()) -> Experi
                    data={"corpus": str(workdir / "corpus"), "shards": str(workdir / "shards")})
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the current folder when it is inside it (what a user pastes), else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def run(args: argparse.Namespace) -> int:
     from vlp3d.platform.mlflow.registry import registered_name
 
@@ -161,7 +170,11 @@ def run(args: argparse.Namespace) -> int:
         ["volume->report R@5", f"{m['v2r/recall_at_5']:.3f}", f"{min(1, 5 / pool):.3f}"],
         ["volume->report R@10", f"{m['v2r/recall_at_10']:.3f}", f"{min(1, 10 / pool):.3f}"],
     ], [f"metric (held-out, pool {pool})", "value", "chance"]))
+    config = Path(cfg.tracking.workdir) / "config.toml"
     print(f"\nmodel:   models:/{name}@champion  (run {trained.run_id})")
+    print(f"store:   {uri}; the next commands read it with --config {_shown(config)} "
+          f"(or export {WORKDIR_ENV}={_shown(Path(cfg.tracking.workdir))})")
+    print(f"next:    vlp3d evaluate --config {_shown(config)} --model models:/{name}@champion")
     print(f"browse:  mlflow ui --backend-store-uri {uri} --port 5000")
     print(f"load:    MLFLOW_TRACKING_URI={uri} python -c \"import mlflow; "
           f"m = mlflow.pyfunc.load_model('models:/{name}@champion'); "

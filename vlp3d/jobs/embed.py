@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlp3d.errors import InputError
 from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_from
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".jsonl")
@@ -72,20 +73,20 @@ def read_inputs(inputs: list[str]):
             raise FileNotFoundError(f"manifest {path} not found")
         table = _READERS[path.suffix.lower()](path).rename(columns=ALIASES)
         if "image" not in table.columns:
-            raise ValueError(f"{path}: no column 'image' (volume paths); columns found: {list(table.columns)}")
+            raise InputError(f"{path}: no column 'image' (volume paths); columns found: {list(table.columns)}")
         table["image"] = [None if pd.isna(p) or not str(p).strip() else
                           str(p if Path(str(p)).is_absolute() else path.parent / str(p)) for p in table["image"]]
         return table.reset_index(drop=True)
     manifests = [p for p in inputs if p.lower().endswith(MANIFEST_SUFFIXES)]
     if manifests:
-        raise ValueError(f"give one manifest alone, or volume paths: got manifest(s) {manifests} among {len(inputs)} inputs")
+        raise InputError(f"give one manifest alone, or volume paths: got manifest(s) {manifests} among {len(inputs)} inputs")
     return pd.DataFrame({"image": [str(Path(p)) for p in inputs]})
 
 
 def fill_rescale(table, slope: float | None, intercept: float | None):
     """--rescale-slope/--rescale-intercept for rows without their own rescale."""
     if (slope is None) != (intercept is None):
-        raise ValueError("give --rescale-slope and --rescale-intercept together (CT-RATE: 1 and -1024)")
+        raise InputError("give --rescale-slope and --rescale-intercept together (CT-RATE: 1 and -1024)")
     if slope is None:
         return table
     table = table.copy()
@@ -102,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
     from vlp3d.table import format_table
 
     if args.batch_size < 1 or args.part_rows < 1 or args.actors < 0:
-        raise ValueError(f"--batch-size and --part-rows must be at least 1 and --actors at least 0, got "
+        raise InputError(f"--batch-size and --part-rows must be at least 1 and --actors at least 0, got "
                          f"{args.batch_size}, {args.part_rows} and {args.actors}")
     if not args.out.endswith(".parquet"):
-        raise ValueError(f"--out {args.out}: name a .parquet file")
+        raise InputError(f"--out {args.out}: name a .parquet file")
     table = fill_rescale(read_inputs(args.inputs), args.rescale_slope, args.rescale_intercept)
     uri = tracking_uri_from(args)
     columns = [c for c in MODEL_COLUMNS if c in table.columns]

@@ -6,35 +6,44 @@ import argparse
 import math
 
 from vlp3d.config import DataConfig, EvalConfig
-from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_from
+from vlp3d.jobs.common import (
+    add_tracking_arguments,
+    given,
+    run_main,
+    shards_from,
+    store_config,
+    tracking_uri_from,
+)
 from vlp3d.table import format_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = (
         "Evaluate a model on a held-out split: zero-shot multi-label AUROC per finding and macro (prompts "
-        "'There is a X.' / 'There is no X.'), F1, bootstrap 95%% CIs, and volume<->report Recall@1/5/10 and "
+        "'There is a X.' / 'There is no X.'), F1, bootstrap 95% CIs, and volume<->report Recall@1/5/10 and "
         "MAP with the pool size. Metrics and tables are logged to the model's MLflow run; a registered model also "
         "gets ROC and reliability plots and its model card (version description and tags) rewritten. A split "
         "holding any patient the model pretrained on is refused."
     )
     parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/vlp3d-clip@champion or runs:/ID/model")
-    parser.add_argument("--shards", required=True,
-                        help="shards root written by `vlp3d prepare`: a folder or a URI (s3://bucket/shards)")
+    parser.add_argument("--shards",
+                        help="shards root written by `vlp3d prepare`: a folder or a URI (s3://bucket/shards) "
+                             "(default: the config's data.shards)")
     data, evaluation = DataConfig(), EvalConfig()
-    parser.add_argument("--split", default=data.eval_split,
-                        help=f"split to evaluate (default: data.eval_split = {data.eval_split})")
+    parser.add_argument("--split",
+                        help=f"split to evaluate (default: the config's data.eval_split, {data.eval_split})")
     add_tracking_arguments(parser)
-    parser.add_argument("--bootstrap", type=int, default=evaluation.bootstrap,
-                        help=f"bootstrap resamples for CIs (default: eval.bootstrap = {evaluation.bootstrap}; 0 disables)")
-    parser.add_argument("--labels", nargs="*", default=evaluation.labels,
-                        help="labels to evaluate (default: eval.labels, empty = all with both classes)")
-    parser.add_argument("--prompts", default=evaluation.prompts, metavar="FILE",
-                        help="TOML file of extra prompt sets (default: eval.prompts, empty = the built-in sets "
-                             "single, report, heldout)")
-    parser.add_argument("--prompt-ensemble", nargs="+", default=list(evaluation.prompt_ensemble), metavar="SET",
-                        help=f"prompt sets averaged for the reported zero-shot scores (default: eval.prompt_ensemble "
-                             f"= {' '.join(evaluation.prompt_ensemble)}); every set is also scored alone")
+    parser.add_argument("--bootstrap", type=int,
+                        help=f"bootstrap resamples for CIs (default: the config's eval.bootstrap, {evaluation.bootstrap}; "
+                             "0 disables)")
+    parser.add_argument("--labels", nargs="*",
+                        help="labels to evaluate (default: the config's eval.labels, empty = all with both classes)")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="TOML file of extra prompt sets (default: the config's eval.prompts, empty = the built-in "
+                             "sets single, report, heldout)")
+    parser.add_argument("--prompt-ensemble", nargs="+", metavar="SET",
+                        help=f"prompt sets averaged for the reported zero-shot scores (default: the config's "
+                             f"eval.prompt_ensemble, {' '.join(evaluation.prompt_ensemble)}); every set is also scored alone")
     parser.add_argument("--no-log", action="store_true", help="do not log to MLflow")
     return parser
 
@@ -61,9 +70,12 @@ def render(report) -> str:
 def run(args: argparse.Namespace) -> int:
     from vlp3d.platform.evaluate import evaluate
 
-    report = evaluate(args.model, args.shards, tracking_uri_from(args), split=args.split,
-                      n_boot=args.bootstrap, labels=tuple(args.labels), log=not args.no_log,
-                      prompts=args.prompts, prompt_ensemble=tuple(args.prompt_ensemble))
+    cfg = store_config(args)
+    report = evaluate(args.model, shards_from(args, cfg), tracking_uri_from(args),
+                      split=given(args.split, cfg.data.eval_split), n_boot=given(args.bootstrap, cfg.eval.bootstrap),
+                      labels=tuple(given(args.labels, cfg.eval.labels)), log=not args.no_log,
+                      prompts=given(args.prompts, cfg.eval.prompts),
+                      prompt_ensemble=tuple(given(args.prompt_ensemble, cfg.eval.prompt_ensemble)))
     print(render(report))
     return 0
 

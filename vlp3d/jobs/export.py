@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlp3d.errors import InputError
 from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_from
 
 ENCODER_FORMATS = ("swinunetr", "unetr")
@@ -51,7 +52,7 @@ def _is_checkpoint(model: str) -> bool:
 
     folder = Path(model)
     if folder.is_dir() and not (folder / checkpoints.META).is_file():
-        raise ValueError(f"--model {model} is a folder without {checkpoints.META}: give a vlp3d checkpoint folder "
+        raise InputError(f"--model {model} is a folder without {checkpoints.META}: give a vlp3d checkpoint folder "
                          "(model.pt, config.toml, meta.json) or an MLflow model URI")
     return folder.is_dir()
 
@@ -63,7 +64,7 @@ def load_embedder(args: argparse.Namespace) -> tuple[object, dict]:
 
         embedder = Embedder(args.model)
         if "finetune" in embedder.meta:
-            raise ValueError(f"--model {args.model} is a fine-tuning checkpoint, not an embedding model")
+            raise InputError(f"--model {args.model} is a fine-tuning checkpoint, not an embedding model")
         return embedder, {"label_names": embedder.label_names, "logit_scale": embedder.logit_scale}
     from vlp3d.platform.mlflow.models import load_embedder as load_logged
     from vlp3d.platform.mlflow.store import client
@@ -81,7 +82,7 @@ def load_finetuned(args: argparse.Namespace):
         from vlp3d.train import checkpoint as checkpoints
 
         if "finetune" not in checkpoints.read_meta(args.model):
-            raise ValueError(f"--model {args.model} is a pretraining checkpoint; a MONAI bundle holds a fine-tuned "
+            raise InputError(f"--model {args.model} is a pretraining checkpoint; a MONAI bundle holds a fine-tuned "
                              "segmentation model (vlp3d finetune with finetune.task = 'segmentation')")
         return FineTuned(args.model)
     from vlp3d.platform.mlflow.models import load_pyfunc
@@ -91,7 +92,7 @@ def load_finetuned(args: argparse.Namespace):
     python_model = load_pyfunc(args.model).unwrap_python_model()
     model = getattr(python_model, "model", None)
     if not isinstance(model, FineTuned):
-        raise ValueError(f"--model {args.model} is an embedding model ({type(python_model).__name__}); a MONAI "
+        raise InputError(f"--model {args.model} is an embedding model ({type(python_model).__name__}); a MONAI "
                          "bundle holds a fine-tuned segmentation model (vlp3d finetune with finetune.task = "
                          "'segmentation')")
     return model
@@ -121,10 +122,10 @@ def card_info(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     if args.out and args.out_flag and args.out != args.out_flag:
-        raise ValueError(f"two outputs given ({args.out} and --out {args.out_flag}); give one")
+        raise InputError(f"two outputs given ({args.out} and --out {args.out_flag}); give one")
     out = args.out or args.out_flag
     if not out:
-        raise ValueError(f"--format {args.format}: give the output {'file' if args.format in ENCODER_FORMATS else 'folder'}"
+        raise InputError(f"--format {args.format}: give the output {'file' if args.format in ENCODER_FORMATS else 'folder'}"
                          " (vlp3d export --model URI --format FORMAT OUT)")
     if args.format in ENCODER_FORMATS:
         return _export_encoder(args, Path(out))
@@ -162,7 +163,7 @@ def _export_encoder(args: argparse.Namespace, out: Path) -> int:
     try:
         state, kwargs = export_encoder(embedder.model.image_encoder, args.format)
     except TypeError as err:
-        raise ValueError(f"--format {args.format}: {err} (this model's model.image_encoder = "
+        raise InputError(f"--format {args.format}: {err} (this model's model.image_encoder = "
                          f"{embedder.cfg.model.image_encoder!r})") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 
-from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, resolve_config, run_main
+from vlp3d.jobs.common import (
+    add_config_arguments,
+    config_keys_epilog,
+    resolve_config_with_sources,
+    run_main,
+    run_store,
+)
+from vlp3d.jobs.plan import add_dry_run_argument, config_text, print_plan, training_rows
 from vlp3d.table import format_table
 
 
@@ -33,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "losses as one Ray Train worker): for debugging a step with pdb or a profiler, and for "
                              "tests. cluster.num_workers and train.max_failures are ignored; checkpoints still go "
                              "under tracking.storage/<run name>/ and a rerun with --local --run-name resumes")
+    add_dry_run_argument(parser)
     return parser
 
 
@@ -50,9 +58,21 @@ def summary(result) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg, sources = resolve_config_with_sources(args, [f"finetune.model={args.model}"] if args.model else None)
+    if args.dry_run:
+        print(config_text(cfg, sources, args.config))
+        ft = cfg.finetune
+        rows = training_rows(cfg, ft.max_steps, ft.global_batch, ft.label_fraction, "finetune.max_steps",
+                             "finetune.global_batch")
+        rows[1][1] = rows[1][1].replace("training volumes", "labelled training volumes")
+        if args.local:
+            rows[-1] = ["Ray resources", "none: --local runs one rank in this process"]
+        print_plan("finetune", [["task", f"{ft.task}, init {ft.init}, from {ft.model or '(finetune.model not set)'}"],
+                                *rows, *run_store(cfg, args, sources, dry_run=True)])
+        return 0
     from vlp3d.platform.finetune import finetune
 
-    cfg = resolve_config(args, [f"finetune.model={args.model}"] if args.model else None)
+    run_store(cfg, args, sources)
     result = finetune(cfg, run_name=args.run_name, local=args.local)
     print(summary(result))
     print(f"run {result.run_name} (mlflow {result.run_id}) finished in {result.elapsed_s:.0f} s")

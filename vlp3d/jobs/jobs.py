@@ -10,6 +10,12 @@ from vlp3d.jobs.submit import AUTH_EPILOG, add_address_argument, follow_to_the_e
 from vlp3d.redact import redact
 from vlp3d.table import format_table
 
+EXIT_CODES = """exit codes:
+  0  done (logs --follow: the job SUCCEEDED)
+  1  logs --follow: the job FAILED or was STOPPED
+  2  bad input (an unknown job id), the cluster unreachable, or the cluster refused the token
+  3  an internal error (a bug in vlp3d): the traceback goes to a log file, the terminal says where"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = "The Ray jobs of a cluster (submitted with `vlp3d submit` or `ray job submit`)."
@@ -24,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for each in (listing, logs, stop):
         add_address_argument(each)
         add_logging_arguments(each, top_level=False)
-        each.epilog = AUTH_EPILOG
+        each.epilog = f"{AUTH_EPILOG}\n\n{EXIT_CODES}"
     return parser
 
 

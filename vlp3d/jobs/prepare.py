@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vlp3d.errors import InputError
 from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, resolve_config, run_main
 from vlp3d.redact import redact
 from vlp3d.table import format_table
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = args.corpus or cfg.data.corpus
     out = args.out or cfg.data.shards
     if not corpus or not out:
-        raise ValueError("give --corpus and --out (or set data.corpus and data.shards in the config).")
+        raise InputError("give --corpus and --out (or set data.corpus and data.shards in the config).")
     try:
         result = prepare(cfg, corpus, out)
     except (FolderLockedError, PrepareError) as err:  # a folder in use or holding other shards: one line

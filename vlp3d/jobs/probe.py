@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from vlp3d.config import DataConfig, EvalConfig
-from vlp3d.jobs.common import add_tracking_arguments, run_main, tracking_uri_from
+from vlp3d.jobs.common import (
+    add_tracking_arguments,
+    given,
+    run_main,
+    shards_from,
+    store_config,
+    tracking_uri_from,
+)
 from vlp3d.table import format_table
 
 
@@ -19,21 +26,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "with the reason. The table, the per-finding table and the plot are logged to the model's run."
     )
     parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/vlp3d-clip@champion")
-    parser.add_argument("--shards", required=True, help="shards root written by `vlp3d prepare`")
+    parser.add_argument("--shards", help="shards root written by `vlp3d prepare` (default: the config's data.shards)")
     data, evaluation = DataConfig(), EvalConfig()
-    parser.add_argument("--train-split", default=data.train_split,
-                        help=f"split the probes train on (default: data.train_split = {data.train_split})")
-    parser.add_argument("--split", default=data.eval_split,
-                        help=f"split the probes are tested on (default: data.eval_split = {data.eval_split})")
-    parser.add_argument("--fractions", type=float, nargs="+", default=list(evaluation.probe_fractions),
-                        metavar="F", help="shares of the training split's labels, each in (0, 1] (default: "
-                                          f"eval.probe_fractions = {' '.join(f'{f:g}' for f in evaluation.probe_fractions)})")
-    parser.add_argument("--bootstrap", type=int, default=evaluation.bootstrap,
-                        help=f"bootstrap resamples of the test patients (default: eval.bootstrap = {evaluation.bootstrap})")
+    parser.add_argument("--train-split",
+                        help=f"split the probes train on (default: the config's data.train_split, {data.train_split})")
+    parser.add_argument("--split",
+                        help=f"split the probes are tested on (default: the config's data.eval_split, {data.eval_split})")
+    parser.add_argument("--fractions", type=float, nargs="+",
+                        metavar="F", help="shares of the training split's labels, each in (0, 1] (default: the "
+                                          "config's eval.probe_fractions, "
+                                          f"{' '.join(f'{f:g}' for f in evaluation.probe_fractions)})")
+    parser.add_argument("--bootstrap", type=int,
+                        help=f"bootstrap resamples of the test patients (default: the config's eval.bootstrap, "
+                             f"{evaluation.bootstrap})")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random initialisation, the validation folds and the bootstrap (default 0)")
-    parser.add_argument("--batch-size", type=int, default=evaluation.batch_size,
-                        help=f"volumes per forward pass (default: eval.batch_size = {evaluation.batch_size})")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"volumes per forward pass (default: the config's eval.batch_size, {evaluation.batch_size})")
     add_tracking_arguments(parser)
     parser.add_argument("--no-log", action="store_true", help="do not log to MLflow")
     return parser
@@ -67,9 +76,13 @@ def render(report) -> str:
 def run(args: argparse.Namespace) -> int:
     from vlp3d.platform.evaluate import probe
 
-    report = probe(args.model, args.shards, tracking_uri_from(args), train_split=args.train_split, split=args.split,
-                   fractions=tuple(args.fractions), batch_size=args.batch_size, n_boot=args.bootstrap,
-                   seed=args.seed, log=not args.no_log)
+    cfg = store_config(args)
+    report = probe(args.model, shards_from(args, cfg), tracking_uri_from(args),
+                   train_split=given(args.train_split, cfg.data.train_split),
+                   split=given(args.split, cfg.data.eval_split),
+                   fractions=tuple(given(args.fractions, cfg.eval.probe_fractions)),
+                   batch_size=given(args.batch_size, cfg.eval.batch_size),
+                   n_boot=given(args.bootstrap, cfg.eval.bootstrap), seed=args.seed, log=not args.no_log)
     print(render(report))
     return 0
 

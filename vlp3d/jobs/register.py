@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vlp3d.errors import InputError
 from vlp3d.jobs.common import run_main
 from vlp3d.jobs.promote import add_comparison_arguments, decide
 
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     reference = args.model.removeprefix("models:/")
     if "/" not in reference or not args.model.startswith("models:/"):
-        raise ValueError(f"--model {args.model}: give a registered version as models:/NAME/VERSION")
+        raise InputError(f"--model {args.model}: give a registered version as models:/NAME/VERSION")
     name, version = reference.rsplit("/", 1)
     return decide(args, name, version)
 

@@ -6,7 +6,16 @@ import argparse
 import math
 import os
 
-from vlp3d.jobs.common import add_config_arguments, config_keys_epilog, resolve_config, run_main
+from vlp3d.errors import InputError
+from vlp3d.jobs.common import (
+    add_config_arguments,
+    config_keys_epilog,
+    resolve_config,
+    resolve_config_with_sources,
+    run_main,
+    run_store,
+)
+from vlp3d.jobs.plan import add_dry_run_argument, config_text, print_plan, resources, training_rows
 from vlp3d.table import format_table
 
 
@@ -33,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="continue the interrupted sweep NAME (in tracking.workdir; or give its folder, "
                              "<workdir>/sweeps/NAME) with the config it started with: finished trials are kept, "
                              "unfinished ones resume from their last checkpoint")
+    add_dry_run_argument(parser, help="print the resolved config (where each value came from) and the plan (the "
+                                      "search space, the number of trials, each trial's steps, epochs and FLOPs, "
+                                      "Ray resources, the sweep folder and MLflow store) and exit: nothing is "
+                                      "started, written or logged")
     return parser
 
 
@@ -109,11 +122,11 @@ REPORT = "report"  # `vlp3d sweep report NAME [overrides]`: re-fit a finished sw
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlp3d.platform.sweep import report_sweep, run_sweep, stored_config
-
     if args.config == REPORT and not os.path.exists(REPORT):
+        from vlp3d.platform.sweep import report_sweep, stored_config
+
         if not args.overrides or "=" in args.overrides[0]:
-            raise ValueError("vlp3d sweep report NAME: give the sweep's name (or its folder, "
+            raise InputError("vlp3d sweep report NAME: give the sweep's name (or its folder, "
                              "<tracking.workdir>/sweeps/NAME), e.g. vlp3d sweep report scaling-demo "
                              "tracking.workdir=vlp3d-runs/demo")
         name, overrides = args.overrides[0], args.overrides[1:]
@@ -122,17 +135,52 @@ def run(args: argparse.Namespace) -> int:
         result = report_sweep(cfg, name)
         print("\n" + render(result))
         return 0
-    cfg = resolve_config(args)
+    cfg, sources = resolve_config_with_sources(args)
+    if args.dry_run and not args.resume:
+        return dry_run(args, cfg, sources)
+    from vlp3d.platform.sweep import run_sweep, stored_config
+
     name = args.name
     if args.resume:
         if args.name:
-            raise ValueError(f"--name {args.name} and --resume {args.resume}: pass only --resume NAME.")
+            raise InputError(f"--name {args.name} and --resume {args.resume}: pass only --resume NAME.")
         cfg, name = stored_config(cfg.tracking.workdir, args.resume)
         print(f"resuming sweep {name} with the config it started with")
+    if args.dry_run:
+        return dry_run(args, cfg, {})
+    run_store(cfg, args, sources)
     result = run_sweep(cfg, name=name, resume=bool(args.resume))
     print("\n" + render(result))
     finished = (result.table["status"] == "finished").sum() if len(result.table) else 0
     return 0 if finished else 1  # a sweep in which no trial finished is a failed job
+
+
+def dry_run(args: argparse.Namespace, cfg, sources: dict[str, str]) -> int:
+    """The sweep's config and plan; nothing started (no Ray, no MLflow run, no folder)."""
+    from pathlib import Path
+
+    from vlp3d.search_space import parse_space, planned_trials
+
+    print(config_text(cfg, sources, args.config))
+    space = parse_space(cfg.tune.space, cfg.tune.variants)
+    axes = [[d.key, f"{d.kind} {list(d.values)}"] for d in space.dimensions]
+    trials = planned_trials(cfg, space)
+    steps_key, batch_key = ("finetune.max_steps", "finetune.global_batch") if cfg.tune.trial == "finetune" else \
+        ("train.max_steps", "train.global_batch")
+    trial = cfg.finetune if cfg.tune.trial == "finetune" else cfg.train
+    rows = training_rows(cfg, trial.max_steps, trial.global_batch, cfg.data.fraction, steps_key, batch_key)
+    folder = Path(cfg.tracking.workdir, "sweeps", args.resume or args.name or f"{cfg.name}-sweep-<date-time>")
+    print_plan("sweep", [
+        *([f"space: {key}", values] for key, values in axes),
+        ["trials", f"{trials} ({cfg.tune.search} search, tune.num_samples = {cfg.tune.num_samples}), "
+                   f"each {cfg.tune.trial}s then is evaluated on {cfg.data.eval_split}"],
+        *([f"per trial: {k}", v] for k, v in rows if k != "Ray resources"),
+        ["Ray resources", f"per trial {resources(cfg)}, + {cfg.tune.trial_cpus:g} CPU for its driver; "
+                          f"{cfg.tune.max_concurrent_trials or 'as many as fit'} at once"],
+        ["sweep folder", str(folder)],
+        *run_store(cfg, args, sources, dry_run=True),
+    ])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

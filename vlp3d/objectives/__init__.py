@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from vlp3d.config.methods import RegistryView, objective_classes, registered_methods
+from vlp3d.errors import InputError
 
 if TYPE_CHECKING:
     from vlp3d.objectives.base import Objective
@@ -32,7 +33,7 @@ def objective_class(name: str) -> type[Objective]:
     """The objective class registered as `name`."""
     methods = registered_methods()
     if name not in methods:
-        raise KeyError(f"objective.name = {name!r} is not one of {', '.join(methods)}")
+        raise InputError(f"objective.name = {name!r} is not one of {', '.join(methods)}")
     return methods[name].objective
 
 

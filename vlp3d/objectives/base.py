@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from vlp3d.config import ExperimentConfig, ObjectiveConfig, get_key
+from vlp3d.errors import InputError
 
 MIN_LOGIT_SCALE = 1e-2  # below it (temperature above 100) the contrastive softmax is flat: diverged
 
@@ -56,7 +57,7 @@ class Objective(nn.Module):
         weights = {term: float(get_key(cfg, cls.weight_key(term))) for term in cls.terms}
         active = {term: w for term, w in weights.items() if w > 0}
         if not active:
-            raise ValueError(f"every loss term of objective '{cls.name}' has weight 0 "
+            raise InputError(f"every loss term of objective '{cls.name}' has weight 0 "
                              f"({', '.join(cls.weight_key(t) for t in cls.terms)}); set at least one > 0.")
         return active
 
@@ -72,7 +73,7 @@ class Objective(nn.Module):
         if spec.get("storage", "fixed") != cls.storage:
             why = ("samples crops from high-resolution volumes" if cls.storage == "highres"
                    else "needs fixed-shape volumes")
-            raise ValueError(f"{shard_dir}: objective '{cls.name}' {why}; prepare the corpus with "
+            raise InputError(f"{shard_dir}: objective '{cls.name}' {why}; prepare the corpus with "
                              f"data.storage = \"{cls.storage}\".")
 
     @classmethod

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlp3d.errors import InputError
+
 
 def token_grid(encoder: nn.Module, input_shape: Sequence[int], num_tokens: int) -> tuple[int, ...]:
     """Token grid (x, y, z) of an encoder's last-stage tokens for an input [B, C, X, Y, Z]."""
@@ -19,7 +21,7 @@ def token_grid(encoder: nn.Module, input_shape: Sequence[int], num_tokens: int) 
     stride = round((math.prod(spatial) / num_tokens) ** (1 / len(spatial)))
     grid = tuple(max(1, math.ceil(s / stride)) for s in spatial)
     if math.prod(grid) != num_tokens:
-        raise ValueError(f"cannot infer the token grid of {type(encoder).__name__}: {num_tokens} tokens "
+        raise InputError(f"cannot infer the token grid of {type(encoder).__name__}: {num_tokens} tokens "
                          f"for input {tuple(spatial)}")
     return grid
 

@@ -63,19 +63,19 @@ TERMS = ("align", "mim", "mlm", "sentence_consistency", "disentangled", "sentenc
 class MG3DConfig:
     """MG-3D's own settings, read when `objective.name = "mg3d"`: term weights, masking, fusion, heads."""
 
-    mim_weight: float = setting(1.0, "MG-3D `mim`: text-guided masked image reconstruction (MSE on masked voxels).")
-    mlm_weight: float = setting(1.0, "MG-3D `mlm`: image-guided masked language modelling (CE on masked tokens).")
-    sentence_consistency_weight: float = setting(0.1, "MG-3D `sentence_consistency`: fused masked report stays close (cosine) to the unmasked one.")
-    disentangled_weight: float = setting(0.1, "MG-3D `disentangled`: InfoNCE between the volume and its sigmoid-gated sentence aggregate.")
-    sentence_match_weight: float = setting(0.1, "MG-3D `sentence_match`: L1 between image-feature and report similarity of patient pairs.")
-    mim_mask_ratio: float = setting(0.5, "MG-3D: share of image patch tokens masked for `mim`.")
-    mlm_mask_prob: float = setting(0.15, "MG-3D: share of words masked (whole-word) for `mlm`.")
-    fusion_layers: int = setting(2, "MG-3D: bidirectional cross-attention layers of the fusion module.")
-    fusion_dim: int = setting(256, "MG-3D: width of the fusion module.")
-    decoder_dim: int = setting(128, "MG-3D `mim`: channels of the first conv-decoder stage (halved each upsampling).")
-    disentangled_layers: int = setting(2, "MG-3D: layers of sigmoid-gated sentence aggregation.")
-    match_thresholds: tuple[float, float] = setting((0.6, 0.9), "MG-3D `sentence_match`: report similarity <= low is target 0, >= high is 1, between ignored.")
-    match_dim: int = setting(128, "MG-3D `sentence_match`: dimension of the image features compared across patients.")
+    mim_weight: float = setting(1.0, "MG-3D `mim`: text-guided masked image reconstruction (MSE on masked voxels).", ge=0)
+    mlm_weight: float = setting(1.0, "MG-3D `mlm`: image-guided masked language modelling (CE on masked tokens).", ge=0)
+    sentence_consistency_weight: float = setting(0.1, "MG-3D `sentence_consistency`: fused masked report stays close (cosine) to the unmasked one.", ge=0)
+    disentangled_weight: float = setting(0.1, "MG-3D `disentangled`: InfoNCE between the volume and its sigmoid-gated sentence aggregate.", ge=0)
+    sentence_match_weight: float = setting(0.1, "MG-3D `sentence_match`: L1 between image-feature and report similarity of patient pairs.", ge=0)
+    mim_mask_ratio: float = setting(0.5, "MG-3D: share of image patch tokens masked for `mim`.", gt=0, lt=1)
+    mlm_mask_prob: float = setting(0.15, "MG-3D: share of words masked (whole-word) for `mlm`.", ge=0, lt=1)
+    fusion_layers: int = setting(2, "MG-3D: bidirectional cross-attention layers of the fusion module.", ge=1)
+    fusion_dim: int = setting(256, "MG-3D: width of the fusion module.", ge=1)
+    decoder_dim: int = setting(128, "MG-3D `mim`: channels of the first conv-decoder stage (halved each upsampling).", ge=1)
+    disentangled_layers: int = setting(2, "MG-3D: layers of sigmoid-gated sentence aggregation.", ge=1)
+    match_thresholds: tuple[float, float] = setting((0.6, 0.9), "MG-3D `sentence_match`: report similarity <= low is target 0, >= high is 1, between ignored.", ge=-1, le=1)
+    match_dim: int = setting(128, "MG-3D `sentence_match`: dimension of the image features compared across patients.", ge=1)
 
 
 def whole_word_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, is_subword: torch.Tensor,

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from vlp3d.config import ConfigError, ExperimentConfig
 from vlp3d.encoders import accepted_options, build_image_encoder, resolve_text_encoder
+from vlp3d.errors import InputError
 from vlp3d.objectives import objective_class
 
 MAX_LOGIT_SCALE = 100.0
@@ -34,7 +35,7 @@ def build_text_head(kind: str, text_dim: int, embed_dim: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(text_dim, embed_dim)
     if embed_dim != text_dim:
-        raise ValueError(
+        raise InputError(
             f"model.text_head = {kind!r} keeps the text encoder's space, so model.embed_dim must equal its "
             f"width ({text_dim}), got {embed_dim}; set model.embed_dim = {text_dim} or model.text_head = \"linear\"."
         )

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp3d.config import ExperimentConfig, register_method, setting
+from vlp3d.errors import InputError
 from vlp3d.objectives.base import Objective
 from vlp3d.objectives.clip import ClipLoss
 from vlp3d.objectives.heads import ConvDecoder, probe_encoder
@@ -36,18 +37,18 @@ TERMS = ("text_contrast", "crop_contrast", "restore")
 class T3DConfig:
     """T3D's own settings, read when `objective.name = "t3d"`: term weights, crops, corruption, heads."""
 
-    text_contrast_weight: float = setting(1.0, "T3D `text_contrast`: InfoNCE between each crop and its report.")
-    crop_contrast_weight: float = setting(1.0, "T3D `crop_contrast`: InfoNCE between crops of the same volume (positives).")
-    restore_weight: float = setting(1.0, "T3D `restore`: L1 of the report-conditioned restoration of a corrupted crop.")
-    crop_shape: tuple[int, int, int] = setting((96, 96, 96), "T3D: sub-volume crop size in voxels of the high-resolution volume.")
-    num_crops: int = setting(2, "T3D: crops per volume per step (>= 2 for `crop_contrast`).")
-    crop_temperature: float = setting(0.1, "T3D: fixed temperature of `crop_contrast` (ours).")
-    crop_dim: int = setting(128, "T3D: projection dimension of `crop_contrast`.")
-    decoder_dim: int = setting(128, "T3D `restore`: channels of the first conv-decoder stage (halved each upsampling).")
-    corrupt_patch: int = setting(8, "T3D `restore`: side of the local patches that are masked or shuffled (voxels, ours).")
-    corrupt_mask_ratio: float = setting(0.25, "T3D `restore`: share of local patches blanked (ours).")
-    corrupt_shuffle_ratio: float = setting(0.25, "T3D `restore`: share of local patches whose voxels are shuffled (ours).")
-    corrupt_noise_std: float = setting(0.05, "T3D `restore`: std of the Gaussian noise added to the crop (ours).")
+    text_contrast_weight: float = setting(1.0, "T3D `text_contrast`: InfoNCE between each crop and its report.", ge=0)
+    crop_contrast_weight: float = setting(1.0, "T3D `crop_contrast`: InfoNCE between crops of the same volume (positives).", ge=0)
+    restore_weight: float = setting(1.0, "T3D `restore`: L1 of the report-conditioned restoration of a corrupted crop.", ge=0)
+    crop_shape: tuple[int, int, int] = setting((96, 96, 96), "T3D: sub-volume crop size in voxels of the high-resolution volume.", ge=1)
+    num_crops: int = setting(2, "T3D: crops per volume per step (>= 2 for `crop_contrast`).", ge=1)
+    crop_temperature: float = setting(0.1, "T3D: fixed temperature of `crop_contrast` (ours).", gt=0)
+    crop_dim: int = setting(128, "T3D: projection dimension of `crop_contrast`.", ge=1)
+    decoder_dim: int = setting(128, "T3D `restore`: channels of the first conv-decoder stage (halved each upsampling).", ge=1)
+    corrupt_patch: int = setting(8, "T3D `restore`: side of the local patches that are masked or shuffled (voxels, ours).", ge=1)
+    corrupt_mask_ratio: float = setting(0.25, "T3D `restore`: share of local patches blanked (ours).", ge=0, le=1)
+    corrupt_shuffle_ratio: float = setting(0.25, "T3D `restore`: share of local patches whose voxels are shuffled (ours).", ge=0, le=1)
+    corrupt_noise_std: float = setting(0.05, "T3D `restore`: std of the Gaussian noise added to the crop (ours).", ge=0)
 
 
 def corrupt(crop: torch.Tensor, patch: int, mask_ratio: float, shuffle_ratio: float, noise_std: float,
@@ -60,7 +61,7 @@ def corrupt(crop: torch.Tensor, patch: int, mask_ratio: float, shuffle_ratio: fl
     b, c, *size = crop.shape
     grid = [s // patch for s in size]
     if any(s % patch for s in size):
-        raise ValueError(f"objective.t3d.crop_shape {tuple(size)} must be a multiple of objective.t3d.corrupt_patch={patch}")
+        raise InputError(f"objective.t3d.crop_shape {tuple(size)} must be a multiple of objective.t3d.corrupt_patch={patch}")
     n, voxels = int(np.prod(grid)), patch**3
     cells = crop.reshape(b, c, grid[0], patch, grid[1], patch, grid[2], patch)
     cells = cells.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, c, n, voxels)
@@ -105,7 +106,7 @@ class T3DObjective(Objective):
     def check_shards(cls, cfg: ExperimentConfig, spec: Mapping, shard_dir: Path) -> None:
         super().check_shards(cfg, spec, shard_dir)
         if any(c > s for c, s in zip(cfg.objective.t3d.crop_shape, cfg.data.shape, strict=True)):
-            raise ValueError(f"objective.t3d.crop_shape {cfg.objective.t3d.crop_shape} exceeds data.shape {cfg.data.shape}, "
+            raise InputError(f"objective.t3d.crop_shape {cfg.objective.t3d.crop_shape} exceeds data.shape {cfg.data.shape}, "
                              "the minimum stored size; make data.shape at least the crop shape.")
 
     @classmethod
@@ -138,7 +139,7 @@ class T3DObjective(Objective):
         o = cfg.objective.t3d  # the method's own settings ([objective.t3d])
         self.cfg = o
         if o.num_crops < 1 or (o.crop_contrast_weight > 0 and o.num_crops < 2):
-            raise ValueError(f"objective.t3d.num_crops={o.num_crops}: `crop_contrast` needs at least 2 crops per "
+            raise InputError(f"objective.t3d.num_crops={o.num_crops}: `crop_contrast` needs at least 2 crops per "
                              "volume (or set objective.t3d.crop_contrast_weight = 0).")
         self.active = set(self.term_weights(cfg))
         self.clip = ClipLoss(cfg.objective.gather_with_grad, cfg.objective.local_loss)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp3d.config import ExperimentConfig, register_method, setting
+from vlp3d.errors import InputError
 from vlp3d.objectives.base import Objective
 from vlp3d.objectives.clip import ClipLoss
 from vlp3d.objectives.distributed import all_reduce_mean
@@ -39,16 +40,16 @@ TERMS = ("vl_contrast", "distill_cls", "distill_patch")
 class UniMedIConfig:
     """UniMedI's own settings, read when `objective.name = "unimedi"`: term weights, EMA teacher, DINO/iBOT."""
 
-    vl_contrast_weight: float = setting(1.0, "UniMedI `vl_contrast`: InfoNCE of image [CLS] and report for 3D, pseudo-2D and 2D.")
-    distill_cls_weight: float = setting(1.0, "UniMedI `distill_cls`: DINO self-distillation on [CLS].")
-    distill_patch_weight: float = setting(1.0, "UniMedI `distill_patch`: iBOT self-distillation on masked patch tokens.")
-    ema_momentum: tuple[float, float] = setting((0.996, 1.0), "UniMedI: EMA teacher momentum, cosine schedule from first to second value.")
-    top_k_slices: int = setting(4, "UniMedI: slices kept by attentive slice selection (ours: 4), tiled into one pseudo-2D image.")
-    student_mask_ratio: float = setting(0.5, "UniMedI: share of patch tokens the student does not see.")
-    dino_dim: int = setting(1024, "UniMedI: prototypes of the DINO/iBOT head (paper-scale: 8192+).")
-    teacher_temperature: float = setting(0.04, "UniMedI: teacher sharpening temperature.")
-    student_temperature: float = setting(0.1, "UniMedI: student temperature.")
-    center_momentum: float = setting(0.9, "UniMedI: momentum of the teacher-output centre.")
+    vl_contrast_weight: float = setting(1.0, "UniMedI `vl_contrast`: InfoNCE of image [CLS] and report for 3D, pseudo-2D and 2D.", ge=0)
+    distill_cls_weight: float = setting(1.0, "UniMedI `distill_cls`: DINO self-distillation on [CLS].", ge=0)
+    distill_patch_weight: float = setting(1.0, "UniMedI `distill_patch`: iBOT self-distillation on masked patch tokens.", ge=0)
+    ema_momentum: tuple[float, float] = setting((0.996, 1.0), "UniMedI: EMA teacher momentum, cosine schedule from first to second value.", ge=0, le=1)
+    top_k_slices: int = setting(4, "UniMedI: slices kept by attentive slice selection (ours: 4), tiled into one pseudo-2D image.", ge=1)
+    student_mask_ratio: float = setting(0.5, "UniMedI: share of patch tokens the student does not see.", ge=0, lt=1)
+    dino_dim: int = setting(1024, "UniMedI: prototypes of the DINO/iBOT head (paper-scale: 8192+).", ge=1)
+    teacher_temperature: float = setting(0.04, "UniMedI: teacher sharpening temperature.", gt=0)
+    student_temperature: float = setting(0.1, "UniMedI: student temperature.", gt=0)
+    center_momentum: float = setting(0.9, "UniMedI: momentum of the teacher-output centre.", ge=0, le=1)
 
 
 class DINOHead(nn.Module):
@@ -176,7 +177,7 @@ class UniMedIObjective(Objective):
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, text_dim: int):
         super().__init__()
         if not hasattr(model.image_encoder, "patch_embed_2d"):
-            raise ValueError(f"objective.name = 'unimedi' needs model.image_encoder = 'unimedi_vit' "
+            raise InputError(f"objective.name = 'unimedi' needs model.image_encoder = 'unimedi_vit' "
                              f"(one ViT for 2D and 3D), got {cfg.model.image_encoder!r}.")
         o = cfg.objective.unimedi  # the method's own settings ([objective.unimedi])
         self.cfg = o

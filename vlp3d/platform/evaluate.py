@@ -22,6 +22,7 @@ from vlp3d.data.patients import (
 )
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files
 from vlp3d.data.splits import parse_split
+from vlp3d.errors import InputError
 from vlp3d.evaluation.metrics import paired_bootstrap
 from vlp3d.evaluation.probe import DEFAULT_FRACTIONS, ProbeSplit, compare_probes, linear_probe
 from vlp3d.evaluation.prompts import load_prompt_sets
@@ -57,7 +58,7 @@ def read_split(shard_dir: Path | str, split: str, batch_size: int = 64, columns:
     columns = columns or EVAL_COLUMNS
     files = shard_files(shard_dir, "ct")  # not the folder: read_parquet would recurse into xray/
     if not files:
-        raise ValueError(f"{shard_dir}: no CT shard files (*.parquet)")
+        raise InputError(f"{shard_dir}: no CT shard files (*.parquet)")
     fs, paths = storage.for_reading(files)  # shards on a URI: read through its pyarrow filesystem
     ds = ray.data.read_parquet(paths, columns=list(dict.fromkeys([*columns, "split", "patient_id"])), filesystem=fs)
     ds = filter_split(ds, split)
@@ -102,7 +103,7 @@ def embed_split(embedders: list, shard_dir: Path | str, split: str, batch_size: 
                 ranks.append(batch["fraction_rank"])
             bar.update(len(batch["labels"]))
     if not labels:
-        raise ValueError(f"{shard_dir}: split '{split}' has no rows (splits: {counts['by_split']}).")
+        raise InputError(f"{shard_dir}: split '{split}' has no rows (splits: {counts['by_split']}).")
     order = np.argsort(np.concatenate(names), kind="stable")  # Ray Data's order varies; names do not
     index = torch.from_numpy(order)
     return EmbeddedSplit([torch.cat(i)[index] for i in images], [torch.cat(t)[index] for t in texts if t],
@@ -237,11 +238,11 @@ def probe(model_uri: str, shards: str, tracking_uri: str, train_split: str = "tr
 
     logs.ensure_configured()
     if train_split == split:
-        raise ValueError(f"the probe trains on split '{train_split}' and is tested on split '{split}': "
+        raise InputError(f"the probe trains on split '{train_split}' and is tested on split '{split}': "
                          "give two different splits (--train-split, --split)")
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad or not fractions:
-        raise ValueError(f"--fractions {list(fractions)}: each must be in (0, 1], e.g. 0.01 0.1 1")
+        raise InputError(f"--fractions {list(fractions)}: each must be in (0, 1], e.g. 0.01 0.1 1")
     store.client(tracking_uri)
     model, embedder = models.load_embedder(model_uri)
     init_ray(None)
@@ -289,7 +290,7 @@ def promote(tracking_uri: str, name: str, version: str, shards: str = "", split:
     if current is None or current.version == str(version) or force:
         return registry.promote(tracking_uri, challenger_uri, alias, force=force)
     if not shards:
-        raise ValueError(f"models:/{name}@{alias} is version {current.version}: comparing version {version} "
+        raise InputError(f"models:/{name}@{alias} is version {current.version}: comparing version {version} "
                          "with it needs the shards to evaluate both on (--shards, data.shards)")
     metric = paired_metric_name(metric)  # an unknown metric fails before anything is embedded
     prompt_sets = load_prompt_sets(prompts)
@@ -302,7 +303,7 @@ def promote(tracking_uri: str, name: str, version: str, shards: str = "", split:
         check_leakage(tracking_uri, model.metadata.run_id, embedder, shard_dir, split, manifest)
         data = embed_split([embedder], shard_dir, split, batch_size, manifest)
         if patients is not None and not np.array_equal(data.volume_names, names):
-            raise ValueError(f"versions {current.version} and {version} read different volumes of split '{split}' "
+            raise InputError(f"versions {current.version} and {version} read different volumes of split '{split}' "
                              "(their preprocessing differs and the shards of the two specs hold other rows): prepare "
                              "the same corpus with both specs")
         patients, names = data.patients, data.volume_names
@@ -312,7 +313,7 @@ def promote(tracking_uri: str, name: str, version: str, shards: str = "", split:
                                            prompt_sets=prompt_sets, ensemble=tuple(prompt_ensemble)))
     (targets, champion, fn), (_, challenger, _) = (per_volume_metric(r, metric) for r in results)
     if results[0].label_names != results[1].label_names:
-        raise ValueError(f"versions {current.version} and {version} were scored on different findings "
+        raise InputError(f"versions {current.version} and {version} were scored on different findings "
                          f"({results[0].label_names} vs {results[1].label_names})")
     comparison = paired_bootstrap(fn, targets, champion, challenger, patients, n_boot, seed)
     return registry.promote(tracking_uri, challenger_uri, alias, comparison, metric=metric, split=split,

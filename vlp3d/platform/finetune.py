@@ -47,6 +47,7 @@ from vlp3d.downstream import (
     FineTuned,
     NetworkSpec,
 )
+from vlp3d.errors import InputError
 from vlp3d.platform.launch import (
     RUNTIME_TAG,
     base_loop_config,
@@ -101,7 +102,7 @@ def resolve_pretrained(cfg: ExperimentConfig) -> Pretrained:
 
     model_uri = cfg.finetune.model
     if not model_uri.startswith("models:/") or not ("@" in model_uri or model_uri.count("/") == 2):
-        raise ValueError(f"finetune.model (--model) = {model_uri!r}: give a registered model as models:/NAME@ALIAS "
+        raise InputError(f"finetune.model (--model) = {model_uri!r}: give a registered model as models:/NAME@ALIAS "
                          "or models:/NAME/VERSION (`vlp3d demo` registers models:/vlp3d-clip@champion).")
     client = store.client(cfg)
     path = model_uri.removeprefix("models:/")
@@ -113,7 +114,7 @@ def resolve_pretrained(cfg: ExperimentConfig) -> Pretrained:
             name, number = path.split("/", 1)
             version = client.get_model_version(name, number)
     except mlflow.exceptions.MlflowException as err:
-        raise ValueError(redact(f"finetune.model (--model) = {model_uri}: not found in the MLflow store "
+        raise InputError(redact(f"finetune.model (--model) = {model_uri}: not found in the MLflow store "
                                 f"{store.uri(cfg)} ({err.message}); set tracking.workdir / tracking.tracking_uri "
                                 "to the store the model was registered in.")) from None
     folder = Path(cfg.tracking.workdir).resolve() / PRETRAINED_DIR / f"{name}-v{version.version}"
@@ -124,7 +125,7 @@ def resolve_pretrained(cfg: ExperimentConfig) -> Pretrained:
     artifacts = mlflow.models.Model.load(str(folder)).flavors.get("python_function", {}).get("artifacts", {})
     checkpoint_dir = folder / str(artifacts.get("checkpoint", {}).get("path", "artifacts/checkpoint"))
     if not (checkpoint_dir / checkpoints.MODEL).is_file():
-        raise ValueError(f"{model_uri} (version {version.version}) holds no vlp3d checkpoint (artifacts/checkpoint/"
+        raise InputError(f"{model_uri} (version {version.version}) holds no vlp3d checkpoint (artifacts/checkpoint/"
                          f"{checkpoints.MODEL}); fine-tune a model that `vlp3d pretrain` registered.")
     state = image_encoder_state_dict(checkpoints.load_model_state(checkpoint_dir))
     return Pretrained(f"models:/{name}/{version.version}", name, str(version.version), checkpoint_dir,
@@ -136,13 +137,13 @@ def _roi(cfg: ExperimentConfig, pretrained_cfg: ExperimentConfig) -> tuple[int, 
 
     roi = tuple(cfg.finetune.roi_size) or tuple(model_input_shape(pretrained_cfg))
     if len(roi) != 3 or any(int(s) < 1 for s in roi):
-        raise ValueError(f"finetune.roi_size = {list(cfg.finetune.roi_size)}: give three sizes (x, y, z) in voxels")
+        raise InputError(f"finetune.roi_size = {list(cfg.finetune.roi_size)}: give three sizes (x, y, z) in voxels")
     encoder = pretrained_cfg.model.image_encoder
     if encoder == "vit3d" and roi != tuple(model_input_shape(pretrained_cfg)):
-        raise ValueError(f"finetune.roi_size = {list(roi)}: the pretrained vit3d's positional embedding is learned "
+        raise InputError(f"finetune.roi_size = {list(roi)}: the pretrained vit3d's positional embedding is learned "
                          f"for {list(model_input_shape(pretrained_cfg))}; leave finetune.roi_size empty.")
     if encoder == "swin3d" and (any(s % 32 for s in roi) or math.prod(roi) // 32**3 < 2):
-        raise ValueError(f"finetune.roi_size = {list(roi)}: swin3d needs sizes divisible by 32 and at least two "
+        raise InputError(f"finetune.roi_size = {list(roi)}: swin3d needs sizes divisible by 32 and at least two "
                          "voxels at 1/32 resolution, e.g. [64, 64, 32].")
     return tuple(int(s) for s in roi)
 
@@ -166,45 +167,45 @@ def plan(cfg: ExperimentConfig) -> Plan:
     config key and the fix."""
     ft = cfg.finetune
     if not cfg.data.shards:
-        raise ValueError("data.shards is empty: set it to the folder `vlp3d prepare --out` wrote (with label maps "
+        raise InputError("data.shards is empty: set it to the folder `vlp3d prepare --out` wrote (with label maps "
                          "for finetune.task = 'segmentation').")
     shard_dir = resolve_shard_dir(cfg.data.shards, spec_from_config(cfg).hash)
     manifest = read_manifest(shard_dir)
     if ft.task == SEGMENTATION:
         maps = manifest.get("label_maps") or {}
         if not maps.get("rows"):
-            raise ValueError(f"{shard_dir}: the shards hold no voxel label maps (shard column {LABEL_MAP}); prepare a "
+            raise InputError(f"{shard_dir}: the shards hold no voxel label maps (shard column {LABEL_MAP}); prepare a "
                              "corpus whose manifest has a 'label' column (`vlp3d synth` writes phantom label maps; a "
                              "phantom corpus written before them must be synthesized again, into a new folder), or "
                              "use finetune.task = 'classification'.")
         classes = list(maps.get("classes") or [])
         if not classes:
-            raise ValueError(f"{shard_dir}: the label maps have no class names (put classes.json, a JSON list of "
+            raise InputError(f"{shard_dir}: the label maps have no class names (put classes.json, a JSON list of "
                              "names by value, beside the manifest and prepare again).")
         wanted = list(ft.classes) or classes[1:]
         unknown = [c for c in wanted if c not in classes[1:]]
         if unknown:
-            raise ValueError(f"finetune.classes: {unknown} are not classes of the label maps; choose from {classes[1:]}")
+            raise InputError(f"finetune.classes: {unknown} are not classes of the label maps; choose from {classes[1:]}")
         names, index = [classes[0], *wanted], [0, *(classes.index(c) for c in wanted)]
     else:
         labels = list(manifest["label_names"])
         wanted = list(ft.labels) or _labels_with_positives(shard_dir, labels, cfg.data.train_split)
         unknown = [c for c in wanted if c not in labels]
         if unknown or not wanted:
-            raise ValueError(f"finetune.labels: {unknown or 'none'} are not labels of the shards; choose from {labels}")
+            raise InputError(f"finetune.labels: {unknown or 'none'} are not labels of the shards; choose from {labels}")
         names, index = wanted, [labels.index(c) for c in wanted]
     if ft.global_batch % cfg.cluster.num_workers:
-        raise ValueError(f"finetune.global_batch={ft.global_batch} must be divisible by "
+        raise InputError(f"finetune.global_batch={ft.global_batch} must be divisible by "
                          f"cluster.num_workers={cfg.cluster.num_workers}.")
     n_train = count_rows(shard_dir, cfg.data.train_split, ft.label_fraction)
     if n_train < ft.global_batch // cfg.cluster.num_workers * cfg.cluster.num_workers:
-        raise ValueError(f"finetune.label_fraction = {ft.label_fraction} keeps {n_train} '{cfg.data.train_split}' "
+        raise InputError(f"finetune.label_fraction = {ft.label_fraction} keeps {n_train} '{cfg.data.train_split}' "
                          f"volumes, fewer than finetune.global_batch = {ft.global_batch}; raise the fraction or lower "
                          "the batch.")
     pretrained = resolve_pretrained(cfg)
     encoder = pretrained.cfg.model.image_encoder
     if ft.task == SEGMENTATION and encoder not in SEGMENTATION_ENCODERS:
-        raise ValueError(f"{pretrained.uri} has the image encoder {encoder!r}, for which there is no segmentation "
+        raise InputError(f"{pretrained.uri} has the image encoder {encoder!r}, for which there is no segmentation "
                          f"decoder ({', '.join(f'{k}: {v}' for k, v in SEGMENTATION_ENCODERS.items())}); use "
                          "finetune.task = 'classification' or a model pretrained with one of those encoders.")
     network = NetworkSpec(ft.task, encoder, pretrained.cfg.model.size, _roi(cfg, pretrained.cfg), len(names), ft.head)
@@ -322,7 +323,7 @@ def evaluate_finetuned(checkpoint_dir: Path, plan_: Plan, progress=log.info) -> 
     cfg, split = plan_.cfg, plan_.cfg.data.eval_split
     rows = _eval_rows(plan_, split)
     if not rows:
-        raise ValueError(f"{plan_.shard_dir}: no '{split}' volumes{' with label maps' if plan_.network.task == SEGMENTATION else ''} "
+        raise InputError(f"{plan_.shard_dir}: no '{split}' volumes{' with label maps' if plan_.network.task == SEGMENTATION else ''} "
                          "to evaluate on (data.eval_split)")
     model = FineTuned(checkpoint_dir)
     dtype = plan_.manifest["spec"]["storage_dtype"]

@@ -10,9 +10,9 @@ checkout, which also installs them); nothing is built per job. The alternative, 
 `pip` install of the uploaded folder, would build a fresh virtualenv on every node for every
 job (minutes, torch included) and needs a package index reachable from the cluster.
 
-What is not uploaded (`WORKING_DIR_EXCLUDES`, on top of the folder's .gitignore, which Ray also
-reads): data and shards (they hold report text and patient ids), runs and MLflow stores, virtual
-environments, .git, caches and benchmark results, and files that usually hold credentials.
+What is uploaded: an allow-list (`vlp3d.platform.upload`: the package, configs/, pyproject.toml,
+README.md and the `--include` files), staged in a temporary folder that Ray zips; a file of the
+deny-list (secrets, patient data) inside it refuses the submission with its name.
 
 Token authentication (Ray >= 2.59): a client sends `Authorization: Bearer <token>` only when
 RAY_AUTH_MODE=token is set in its environment; the token comes from $RAY_AUTH_TOKEN, the file
@@ -32,11 +32,12 @@ import shlex
 import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlp3d.errors import InputError
+from vlp3d.platform.upload import Upload, plan_upload
 from vlp3d.redact import redact
 
 log = logging.getLogger(__name__)
@@ -47,19 +48,7 @@ TOKEN_ENV, TOKEN_PATH_ENV, AUTH_MODE_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PAT
 TOKEN_FILE = "~/.ray/auth_token"
 CLUSTER_TOKEN_COPY = "~/.ray/vlp3d-cluster-token"  # where the docs put a copy of the cluster's token
 
-# gitwildmatch patterns relative to the working dir ("/x/" only at the top, "x/" at any depth)
-WORKING_DIR_EXCLUDES = [
-    # data: corpora, shards (report text, patient ids), runs, MLflow stores
-    "/data/", "/shards/", "/vlp3d-runs/", "mlruns/", "mlartifacts/", "ray_results/", "*.db",
-    "*.nii", "*.nii.gz", "*.dcm", "*.parquet",
-    # environments, version control, caches, build outputs
-    ".venv/", "venv/", ".conda/", ".git/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
-    ".ruff_cache/", ".mypy_cache/", "/build/", "/dist/", "/benchmarks/results/",
-    # files that usually hold credentials
-    ".env", ".env.*", "*.pem", "*.key", ".netrc", ".ray/",
-]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-_QUIET = logging.getLogger(__name__ + ".packaging")  # Ray's per-.gitignore lines, at debug only
 # Ray's packaging and job-client INFO/WARNING lines (each .gitignore honoured, the package upload,
 # the default excludes, the log socket closing): shown at `--log-level debug` only
 _RAY_CHATTER = ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
@@ -70,7 +59,6 @@ def quiet_ray_client() -> None:
     from vlp3d import logs
 
     if not logs.is_debug():
-        _QUIET.setLevel(logging.ERROR)
         for name in _RAY_CHATTER:
             logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -119,12 +107,18 @@ def auth_help(address: str, status: int | None) -> str:
     )
 
 
+ADDRESS_ENVS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
 def client(address: str):
-    """A JobSubmissionClient for `address`; a refused token becomes `ClusterAuthError`."""
+    """A JobSubmissionClient for `address` (vlp3d.jobs.submit.resolve_address applied --address and the
+    environment already: Ray's client, which lets $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS override the
+    address it is given, is built without them); a refused token becomes `ClusterAuthError`."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     quiet_ray_client()
+    saved = {name: os.environ.pop(name) for name in ADDRESS_ENVS if name in os.environ}
     try:
         return _AuthCheckingClient(JobSubmissionClient(address))
     except AuthenticationError as err:
@@ -133,6 +127,8 @@ def client(address: str):
         raise ConnectionError(f"{err} Is the cluster up and its dashboard reachable (for a cluster "
                               "from cluster.yaml: `ray dashboard cluster.yaml` keeps a tunnel to "
                               "127.0.0.1:8265 open)?") from None
+    finally:
+        os.environ.update(saved)
 
 
 def _status(err: Exception) -> int | None:
@@ -164,7 +160,7 @@ class _AuthCheckingClient:
                 raise ClusterAuthError(auth_help(self._inner._address, _status(err))) from None
             except RuntimeError as err:
                 if "status code 404" in str(err):  # an unknown job id
-                    raise ValueError(str(err).removeprefix("Request failed with status code 404: ")) from None
+                    raise InputError(str(err).removeprefix("Request failed with status code 404: ")) from None
                 raise
 
         return call
@@ -177,59 +173,36 @@ def default_working_dir() -> Path:
     checkout = Path(vlp3d.__file__).resolve().parents[1]
     if (checkout / "pyproject.toml").is_file():
         return checkout
-    raise ValueError("vlp3d is not running from a source checkout: pass --working-dir DIR "
-                     "(the folder uploaded as the job's working directory)")
+    raise InputError("vlp3d is not running from a source checkout: pass --working-dir DIR "
+                     "(the folder whose vlp3d/, configs/ and --include files are uploaded)")
 
 
-def virtualenv_excludes(working_dir: Path) -> list[str]:
-    """Virtual environments and conda envs under any name (a pyvenv.cfg or conda-meta/ inside),
-    up to two levels down."""
-    found = []
-    for candidate in [*working_dir.glob("*/"), *working_dir.glob("*/*/")]:
-        if (candidate / "pyvenv.cfg").is_file() or (candidate / "conda-meta").is_dir():
-            found.append("/" + candidate.relative_to(working_dir).as_posix() + "/")
-    return found
+def load_runtime_env(value: str | None, json_value: str | None = None) -> dict:
+    """`--runtime-env` (a YAML/JSON file, or for compatibility a JSON object) and `--runtime-env-json`
+    (a JSON object), as `ray job submit` takes them; the JSON's keys win."""
+    loaded: dict = {}
+    if value:
+        path = Path(value).expanduser()
+        if path.is_file():
+            import yaml
+
+            loaded = yaml.safe_load(path.read_text())
+        else:
+            loaded = json_object(value, "--runtime-env", "neither a file nor a JSON object")
+        if not isinstance(loaded, dict):
+            raise InputError(f"--runtime-env {value!r}: expected a mapping (working_dir, env_vars, pip, ...)")
+    if json_value:
+        loaded = {**loaded, **json_object(json_value, "--runtime-env-json", "not a JSON object")}
+    return loaded
 
 
-def excludes_for(working_dir: Path, extra: Iterable[str] = ()) -> list[str]:
-    return [*dict.fromkeys([*WORKING_DIR_EXCLUDES, *virtualenv_excludes(working_dir), *extra])]
-
-
-def upload_listing(working_dir: Path, excludes: Sequence[str]) -> tuple[list[str], int]:
-    """The files Ray will upload for this working dir (its own packaging code, .gitignore
-    included) and the zipped size in bytes."""
-    from ray._private.runtime_env.packaging import _zip_files
-
-    quiet_ray_client()
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "package.zip"
-        _zip_files(str(working_dir), list(excludes), str(target), include_gitignore=_include_gitignore(),
-                   logger=_QUIET)
-        with zipfile.ZipFile(target) as archive:
-            names = sorted(n for n in archive.namelist() if not n.endswith("/"))
-        return names, target.stat().st_size
-
-
-def _include_gitignore() -> bool:
-    return os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
-
-
-def load_runtime_env(value: str | None) -> dict:
-    """`--runtime-env`: a YAML/JSON file or a JSON object."""
-    if not value:
-        return {}
-    path = Path(value).expanduser()
-    if path.is_file():
-        import yaml
-
-        loaded = yaml.safe_load(path.read_text())
-    else:
-        try:
-            loaded = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"--runtime-env {value!r}: neither a file nor a JSON object") from None
+def json_object(text: str, option: str, why: str) -> dict:
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError:
+        raise InputError(f"{option} {text!r}: {why}") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"--runtime-env {value!r}: expected a mapping (working_dir, env_vars, pip, ...)")
+        raise InputError(f"{option} {text!r}: expected a JSON object")
     return loaded
 
 
@@ -238,17 +211,21 @@ def passed_env(names: Sequence[str], environ: dict | None = None) -> dict[str, s
     environ = os.environ if environ is None else environ
     missing = [n for n in names if n not in environ]
     if missing:
-        raise ValueError(f"--env {', '.join(missing)}: not set in this environment")
+        raise InputError(f"--env {', '.join(missing)}: not set in this environment")
     wanted = [*([TRACKING_ENV] if TRACKING_ENV in environ else []), *names]
     return {name: environ[name] for name in dict.fromkeys(wanted)}
 
 
 @dataclass(frozen=True)
 class Submission:
+    """What `submit` sends: the entrypoint, the runtime environment (its working_dir is the staged
+    upload, set at submission), the allow-listed files and `ray job submit`'s other options
+    (submission_id, metadata, entrypoint_num_cpus/gpus/memory/resources)."""
+
     entrypoint: str
     runtime_env: dict
-    files: int
-    zipped_bytes: int
+    upload: Upload
+    options: dict = field(default_factory=dict)
 
     @property
     def env_names(self) -> list[str]:
@@ -259,7 +236,7 @@ def entrypoint(command: Sequence[str], cli_commands: Iterable[str]) -> str:
     """`pretrain cfg.toml ...` -> `python -m vlp3d.cli pretrain cfg.toml ...`; any other command
     (`python script.py`, `bash -c ...`) runs as given."""
     if not command:
-        raise ValueError("nothing to run: give the command after --, e.g. `vlp3d submit -- pretrain configs/demo.toml`")
+        raise InputError("nothing to run: give the command after --, e.g. `vlp3d submit -- pretrain configs/demo.toml`")
     command = list(command)
     if command[0] in set(cli_commands):
         command = ["python", "-m", "vlp3d.cli", *command]
@@ -276,27 +253,33 @@ def code_version_env(working_dir: Path) -> dict[str, str]:
 
 
 def build_submission(command: Sequence[str], cli_commands: Iterable[str], working_dir: Path | None = None,
-                     runtime_env: dict | None = None, env_names: Sequence[str] = ()) -> Submission:
-    """The job's entrypoint and runtime environment: the working dir (with excludes), its env vars."""
+                     runtime_env: dict | None = None, env_names: Sequence[str] = (), include: Sequence[str] = (),
+                     options: dict | None = None) -> Submission:
+    """The job's entrypoint, runtime environment and upload: the allow-listed files of the working dir
+    (`vlp3d.platform.upload`; a denied file is an InputError naming it), its env vars."""
     env = dict(runtime_env or {})
     if working_dir is None:
         working_dir = Path(env["working_dir"]) if "working_dir" in env else default_working_dir()
     working_dir = Path(working_dir).expanduser().resolve()
     if not working_dir.is_dir():
         raise FileNotFoundError(f"--working-dir {working_dir}: no such folder")
-    excludes = excludes_for(working_dir, env.get("excludes", ()))
-    files, size = upload_listing(working_dir, excludes)
+    upload = plan_upload(working_dir, include, env.pop("excludes", ()))
     env_vars = {**env.get("env_vars", {}), **passed_env(env_names), **code_version_env(working_dir)}
-    env.update(working_dir=str(working_dir), excludes=excludes)
+    env.pop("working_dir", None)
     if env_vars:
         env["env_vars"] = env_vars
-    return Submission(entrypoint(command, cli_commands), env, len(files), size)
+    return Submission(entrypoint(command, cli_commands), env, upload, dict(options or {}))
 
 
 def submit(address: str, submission: Submission) -> str:
-    """Submit; returns the job id (its submission id)."""
+    """Stage the upload in a temporary folder (Ray zips it as the job's working directory), submit,
+    and return the job id (its submission id)."""
     jobs = client(address)
-    return jobs.submit_job(entrypoint=submission.entrypoint, runtime_env=submission.runtime_env)
+    with tempfile.TemporaryDirectory(prefix="vlp3d-upload-") as tmp:
+        working_dir = submission.upload.stage(Path(tmp))
+        return jobs.submit_job(entrypoint=submission.entrypoint,
+                               runtime_env={**submission.runtime_env, "working_dir": str(working_dir)},
+                               **submission.options)
 
 
 def follow(address: str, job_id: str, out=None, poll_s: float = 1.0) -> str:

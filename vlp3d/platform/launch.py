@@ -20,6 +20,7 @@ import torch
 
 from vlp3d import storage
 from vlp3d.config import ExperimentConfig
+from vlp3d.errors import InputError
 from vlp3d.platform.mlflow.server import TrackingServerError
 from vlp3d.platform.runtime import checkpoint_location, storage_location
 from vlp3d.train.loop import FAULT_ENV, LoopOptions, run
@@ -181,6 +182,19 @@ def tracking_refusal(err: BaseException) -> TrackingServerError | None:
     return TrackingServerError(found.group(0)) if found else None
 
 
+def worker_input_error(err: BaseException) -> InputError | None:
+    """The InputError (bad input: a config key, too few rows for the batch, ...) a Ray Train worker
+    raised, out of the error `fit()` raises for it (WorkerGroupError.worker_failures, whose entries
+    may wrap it as their `cause`); None for any other failure."""
+    for failure in (getattr(err, "worker_failures", None) or {}).values():
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, InputError):
+                return InputError(str(seen))
+            seen = getattr(seen, "cause", None) or seen.__cause__
+    return None
+
+
 def run_on_ray(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets: dict,
                callbacks: Sequence = ()) -> Finished:
     """The loop on `cluster.num_workers` Ray Train workers (restarted from the last checkpoint up to
@@ -200,6 +214,9 @@ def run_on_ray(cfg: ExperimentConfig, run_name: str, loop_config: dict, datasets
         refused = tracking_refusal(err)
         if refused is not None:  # one line, as in a local run, not Ray's traceback of every attempt
             raise refused from None
+        bad_input = worker_input_error(err)
+        if bad_input is not None:
+            raise bad_input from None  # bad input found on a worker: exit 2 with its line, not a bug
         raise
     finally:
         ray.kill(notes)

@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from vlp3d.data.limits import VolumeLimits
+from vlp3d.errors import InputError
 from vlp3d.inference import RESCALE_COLUMNS, Embedder, VolumeInput
 
 ALLOWED_ROOT_ENV = "VLP3D_ALLOWED_ROOT"  # set where the model is served: overrides model_config allowed_root
@@ -119,7 +120,7 @@ def as_rows(frame: pd.DataFrame) -> pd.DataFrame:
     try:
         return pd.DataFrame({c: list(v) if isinstance(v, list | tuple | np.ndarray) else v for c, v in row.items()})
     except ValueError as err:
-        raise ValueError(f"input columns of different lengths ({err})") from None
+        raise InputError(f"input columns of different lengths ({err})") from None
 
 
 def volume_inputs(frame: pd.DataFrame) -> dict[int, VolumeInput]:
@@ -132,12 +133,12 @@ def volume_inputs(frame: pd.DataFrame) -> dict[int, VolumeInput]:
         has_path, has_array = _present(path), _present(array)
         slope, intercept = (row.get(c) if _present(row.get(c)) else None for c in RESCALE_COLUMNS)
         if (slope is None) != (intercept is None):
-            raise ValueError(f"{where}: give both rescale_slope and rescale_intercept (or neither)")
+            raise InputError(f"{where}: give both rescale_slope and rescale_intercept (or neither)")
         geometry = [c for c in ("affine", "spacing") if _present(row.get(c))]
         if has_path and has_array:
-            raise ValueError(f"{where}: give `image` (a path) or `image_array`, not both")
+            raise InputError(f"{where}: give `image` (a path) or `image_array`, not both")
         if has_path and geometry:
-            raise ValueError(f"{where}: {' and '.join(geometry)} apply to `image_array` only; a file's geometry "
+            raise InputError(f"{where}: {' and '.join(geometry)} apply to `image_array` only; a file's geometry "
                              "comes from its header")
         if not (has_path or has_array):  # a report-only row: its rescale or geometry has nothing to apply to
             continue
@@ -204,9 +205,9 @@ def limits_from(config: dict) -> VolumeLimits:
         try:
             values[key] = int(float(value))
         except (TypeError, ValueError):
-            raise ValueError(f"{key} = {value!r} (model_config, or ${env}): give a whole number") from None
+            raise InputError(f"{key} = {value!r} (model_config, or ${env}): give a whole number") from None
         if values[key] <= 0:
-            raise ValueError(f"{key} = {value!r} (model_config, or ${env}): give a positive number")
+            raise InputError(f"{key} = {value!r} (model_config, or ${env}): give a positive number")
     return VolumeLimits(**values)
 
 
@@ -311,13 +312,13 @@ class Vlp3dEmbedder(mlflow.pyfunc.PythonModel):
         texted = [i for i, text in enumerate(reports) if _present(text)]
         not_text = [str(frame.index[i]) for i in texted if not isinstance(reports.iloc[i], str)]
         if not_text:  # a dict or list passes MLflow's string column; its repr is not a report
-            raise ValueError(f"row {', '.join(not_text[:10])}: a report must be text")
+            raise InputError(f"row {', '.join(not_text[:10])}: a report must be text")
         if texted:
             try:
                 embedded = self.embedder.embed_reports([str(reports.iloc[i]) for i in texted]).numpy()
             except Exception as err:  # noqa: BLE001 - a tokenizer's message may quote the text
                 rows = [str(frame.index[i]) for i in texted]
-                raise ValueError(f"the reports of rows {', '.join(rows[:10])} could not be embedded "
+                raise InputError(f"the reports of rows {', '.join(rows[:10])} could not be embedded "
                                   f"({type(err).__name__})") from None
             for position, vector in zip(texted, embedded, strict=True):
                 report_embedding[position] = vector.astype("float32").tolist()
@@ -360,7 +361,7 @@ class FineTunedModel(mlflow.pyfunc.PythonModel):
         items = volume_inputs(frame.drop(columns=["image_array", "affine", "spacing"], errors="ignore"))
         missing = [str(label) for position, label in enumerate(frame.index) if position not in items]
         if missing:
-            raise ValueError(f"rows {', '.join(missing[:10])}: give `image` (a NIfTI file or DICOM series path)")
+            raise InputError(f"rows {', '.join(missing[:10])}: give `image` (a NIfTI file or DICOM series path)")
         check_allowed(items, self.allowed_root)
         out = self.model.predict_inputs(list(items.values()), limits=self.limits)
         if self.model.task == SEGMENTATION:

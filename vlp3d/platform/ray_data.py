@@ -13,6 +13,7 @@ from vlp3d import storage
 from vlp3d.config import ExperimentConfig
 from vlp3d.data.shards import LABEL_MAP, shard_files
 from vlp3d.data.splits import parse_split
+from vlp3d.errors import InputError
 from vlp3d.objectives import objective_class
 from vlp3d.train.tasks import finetune as finetune_task
 from vlp3d.train.tasks import pretrain as pretrain_task
@@ -69,7 +70,7 @@ def pretraining_datasets(cfg: ExperimentConfig, shard_dir: Path | str, manifest:
     gets two held-out volumes), train_2d (UniMedI's radiographs)."""
     files = shard_files(shard_dir, "ct")
     if not files:
-        raise ValueError(f"{shard_dir}: no CT shard files; re-run `vlp3d prepare`.")
+        raise InputError(f"{shard_dir}: no CT shard files; re-run `vlp3d prepare`.")
     out = {"train": shard_dataset(cfg, files, pretrain_task.dataset_columns(cfg), cfg.data.train_split,
                                   cfg.data.fraction)}
     if pretrain_task.has_validation(cfg, manifest, cfg.cluster.num_workers):

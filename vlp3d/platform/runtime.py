@@ -83,14 +83,16 @@ _TOKEN_NOTICE = logs.DropMessages("Token authentication is enabled")
 _PROGRESS_NOTICE = HideProgressBarNotice()
 
 
-def tracking_uri(cfg: ExperimentConfig) -> str:
-    """tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite under the workdir."""
+def tracking_uri(cfg: ExperimentConfig, create: bool = True) -> str:
+    """tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite under the workdir (the workdir
+    created unless `create` is false: a dry run or a command that only reads a store)."""
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     workdir = Path(cfg.tracking.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    if create:
+        workdir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{workdir / 'mlflow.db'}"
 
 

@@ -49,6 +49,7 @@ from vlp3d.search_space import (
     apply_params,
     check_selection,
     parse_space,
+    planned_trials,
     trial_label,
 )
 
@@ -190,10 +191,6 @@ def _training_kwargs(cfg: ExperimentConfig) -> dict:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     return {"callbacks": [TuneReportCallback()]}
-
-
-def planned_trials(cfg: ExperimentConfig, space: SearchSpace) -> int:
-    return space.grid_size() * cfg.tune.num_samples if cfg.tune.search == "grid" else cfg.tune.num_samples
 
 
 def concurrency(cfg: ExperimentConfig, configs: list[ExperimentConfig]) -> int:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from vlp3d.config import ExperimentConfig, load_stored_config, public_config, to_toml
+from vlp3d.errors import InputError
 
 MODEL = "model.pt"
 OBJECTIVE = "objective.pt"
@@ -107,7 +108,7 @@ def save(directory: str | Path, model: nn.Module, objective: nn.Module, optimize
     """Write the checkpoint folder; refuses (ValueError) when a weight is not finite."""
     bad = nonfinite_parameters(model) + [f"objective.{n}" for n in nonfinite_parameters(objective)]
     if bad:
-        raise ValueError(f"not writing a checkpoint at step {state.step}: non-finite values in {', '.join(bad[:5])}"
+        raise InputError(f"not writing a checkpoint at step {state.step}: non-finite values in {', '.join(bad[:5])}"
                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     directory = Path(directory)
     torch.save(model.state_dict(), directory / MODEL)
@@ -147,7 +148,7 @@ def load_train_state(directory: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: holds objects that torch.load(weights_only=True) refuses (a checkpoint written "
+        raise InputError(f"{path}: holds objects that torch.load(weights_only=True) refuses (a checkpoint written "
                          f"before vlp3d stored its training state as tensors, numbers and lists, or not by vlp3d): "
                          f"{str(err).splitlines()[0][:200]}. Start the run afresh under a new name.") from None
 

@@ -25,6 +25,7 @@ import torch
 
 from vlp3d import storage
 from vlp3d.data.rows import Block, block_rows, read_blocks
+from vlp3d.errors import InputError
 
 MEMORY_SHARE = 0.25  # LocalRows holds a split in memory when it takes at most this share of RAM (twice its files)
 
@@ -169,7 +170,7 @@ def epoch_batches(source: RowSource, position: dict[str, list[int]], name: str, 
             position[name] = [epoch, index + 1]
             yield batch
         if not found:
-            raise ValueError(f"dataset '{name}': rank {rank} holds fewer rows than its batch of {batch_size}; "
+            raise InputError(f"dataset '{name}': rank {rank} holds fewer rows than its batch of {batch_size}; "
                              "lower the global batch or cluster.num_workers, or add data.")
         position[name] = [epoch + 1, 0]
 

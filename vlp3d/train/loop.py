@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from vlp3d.config import ExperimentConfig
+from vlp3d.errors import InputError
 from vlp3d.train import checkpoint as checkpoints
 from vlp3d.train.feed import DeviceBatches
 from vlp3d.train.flops import model_flops
@@ -135,7 +136,7 @@ def parse_faults(spec: str, world_size: int) -> list[tuple[int, int, str]]:
         parts = item.split(":")
         mode = parts[2] if len(parts) > 2 else "raise"
         if mode not in ("raise", "kill", "nan"):
-            raise ValueError(f"{FAULT_ENV}={spec!r}: the mode of {item!r} must be raise, kill or nan")
+            raise InputError(f"{FAULT_ENV}={spec!r}: the mode of {item!r} must be raise, kill or nan")
         faults.append((int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else world_size - 1, mode))
     return faults
 

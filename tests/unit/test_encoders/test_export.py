@@ -14,6 +14,7 @@ from vlp3d.encoders.export import (
     unetr_state_dict,
 )
 from vlp3d.encoders.vit import ViTEncoder3d
+from vlp3d.errors import InputError
 
 
 def _trained_like(encoder: nn.Module, seed: int) -> nn.Module:
@@ -102,7 +103,7 @@ def test_image_encoder_weights_from_full_model_state_dict():
     net = SwinUNETR(in_channels=1, out_channels=2, feature_size=12)
     result = net.load_state_dict(swinunetr_state_dict(fresh), strict=False)
     assert not [k for k in result.missing_keys if k.startswith("swinViT.")]
-    with pytest.raises(KeyError, match=r"no key starts with 'image_encoder\.'.*'image_proj'"):
+    with pytest.raises(InputError, match=r"no key starts with 'image_encoder\.'.*'image_proj'"):
         image_encoder_state_dict({"image_proj.0.weight": torch.zeros(1)})
 
 

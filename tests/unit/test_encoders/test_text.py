@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from vlp3d.encoders.text import TextEncoder, embed_report_sentences, embed_reports
+from vlp3d.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -44,5 +45,5 @@ def test_unreachable_hub_name_says_how_to_use_a_local_path(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # huggingface_hub reads the variable at import; without this the lookup waits for network timeouts
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(OSError, match="local-dir DIR.*model.text_encoder"):
+    with pytest.raises(InputError, match="local-dir DIR.*model.text_encoder"):
         TextEncoder("no-such-org/no-such-model")

@@ -63,3 +63,17 @@ def test_regularisation_falls_back_when_the_fold_cannot_rank():
     c, how = choose_c(x, y, np.arange(200), cs=(0.001, 1.0))
     assert how.startswith("validation fold") and c in (0.001, 1.0)
 
+
+
+def test_a_fraction_with_no_training_volume_is_skipped_not_a_crash():
+    """0.1 of a tiny split can hold no patient at all (the tiny demo's 10%): every label is skipped
+    with its reason; before, the empty fit reached scikit-learn (a ValueError, exit 3 from `probe`)."""
+    rng = np.random.default_rng(1)
+    train, test = _split(rng, 20, 2.5), _split(rng, 20, 2.5)
+    train = ProbeSplit(train.features, train.labels, train.patients, np.maximum(train.fraction_rank, 0.5))
+    table = linear_probe(train, test, ["effusion", "nodule"], fractions=(0.1, 1.0), n_boot=10).set_index(
+        ["fraction", "label"])
+    assert table.loc[(0.1, "effusion"), "train_volumes"] == 0
+    assert "0 positives in 0 training volumes" in table.loc[(0.1, "effusion"), "skipped"]
+    assert table.loc[(0.1, "macro"), "skipped"] == "no label could be probed"
+    assert table.loc[(1.0, "macro"), "auroc"] > 0.5

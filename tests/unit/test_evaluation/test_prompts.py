@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 from vlp3d.data import phantom
 from vlp3d.data.labels import ARTICLE_FREE, PHANTOM_FINDINGS
+from vlp3d.errors import InputError
 from vlp3d.evaluation.prompts import BUILTIN_SETS, ensemble_embeddings, load_prompt_sets
 from vlp3d.evaluation.zeroshot import evaluate_embeddings
 
@@ -94,5 +95,5 @@ def test_evaluation_scores_the_ensemble_and_every_set():
     assert {"prompts/single/macro_auroc", "prompts/heldout/macro_auroc"} <= set(result.metrics)
     both = evaluate_embeddings(image, image, labels, names, embed, 10.0, n_boot=0, ensemble=("report", "heldout"))
     assert list(both.prompt_sets["prompts"])[-1] == "ensemble report+heldout"
-    with pytest.raises(KeyError, match="eval.prompt_ensemble"):
+    with pytest.raises(InputError, match="eval.prompt_ensemble"):
         evaluate_embeddings(image, image, labels, names, embed, 10.0, n_boot=0, ensemble=("nope",))

@@ -10,6 +10,7 @@ import pytest
 from tests.method_overrides import TINY
 from vlp3d.config import OBJECTIVES, ObjectiveConfig, key_annotation, load_config
 from vlp3d.encoders.unimedi import UniMedIViT
+from vlp3d.errors import InputError
 from vlp3d.objectives import REGISTRY, objective_class
 from vlp3d.objectives.base import Objective
 from vlp3d.objectives.model import model_input_shape
@@ -24,7 +25,7 @@ def test_config_method_names_and_registry_agree():
         # each term's weight: objective.align_weight or the method's table (objective.mg3d.mim_weight)
         assert all(key_annotation(cls.weight_key(t)) is float for t in cls.terms), name
         assert "image" in cls.columns and "report_embedding" in cls.columns
-    with pytest.raises(KeyError, match="not one of clip, mg3d, t3d, unimedi"):
+    with pytest.raises(InputError, match="not one of clip, mg3d, t3d, unimedi"):
         objective_class("simclr")
 
 

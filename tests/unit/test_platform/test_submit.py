@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from vlp3d.cli import main
+from vlp3d.errors import InputError
 from vlp3d.platform import jobs
+from vlp3d.platform.upload import plan_upload
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -26,34 +28,164 @@ def _touch(root: Path, *names: str) -> None:
         path.write_text("x")
 
 
-def test_working_dir_upload_leaves_out_data_runs_envs_and_credentials(tmp_path):
-    _touch(tmp_path, "pyproject.toml", "vlp3d/__init__.py", "vlp3d/data/phantom.py", "configs/demo.toml",
-           "benchmarks/bench.py", "tests/test_x.py",
-           # data, shards, runs, stores
-           "data/ct/a.nii.gz", "shards/abc/part-0.parquet", "corpus/x/scan.nii.gz", "dicom/1.dcm",
-           "vlp3d-runs/demo/mlflow.db", "mlruns/0/meta.yaml", "mlartifacts/1/model.pt", "local.db",
-           "ray_results/run/checkpoint", "benchmarks/results/out.json",
-           # environments, git, caches
-           ".venv/pyvenv.cfg", ".venv/lib/site.py", "venv/bin/python", "py311/pyvenv.cfg", "py311/lib/x.py",
-           "envs/conda1/conda-meta/history", "envs/conda1/lib/y.py", ".git/HEAD",
-           "vlp3d/__pycache__/cli.cpython-311.pyc", "vlp3d.egg-info/PKG-INFO", ".pytest_cache/v",
-           # credentials
-           ".env", ".env.local", "deploy.pem", "tls.key", ".ray/auth_token")
-    files, size = jobs.upload_listing(tmp_path, jobs.excludes_for(tmp_path))
-    assert set(files) == {"pyproject.toml", "vlp3d/__init__.py", "vlp3d/data/phantom.py", "configs/demo.toml",
-                          "benchmarks/bench.py", "tests/test_x.py"}
-    assert 0 < size < 10_000
+CODE = ("pyproject.toml", "README.md", "vlp3d/__init__.py", "vlp3d/data/phantom.py", "configs/demo.toml",
+        "configs/sweeps/demo.toml")
+
+
+def test_the_upload_is_an_allow_list(tmp_path):
+    """Only the package, configs/, pyproject.toml and README.md (and --include) leave the machine:
+    whatever else lies in the folder (data, runs, environments, notes, tests) stays."""
+    _touch(tmp_path, *CODE, "benchmarks/bench.py", "tests/test_x.py", "notes.txt", "scratch/run.sh",
+           "data/ct/a.nii.gz", "shards/abc/part-0.parquet", "corpus/x/scan.nii.gz", "vlp3d-runs/demo/mlflow.db",
+           ".venv/pyvenv.cfg", ".git/HEAD", "id_rsa", ".ssh/config", "reports.csv",
+           # caches inside the package are skipped, not refused
+           "vlp3d/__pycache__/cli.cpython-311.pyc", "vlp3d.egg-info/PKG-INFO", "vlp3d/.pytest_cache/v")
+    upload = plan_upload(tmp_path)
+    assert upload.files == tuple(sorted(CODE))
+    assert upload.size == len(CODE)  # each file holds "x"
+    with_bench = plan_upload(tmp_path, include=["benchmarks/bench.py", "scratch"])
+    assert set(with_bench.files) == {*CODE, "benchmarks/bench.py", "scratch/run.sh"}
+    with pytest.raises(FileNotFoundError, match="--include nope.py"):
+        plan_upload(tmp_path, include=["nope.py"])
+    with pytest.raises(InputError, match="outside the uploaded folder"):
+        plan_upload(tmp_path, include=["../elsewhere"])
+    staged = upload.stage(tmp_path.parent / "staged")
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == sorted(CODE)
+
+
+DICOM_WITHOUT_EXTENSION = b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI"
+SERVICE_ACCOUNT = b'{"type": "service_account", "private_key": "x", "client_email": "a@b.iam.gserviceaccount.com"}'
+PEM = b"-----BEGIN OPENSSH " + b"PRIVATE KEY-----\nabc\n"
+# the issue's list (#26): every one inside an allowed folder refuses the upload, by name or content
+PLANTED = {
+    "configs/reports_train.csv": b"VolumeName,Findings_EN\n",
+    "configs/series/IM000001": DICOM_WITHOUT_EXTENSION,
+    "configs/scan.IMA": b"x", "configs/seg.nrrd": b"x", "configs/features.npy": b"x", "configs/volumes.h5": b"x",
+    "configs/id_rsa": b"x", "configs/.ssh/config": b"x", "configs/.aws/credentials": b"x",
+    "configs/credentials.json": b"{}", "configs/gcp-project.json": SERVICE_ACCOUNT, "configs/deploy_notes.txt": PEM,
+    "configs/.git-credentials": b"x", "configs/.pgpass": b"x", "configs/kubeconfig": b"x", "configs/client.p12": b"x",
+    "vlp3d/data/ct.nii.gz": b"x", "vlp3d/table.parquet": b"x", "vlp3d/.env": b"x",
+}
+
+
+def test_secrets_and_patient_data_inside_allowed_folders_refuse_the_upload_by_name(tmp_path, capsys):
+    _touch(tmp_path, *CODE)
+    for name, content in PLANTED.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    with pytest.raises(InputError) as refused:
+        plan_upload(tmp_path)
+    message = str(refused.value)
+    assert f"{len(PLANTED)} file(s) look like secrets or patient data" in message
+    for name in PLANTED:
+        assert f"  {name}  (" in message, name
+    assert "DICOM file (DICM at byte 128)" in message and "PEM private key" in message
+    assert "service-account key" in message
+    # one at a time: each alone is enough
+    for name, content in PLANTED.items():
+        single = tmp_path.parent / f"single-{Path(name).name}"
+        _touch(single, *CODE)
+        (single / name).parent.mkdir(parents=True, exist_ok=True)
+        (single / name).write_bytes(content)
+        with pytest.raises(InputError, match="1 file\\(s\\)"):
+            plan_upload(single)
+    # named with --include: refused too
+    clean = tmp_path.parent / "clean"
+    _touch(clean, *CODE, "notes/id_ed25519")
+    with pytest.raises(InputError, match="notes/id_ed25519"):
+        plan_upload(clean, include=["notes"])
+    # from the command line: exit 2, the names, nothing submitted
+    assert main(["submit", "--working-dir", str(tmp_path), "--dry-run", "--", "pretrain"]) == 2
+    assert "configs/id_rsa" in capsys.readouterr().err
 
 
 def test_this_checkout_uploads_its_code_and_configs_only():
     working_dir = jobs.default_working_dir()
     assert working_dir == ROOT
-    files, size = jobs.upload_listing(working_dir, jobs.excludes_for(working_dir))
-    assert {"vlp3d/cli.py", "vlp3d/data/phantom.py", "configs/demo.toml", "pyproject.toml"} <= set(files)
-    for prefix in (".venv/", ".git/", "vlp3d-runs/", "benchmarks/results/", "mlruns/"):
-        assert not [f for f in files if f.startswith(prefix)], prefix
-    assert not [f for f in files if "__pycache__" in f or f.endswith(".db")]
-    assert size < 5 * 2**20
+    upload = plan_upload(working_dir)
+    files = set(upload.files)
+    assert {"vlp3d/cli.py", "vlp3d/data/phantom.py", "configs/demo.toml", "pyproject.toml", "README.md"} <= files
+    assert {f.split("/")[0] for f in files} == {"vlp3d", "configs", "pyproject.toml", "README.md"}
+    assert not [f for f in files if "__pycache__" in f or f.endswith((".db", ".pyc"))]
+    assert upload.size < 5 * 2**20
+
+
+def test_dry_run_lists_the_upload_and_contacts_nothing(monkeypatch, capsys, tmp_path):
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a dry run contacted the cluster")
+
+    monkeypatch.setattr(jobs, "client", no_cluster)
+    monkeypatch.setattr(jobs, "submit", no_cluster)
+    _touch(tmp_path, *CODE, "benchmarks/bench.py")
+    code = main(["submit", "--working-dir", str(tmp_path), "--include", "benchmarks/bench.py", "--dry-run",
+                 "--submission-id", "mine-1", "--", "pretrain", "configs/demo.toml"])
+    out = capsys.readouterr().out
+    assert code == 0
+    listed = [line.removeprefix("  upload  ") for line in out.splitlines() if line.startswith("  upload  ")]
+    assert sorted(listed) == sorted([*CODE, "benchmarks/bench.py"])
+    assert f"would upload {len(CODE) + 1} files (0.0 KiB)" in out
+    assert "python -m vlp3d.cli pretrain configs/demo.toml" in out and "submission_id=mine-1" in out
+    assert "dry run: pretrain" in out and "train.max_steps" in out  # the job's own plan follows
+
+
+def test_submit_sends_ray_job_submits_options_and_the_staged_upload(monkeypatch, tmp_path, capsys):
+    sent = {}
+
+    class Client:
+        def submit_job(self, **kwargs):
+            staged = Path(kwargs["runtime_env"]["working_dir"])
+            sent.update(kwargs, staged=sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*")
+                                              if p.is_file()))
+            return kwargs.get("submission_id") or "raysubmit_x"
+
+    monkeypatch.setattr(jobs, "client", lambda address: Client())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _touch(tmp_path, *CODE, "data/scan.nii.gz")
+    code = main(["submit", "--working-dir", str(tmp_path), "--address", "http://10.0.0.1:8265",
+                 "--submission-id", "pretrain-7", "--entrypoint-num-cpus", "1", "--entrypoint-num-gpus", "0.5",
+                 "--entrypoint-memory", "1000000", "--entrypoint-resources", '{"head": 1}',
+                 "--metadata-json", '{"team": "ct"}', "--runtime-env-json", '{"env_vars": {"A": "1"}}',
+                 "--", "pretrain", "configs/demo.toml"])
+    assert code == 0, capsys.readouterr().err
+    assert sent["submission_id"] == "pretrain-7" and sent["metadata"] == {"team": "ct"}
+    assert (sent["entrypoint_num_cpus"], sent["entrypoint_num_gpus"], sent["entrypoint_memory"]) == (1.0, 0.5, 1000000)
+    assert sent["entrypoint_resources"] == {"head": 1}
+    assert sent["runtime_env"]["env_vars"] == {"A": "1"}
+    assert sent["staged"] == sorted(CODE)  # what reached Ray's packaging: the allow-list only
+    assert not Path(sent["runtime_env"]["working_dir"]).exists()  # the staging folder is gone
+    assert "submitted job pretrain-7" in capsys.readouterr().out
+    assert main(["submit", "--metadata-json", "[1]", "--dry-run", "--", "pretrain"]) == 2
+
+
+@pytest.mark.parametrize(("given", "env", "expected"), [
+    ("http://h:8265", {"RAY_API_SERVER_ADDRESS": "http://api:8265", "RAY_ADDRESS": "http://r:8265"}, "http://h:8265"),
+    ("h:8265", {}, "http://h:8265"),
+    (None, {"RAY_API_SERVER_ADDRESS": "api:8265", "RAY_ADDRESS": "http://r:8265"}, "http://api:8265"),
+    (None, {"RAY_ADDRESS": "http://r:8265"}, "http://r:8265"),
+    (None, {"RAY_ADDRESS": "10.0.0.5:6379"}, "10.0.0.5:6379"),  # ray.init's address: Ray's client resolves it
+    (None, {"RAY_ADDRESS": "auto"}, "auto"),
+    (None, {}, "http://127.0.0.1:8265"),
+])
+def test_the_jobs_api_address_follows_ray_job_submit(given, env, expected, monkeypatch):
+    import argparse
+
+    from vlp3d.jobs.submit import resolve_address
+
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert resolve_address(argparse.Namespace(address=given)) == expected
+
+
+def test_a_cluster_address_given_as_address_is_refused():
+    import argparse
+
+    from vlp3d.jobs.submit import resolve_address
+
+    with pytest.raises(InputError, match="not the cluster"):
+        resolve_address(argparse.Namespace(address="10.0.0.5:6379"))
 
 
 def test_entrypoint_runs_vlp3d_commands_through_the_uploaded_package():
@@ -83,6 +215,7 @@ def test_tracking_uri_and_env_names_reach_the_job_and_values_are_never_printed(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow-user:tracking-pass-42@10.0.0.5:5000")
     monkeypatch.setenv("VLP3D_TEST_SECRET", "s3cr3t-value-77")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     code = main(["submit", "--env", "VLP3D_TEST_SECRET", "--runtime-env", '{"env_vars": {"EXTRA": "1"}}',
                  "--", "pretrain", "configs/demo.toml", "train.max_steps=2"])
     assert code == 0
@@ -95,7 +228,7 @@ def test_tracking_uri_and_env_names_reach_the_job_and_values_are_never_printed(
                                "VLP3D_TEST_SECRET": "s3cr3t-value-77", "VLP3D_GIT_COMMIT": head,
                                "VLP3D_GIT_DIRTY": env["env_vars"]["VLP3D_GIT_DIRTY"]}
     assert env["env_vars"]["VLP3D_GIT_DIRTY"] in ("true", "false")
-    assert env["working_dir"] == str(ROOT) and "/data/" in env["excludes"] and ".venv/" in env["excludes"]
+    assert "working_dir" not in env and submission.upload.root == ROOT  # staged at submission
     out, err = capsys.readouterr()
     shown = out + err + caplog.text
     assert "raysubmit_test123" in out and "vlp3d jobs stop raysubmit_test123" in out
@@ -122,16 +255,16 @@ def test_a_job_records_the_submitting_checkouts_commit_and_whether_it_was_dirty(
     _git(checkout, "add", "train.py")
     _git(checkout, "commit", "-q", "-m", "first")
     head = _git(checkout, "rev-parse", "HEAD")
-    clean = jobs.build_submission(["pretrain"], ["pretrain"], working_dir=checkout).runtime_env["env_vars"]
+    clean = jobs.build_submission(["pretrain"], ["pretrain"], working_dir=checkout, include=["train.py"]).runtime_env["env_vars"]
     assert clean == {GIT_COMMIT_ENV: head, GIT_DIRTY_ENV: "false"}
     (checkout / "train.py").write_text("changed")
-    dirty = jobs.build_submission(["pretrain"], ["pretrain"], working_dir=checkout).runtime_env["env_vars"]
+    dirty = jobs.build_submission(["pretrain"], ["pretrain"], working_dir=checkout, include=["train.py"]).runtime_env["env_vars"]
     assert dirty == {GIT_COMMIT_ENV: head, GIT_DIRTY_ENV: "true"}
 
     # not a git checkout: nothing passed (the job's own git_state says "unknown")
     plain = tmp_path / "plain"
     _touch(plain, "train.py")
-    assert "env_vars" not in jobs.build_submission(["pretrain"], ["pretrain"], working_dir=plain).runtime_env
+    assert "env_vars" not in jobs.build_submission(["pretrain"], ["pretrain"], working_dir=plain, include=["train.py"]).runtime_env
 
     # in the job: the passed values win over the (missing) .git of the uploaded folder
     for name, value in dirty.items():
@@ -189,11 +322,15 @@ def test_a_refused_request_is_exit_2_with_what_to_set(monkeypatch, tmp_path, cap
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("HOME", str(tmp_path))
+        # --address wins over the environment (Ray's own client would let these override it)
+        monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+        monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
         address = f"http://127.0.0.1:{server.server_address[1]}"
         assert main(["jobs", "list", "--address", address]) == 2
         err = capsys.readouterr().err
         assert f"the Ray cluster at {address} requires a token (HTTP 401)" in err
         assert "RAY_AUTH_MODE=token" in err and "RAY_AUTH_TOKEN_PATH" in err
+        assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"  # put back
     finally:
         server.shutdown()
         server.server_close()

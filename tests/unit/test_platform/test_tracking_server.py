@@ -63,11 +63,16 @@ def _evaluate(uri: str, tmp_path) -> int:
     return main(["evaluate", "--model", "models:/vlp3d-clip/1", "--shards", str(tmp_path), "--tracking-uri", uri])
 
 
+def _errors(stderr: str) -> str:
+    """stderr without the info line saying which store the command reads (`MLflow store: URI (why)`)."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("MLflow store: "))
+
+
 def test_an_unreachable_server_is_one_line_naming_the_host(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tracking_server, "_answered", set())
     port = _closed_port()
     assert _evaluate(f"http://vlp3d:{SECRET}@127.0.0.1:{port}", tmp_path) == 2
-    err = capsys.readouterr().err
+    err = _errors(capsys.readouterr().err)
     assert err == (f"error: MLflow tracking server http://127.0.0.1:{port} is unreachable (connection refused). "
                    "Start it, or point tracking.tracking_uri / $MLFLOW_TRACKING_URI at a server this machine "
                    "reaches (on a cluster: the head's private address, docs/cluster.md).\n")
@@ -80,7 +85,7 @@ def test_a_server_that_does_not_answer_is_one_request_and_one_line(tmp_path, cap
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         assert _evaluate(f"http://vlp3d:{SECRET}@127.0.0.1:{silent.getsockname()[1]}", tmp_path) == 2
-    err = capsys.readouterr().err
+    err = _errors(capsys.readouterr().err)
     assert "is unreachable (no answer within 1 s)" in err and SECRET not in err and err.count("\n") == 1
 
 
@@ -98,7 +103,7 @@ def test_refused_credentials_at_the_start_are_one_line_with_what_to_set(fake, tm
     handler, uri = fake
     handler.probe_status = status
     assert _evaluate(uri, tmp_path) == 2
-    err = capsys.readouterr().err
+    err = _errors(capsys.readouterr().err)
     host = uri.replace(f"vlp3d:{SECRET}@", "")
     assert err.startswith(f"error: MLflow tracking server {host} refused this client ({what}")
     assert "MLFLOW_TRACKING_USERNAME" in err and SECRET not in err and err.count("\n") == 1

@@ -9,6 +9,7 @@ import mlflow
 
 import vlp3d
 from vlp3d.config import ExperimentConfig
+from vlp3d.errors import InputError
 from vlp3d.platform.mlflow.registry import finetuned_name, registered_name
 from vlp3d.platform.mlflow.store import PRETRAINED_TAG, TASK_TAG, client, uri
 from vlp3d.redact import redact
@@ -20,7 +21,7 @@ def load_pyfunc(model_uri: str, model_config: dict | None = None):
     try:
         return mlflow.pyfunc.load_model(model_uri, model_config=model_config)
     except mlflow.exceptions.MlflowException as err:
-        raise ValueError(redact(
+        raise InputError(redact(
             f"cannot load --model {model_uri} from the MLflow store {mlflow.get_tracking_uri()}: {err.message} "
             "(set --workdir/--tracking-uri or MLFLOW_TRACKING_URI to the store the model was registered in)"
         )) from None
@@ -28,11 +29,11 @@ def load_pyfunc(model_uri: str, model_config: dict | None = None):
 
 def load_embedder(model_uri: str, model_config: dict | None = None):
     """The pyfunc at `model_uri` and its Embedder (`load_pyfunc`); a model that embeds nothing (a fine-tuned
-    one) is a ValueError."""
+    one) is an InputError."""
     model = load_pyfunc(model_uri, model_config)
     embedder = getattr(model.unwrap_python_model(), "embedder", None)
     if embedder is None:
-        raise ValueError(f"--model {model_uri} is not an embedding model (a `vlp3d pretrain` model); it is a "
+        raise InputError(f"--model {model_uri} is not an embedding model (a `vlp3d pretrain` model); it is a "
                          f"{type(model.unwrap_python_model()).__name__}")
     return model, embedder
 
@@ -43,7 +44,7 @@ def predict(model, model_input, params: dict | None = None):
     try:
         return model.predict(model_input, params=params)
     except mlflow.exceptions.MlflowException as err:
-        raise ValueError(err.message) from None
+        raise InputError(err.message) from None
 
 
 def model_metadata(cfg: ExperimentConfig, checkpoint_dir: Path, metrics: dict) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import mlflow
 
 from vlp3d.config import ExperimentConfig
+from vlp3d.errors import InputError
 from vlp3d.platform.mlflow.card import PROMOTION_TAG, update_model_card
 from vlp3d.platform.mlflow.store import client
 from vlp3d.redact import redact
@@ -41,7 +42,7 @@ def model_version(uri_: str, model_uri: str):
         return mlflow_client.get_model_version(name, version)
     except (ValueError, mlflow.exceptions.MlflowException) as err:
         message = getattr(err, "message", str(err))
-        raise ValueError(redact(f"no registered model version {model_uri} in the MLflow store {uri_} "
+        raise InputError(redact(f"no registered model version {model_uri} in the MLflow store {uri_} "
                                 f"({message}); list them with `mlflow models` or the MLflow UI")) from None
 
 
@@ -71,7 +72,7 @@ def promote(uri_: str, model_uri: str, alias: str = "champion", comparison=None,
         decision = "promoted" if moved else "kept"
         message = f"models:/{name}@{alias} -> version {version} ({reason})"
     elif comparison is None:
-        raise ValueError(f"models:/{name}@{alias} is version {current.version}: moving it to version {version} needs "
+        raise InputError(f"models:/{name}@{alias} is version {current.version}: moving it to version {version} needs "
                          f"both evaluated on the same split (`vlp3d promote {name} --challenger {version} --shards ...`)"
                          " or --force")
     else:

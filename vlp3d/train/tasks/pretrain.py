@@ -16,6 +16,7 @@ from vlp3d.config import ConfigError, ExperimentConfig
 from vlp3d.data.shards import read_manifest, resolve_shard_dir, shard_files, spec_from_config
 from vlp3d.data.splits import expected_rows
 from vlp3d.encoders.export import count_parameters
+from vlp3d.errors import InputError
 from vlp3d.objectives import objective_class
 from vlp3d.objectives.model import (
     VisionLanguageModel,
@@ -110,14 +111,14 @@ def preflight(cfg: ExperimentConfig) -> tuple[Path | str, dict]:
     """Every check a run can fail before it starts (shards for this preprocessing spec, what the
     objective reads, batch split, encoder input, loss weights); returns (shard folder, manifest)."""
     if not cfg.data.shards:
-        raise ValueError("data.shards is empty: set it to the folder `vlp3d prepare --out` wrote.")
+        raise InputError("data.shards is empty: set it to the folder `vlp3d prepare --out` wrote.")
     spec = spec_from_config(cfg)
     shard_dir = resolve_shard_dir(cfg.data.shards, spec.hash)
     manifest = read_manifest(shard_dir)
     if not manifest["spec"].get("text_embeddings"):
-        raise ValueError(f"{shard_dir}: shards hold no report embeddings; prepare with data.text_embeddings=true.")
+        raise InputError(f"{shard_dir}: shards hold no report embeddings; prepare with data.text_embeddings=true.")
     if cfg.train.global_batch % cfg.cluster.num_workers:
-        raise ValueError(f"train.global_batch={cfg.train.global_batch} must be divisible by "
+        raise InputError(f"train.global_batch={cfg.train.global_batch} must be divisible by "
                          f"cluster.num_workers={cfg.cluster.num_workers}.")
     objective_class(cfg.objective.name).check_shards(cfg, manifest["spec"], shard_dir)
     check_micro_batch(cfg)
@@ -172,7 +173,7 @@ def local_datasets(cfg: ExperimentConfig, shard_dir: Path | str, manifest: dict)
     radiographs, read from the shard files in the order Ray Data keeps (`vlp3d.data.rows`)."""
     files = shard_files(shard_dir, "ct")
     if not files:
-        raise ValueError(f"{shard_dir}: no CT shard files; re-run `vlp3d prepare`.")
+        raise InputError(f"{shard_dir}: no CT shard files; re-run `vlp3d prepare`.")
     out: dict[str, RowSource] = {"train": LocalRows(files, dataset_columns(cfg), cfg.data.train_split,
                                                      cfg.data.fraction, materialize=cfg.data.materialize)}
     if has_validation(cfg, manifest, 1):
