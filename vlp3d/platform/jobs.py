@@ -252,6 +252,11 @@ def code_version_env(working_dir: Path) -> dict[str, str]:
     return {} if commit == "unknown" else {GIT_COMMIT_ENV: commit, GIT_DIRTY_ENV: dirty}
 
 
+# `ray job stop` sends SIGTERM and, 3 s later by default, SIGKILL: a training run needs longer to write its
+# final checkpoint (vlp3d.platform.launch); the job's supervisor reads this from the job's environment
+STOP_WAIT_ENV, STOP_WAIT_S = "RAY_JOB_STOP_WAIT_TIME_S", "120"
+
+
 def build_submission(command: Sequence[str], cli_commands: Iterable[str], working_dir: Path | None = None,
                      runtime_env: dict | None = None, env_names: Sequence[str] = (), include: Sequence[str] = (),
                      options: dict | None = None) -> Submission:
@@ -264,7 +269,8 @@ def build_submission(command: Sequence[str], cli_commands: Iterable[str], workin
     if not working_dir.is_dir():
         raise FileNotFoundError(f"--working-dir {working_dir}: no such folder")
     upload = plan_upload(working_dir, include, env.pop("excludes", ()))
-    env_vars = {**env.get("env_vars", {}), **passed_env(env_names), **code_version_env(working_dir)}
+    env_vars = {STOP_WAIT_ENV: STOP_WAIT_S, **env.get("env_vars", {}), **passed_env(env_names),
+                **code_version_env(working_dir)}
     env.pop("working_dir", None)
     if env_vars:
         env["env_vars"] = env_vars

@@ -36,7 +36,7 @@ DENIED_SECRETS = (
     ".git-credentials", ".gitcredentials", ".pgpass", ".my.cnf", ".netrc", ".npmrc", ".pypirc", ".env", ".env.*",
     "credentials", "credentials.json", "*credentials*.json", "*service-account*.json", "*service_account*.json",
     "application_default_credentials.json", "auth_token", ".ray", "*.tfstate", "*.secret", "secrets.json",
-    "secrets.yaml", "secrets.yml", "*.kdbx",
+    "secrets.yaml", "secrets.yml", "*.kdbx", "_patient_key",
 )
 DENIED_PATIENT_DATA = (
     "*.dcm", "*.dicom", "*.ima", "*.nii", "*.nii.gz", "*.nrrd", "*.nhdr", "*.mha", "*.mhd", "*.raw",

@@ -151,7 +151,7 @@ def test_submit_sends_ray_job_submits_options_and_the_staged_upload(monkeypatch,
     assert sent["submission_id"] == "pretrain-7" and sent["metadata"] == {"team": "ct"}
     assert (sent["entrypoint_num_cpus"], sent["entrypoint_num_gpus"], sent["entrypoint_memory"]) == (1.0, 0.5, 1000000)
     assert sent["entrypoint_resources"] == {"head": 1}
-    assert sent["runtime_env"]["env_vars"] == {"A": "1"}
+    assert sent["runtime_env"]["env_vars"] == {"A": "1", "RAY_JOB_STOP_WAIT_TIME_S": "120"}
     assert sent["staged"] == sorted(CODE)  # what reached Ray's packaging: the allow-list only
     assert not Path(sent["runtime_env"]["working_dir"]).exists()  # the staging folder is gone
     assert "submitted job pretrain-7" in capsys.readouterr().out
@@ -224,7 +224,7 @@ def test_tracking_uri_and_env_names_reach_the_job_and_values_are_never_printed(
     assert submission.entrypoint == "python -m vlp3d.cli pretrain configs/demo.toml train.max_steps=2"
     env = submission.runtime_env
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    assert env["env_vars"] == {"EXTRA": "1", "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+    assert env["env_vars"] == {"EXTRA": "1", "RAY_JOB_STOP_WAIT_TIME_S": "120", "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
                                "VLP3D_TEST_SECRET": "s3cr3t-value-77", "VLP3D_GIT_COMMIT": head,
                                "VLP3D_GIT_DIRTY": env["env_vars"]["VLP3D_GIT_DIRTY"]}
     assert env["env_vars"]["VLP3D_GIT_DIRTY"] in ("true", "false")
@@ -256,15 +256,15 @@ def test_a_job_records_the_submitting_checkouts_commit_and_whether_it_was_dirty(
     _git(checkout, "commit", "-q", "-m", "first")
     head = _git(checkout, "rev-parse", "HEAD")
     clean = jobs.build_submission(["pretrain"], ["pretrain"], working_dir=checkout, include=["train.py"]).runtime_env["env_vars"]
-    assert clean == {GIT_COMMIT_ENV: head, GIT_DIRTY_ENV: "false"}
+    assert clean == {GIT_COMMIT_ENV: head, GIT_DIRTY_ENV: "false", "RAY_JOB_STOP_WAIT_TIME_S": "120"}
     (checkout / "train.py").write_text("changed")
     dirty = jobs.build_submission(["pretrain"], ["pretrain"], working_dir=checkout, include=["train.py"]).runtime_env["env_vars"]
-    assert dirty == {GIT_COMMIT_ENV: head, GIT_DIRTY_ENV: "true"}
+    assert dirty == {GIT_COMMIT_ENV: head, GIT_DIRTY_ENV: "true", "RAY_JOB_STOP_WAIT_TIME_S": "120"}
 
     # not a git checkout: nothing passed (the job's own git_state says "unknown")
     plain = tmp_path / "plain"
     _touch(plain, "train.py")
-    assert "env_vars" not in jobs.build_submission(["pretrain"], ["pretrain"], working_dir=plain, include=["train.py"]).runtime_env
+    assert GIT_COMMIT_ENV not in jobs.build_submission(["pretrain"], ["pretrain"], working_dir=plain, include=["train.py"]).runtime_env["env_vars"]
 
     # in the job: the passed values win over the (missing) .git of the uploaded folder
     for name, value in dirty.items():
