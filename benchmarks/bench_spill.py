@@ -101,6 +101,7 @@ def main() -> None:
     from vlp3d.config import ExperimentConfig, replace
     from vlp3d.data.shards import read_manifest, resolve_shard_dir
     from vlp3d.platform.ray_data import shard_dataset
+    from vlp3d.platform.runtime import init_ray
     from vlp3d.train.tasks.pretrain import dataset_columns
 
     shard_dir = Path(resolve_shard_dir(args.shards))
@@ -115,7 +116,7 @@ def main() -> None:
             for _ in range(args.nodes):
                 cluster.add_node(num_cpus=2, object_store_memory=args.store_mb * MB)  # a whole CPU left for read tasks beside a consumer
             ray.init(address=cluster.address, logging_level="ERROR")
-            ray.data.DataContext.get_current().execution_options.preserve_order = True
+            init_ray(quiet=True)  # the Ray Data settings vlp3d's commands use (order kept, Parquet reader)
             cfg = ExperimentConfig()
             columns = dataset_columns(cfg)
             for materialize in ("always", "never"):

@@ -59,6 +59,21 @@ def _wait_for_line(proc, pattern: str, timeout: float) -> str:
     return "".join(lines)
 
 
+def _tune_saved_end_of(folder, trial_suffix: str, timeout: float) -> None:
+    """Wait until Tune's saved experiment state (written at most every TUNE_GLOBAL_CHECKPOINT_S = 1 s) says
+    trial `..._<suffix>` ended: a driver killed before that save would, on resume, rightly rerun the trial."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in folder.glob("experiment_state-*.json"):
+            with contextlib.suppress(ValueError, KeyError, OSError):  # (a file being replaced)
+                for state, _ in json.loads(path.read_text())["trial_data"]:
+                    trial = json.loads(state)
+                    if trial["trial_id"].endswith(trial_suffix) and trial["status"] == "TERMINATED":
+                        return
+        time.sleep(0.1)
+    pytest.fail(f"Tune's state in {folder} never recorded the end of trial _{trial_suffix} within {timeout} s")
+
+
 def _wait_for_free_cpus(ray, timeout: float = 60) -> float:
     total = ray.cluster_resources()["CPU"]
     deadline = time.time() + timeout
@@ -82,6 +97,7 @@ def resumed_sweep(tiny_demo, ray_session, tmp_path_factory):
                             start_new_session=True)
     try:
         before = _wait_for_line(proc, "_00002 step 2/4", timeout=300)
+        _tune_saved_end_of(tiny_demo / "sweeps" / NAME, "00001", timeout=20)  # c still evaluates for ~10 s
     finally:
         with contextlib.suppress(ProcessLookupError):  # (gone already when it failed)
             os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-trial; Ray reaps its actors
@@ -155,7 +171,7 @@ def test_the_sweep_store_holds_no_patient_data_or_secret(resumed_sweep, tiny_dem
     """The demo's store after the sweep (parent run, trial runs, their models, trial table and plots):
     every byte searched as in test_fault_tolerance (tests/privacy_scan.py)."""
     files = store_files(tiny_demo / "mlflow.db", tiny_demo / "mlartifacts")
-    assert {"trials.parquet", "scaling_data.png"} <= {p.name for p in files}  # the sweep's artifacts are scanned
+    assert {"trials.parquet", "trials_auroc.png"} <= {p.name for p in files}  # the sweep's artifacts are scanned
     assert assert_nothing_leaked(files, demo_needles(tiny_demo)) == len(files)
 
 

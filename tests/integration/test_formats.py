@@ -44,7 +44,8 @@ def demo_inputs(tiny_demo) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def pyfunc_embeddings(tiny_demo, demo_inputs) -> tuple[np.ndarray, np.ndarray]:
     with current_store(_uri(tiny_demo)):
-        model = mlflow.pyfunc.load_model(CHAMPION)
+        # a served model reads no paths unless told which folder it may read (docs/security.md)
+        model = mlflow.pyfunc.load_model(CHAMPION, model_config={"allowed_root": str(tiny_demo)})
         out = model.predict(demo_inputs[["image", "rescale_slope", "rescale_intercept", "report"]])
     return np.stack(out["image_embedding"]), np.stack(out["report_embedding"])
 

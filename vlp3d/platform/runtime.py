@@ -13,6 +13,9 @@ from vlp3d import logs, storage
 from vlp3d.config import ExperimentConfig
 
 
+PARQUET_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
+
+
 def init_ray(cfg: ExperimentConfig | None = None, quiet: bool | None = None) -> None:
     """Start a local Ray, or join the cluster named by cluster.address / $RAY_ADDRESS. `quiet`
     (default: unless logging at debug level, `vlp3d --log-level debug`) keeps Ray's INFO lines,
@@ -24,13 +27,18 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool | None = None) -> 
 
     if quiet:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Data's Parquet reader V2 (Ray 2.60's default) starts a pool of footer-reading actors, new
+    # processes, for every read: about 1.5 s per read of a small shard set against 0.1 s with V1, and
+    # reads happen at every run, validation and evaluation (benchmarks/README.md, "Ray Data's Parquet
+    # reader"). RAY_DATA_USE_DATASOURCE_V2=1 in the environment keeps V2.
+    os.environ.setdefault(PARQUET_V2_ENV, "0")
     if not ray.is_initialized():
         address = (cfg.cluster.address if cfg else "") or os.environ.get("RAY_ADDRESS", "")
         if quiet and not address:  # a path on this machine: only for the Ray started here
             os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
         # workers find vlp3d through the driver's environment; on a cluster it is installed
         # and log at the driver's level (vlp3d.logs), with MLflow as quiet as in the driver
-        env_vars = {k: os.environ[k] for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOGGING_CONFIG",
+        env_vars = {k: os.environ[k] for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOGGING_CONFIG", PARQUET_V2_ENV,
                                                logs.LEVEL_ENV, "MLFLOW_LOGGING_LEVEL",
                                                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
                     if k in os.environ and not (address and k == "RAY_DATA_LOGGING_CONFIG")}
@@ -61,6 +69,7 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool | None = None) -> 
     # every pipeline in a fixed order: prepare writes the same rows to the same files, training
     # materialises and splits them the same way, so the same corpus, config and seed give the same run
     context.execution_options.preserve_order = True
+    context.use_datasource_v2 = os.environ[PARQUET_V2_ENV] == "1"  # (ray.data may have read it before)
     if quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # "Dataset ... execution finished" per read
         # this process's notice (its logging may predate RAY_DATA_LOGGING_CONFIG, which filters the workers')
