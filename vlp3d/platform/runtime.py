@@ -12,7 +12,6 @@ import pyarrow.fs
 from vlp3d import logs, storage
 from vlp3d.config import ExperimentConfig
 
-
 PARQUET_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 
 
