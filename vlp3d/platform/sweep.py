@@ -279,8 +279,10 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
 class SweepProgress(Callback):
     """A Tune callback printing one line per trial event and validation (Tune's own tables are off)."""
 
-    def __init__(self, planned: int, max_steps: int, keys: list[str], metric: str = "eval/macro_auroc"):
+    def __init__(self, planned: int, max_steps: int, keys: list[str], metric: str = "eval/macro_auroc",
+                 steps_key: str = "train.max_steps"):
         self.planned, self.max_steps, self.keys, self.metric = planned, max_steps, keys, metric
+        self.steps_key = steps_key  # a sweep over budgets gives each trial its own number of steps
         self.started = time.time()
 
     def _label(self, trial) -> str:
@@ -295,8 +297,8 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "val/loss" in result and "eval/macro_auroc" not in result:
-            log.info(f"{self._done(trials)} trial {trial.trial_id} step {result.get('step', '?')}/{self.max_steps} "
-                   f"val/loss {result['val/loss']:.4f}")
+            log.info(f"{self._done(trials)} trial {trial.trial_id} step {result.get('step', '?')}/"
+                     f"{trial.config.get(self.steps_key, self.max_steps)} val/loss {result['val/loss']:.4f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
@@ -417,9 +419,11 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
     if resume:
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        finetuning = cfg.tune.trial == "finetune"
         tuner = _tuner(cfg, space, name, folder, trainable, workers,
-                       SweepProgress(planned, cfg.finetune.max_steps if cfg.tune.trial == "finetune" else cfg.train.max_steps,
-                                     [d.key for d in space.dimensions], cfg.tune.metric))
+                       SweepProgress(planned, cfg.finetune.max_steps if finetuning else cfg.train.max_steps,
+                                     [d.key for d in space.dimensions], cfg.tune.metric,
+                                     "finetune.max_steps" if finetuning else "train.max_steps"))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(to_toml(cfg))
     grid = tuner.fit()
