@@ -27,7 +27,7 @@ def init_ray(cfg: ExperimentConfig | None = None, quiet: bool | None = None) -> 
     if quiet:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # Ray Data's Parquet reader V2 (Ray 2.60's default) starts a pool of footer-reading actors, new
-    # processes, for every read: about 1.5 s per read of a small shard set against 0.1 s with V1, and
+    # processes, for every read: 1.7 s per warm read of the demo's shards against 0.4 s with V1, and
     # reads happen at every run, validation and evaluation (benchmarks/README.md, "Ray Data's Parquet
     # reader"). RAY_DATA_USE_DATASOURCE_V2=1 in the environment keeps V2.
     os.environ.setdefault(PARQUET_V2_ENV, "0")

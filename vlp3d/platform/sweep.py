@@ -279,11 +279,15 @@ def run_trial(params: dict, base: dict, sweep: dict) -> None:
 class SweepProgress(Callback):
     """A Tune callback printing one line per trial event and validation (Tune's own tables are off)."""
 
-    def __init__(self, planned: int, max_steps: int, keys: list[str], metric: str = "eval/macro_auroc",
-                 steps_key: str = "train.max_steps"):
-        self.planned, self.max_steps, self.keys, self.metric = planned, max_steps, keys, metric
-        self.steps_key = steps_key  # a sweep over budgets gives each trial its own number of steps
+    def __init__(self, planned: int, cfg: ExperimentConfig, space: SearchSpace, metric: str = "eval/macro_auroc"):
+        self.planned, self.cfg, self.space, self.metric = planned, cfg, space, metric
+        self.keys = [d.key for d in space.dimensions]
         self.started = time.time()
+
+    def _steps(self, trial) -> int:
+        """The trial's own budget, as its trial function resolves it (an axis or a variant may set it)."""
+        trial_cfg = apply_params(self.cfg, trial.config, self.space)
+        return trial_cfg.finetune.max_steps if trial_cfg.tune.trial == "finetune" else trial_cfg.train.max_steps
 
     def _label(self, trial) -> str:
         return trial_label({k: trial.config.get(k) for k in self.keys if k in trial.config})
@@ -298,7 +302,7 @@ class SweepProgress(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "val/loss" in result and "eval/macro_auroc" not in result:
             log.info(f"{self._done(trials)} trial {trial.trial_id} step {result.get('step', '?')}/"
-                     f"{trial.config.get(self.steps_key, self.max_steps)} val/loss {result['val/loss']:.4f}")
+                     f"{self._steps(trial)} val/loss {result['val/loss']:.4f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
@@ -419,11 +423,7 @@ def run_sweep(cfg: ExperimentConfig, name: str | None = None, resume: bool = Fal
     if resume:
         tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        finetuning = cfg.tune.trial == "finetune"
-        tuner = _tuner(cfg, space, name, folder, trainable, workers,
-                       SweepProgress(planned, cfg.finetune.max_steps if finetuning else cfg.train.max_steps,
-                                     [d.key for d in space.dimensions], cfg.tune.metric,
-                                     "finetune.max_steps" if finetuning else "train.max_steps"))
+        tuner = _tuner(cfg, space, name, folder, trainable, workers, SweepProgress(planned, cfg, space, cfg.tune.metric))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_FILE).write_text(to_toml(cfg))
     grid = tuner.fit()
